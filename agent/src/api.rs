@@ -1,0 +1,259 @@
+//! The HTTP health API: what HAProxy checks, with Patroni's paths and codes so
+//! existing load-balancer configurations work unchanged, plus `/status`.
+//!
+//! Answers come from the latest [`NodeSnapshot`] the decision loop published,
+//! except the lease, which is checked against the clock at request time: a
+//! primary whose lease is not confirmed *now* gets 503 on `/primary` even if the
+//! loop is stuck (DESIGN.md §3.4).
+
+use crate::dcs::LeaseTracker;
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::{Json, Router};
+use jai_proto::{MemberRole, MemberState, MemberStatus};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// What the decision loop last knew, for the API to answer from.
+#[derive(Debug, Clone)]
+pub struct NodeSnapshot {
+    /// The member status last published (or about to be).
+    pub member: MemberStatus,
+    /// Who holds the leader key, as last read.
+    pub leader: Option<String>,
+    /// The leader key is on this agent's lease.
+    pub holds_leader_key: bool,
+    /// A stop or demotion is under way: no longer a primary for routing.
+    pub demoting: bool,
+    /// Bytes this replica is behind the leader's last published position.
+    pub lag_bytes: Option<u64>,
+    /// etcd answered the last read.
+    pub dcs_reachable: bool,
+    /// How long before its lease deadline a primary stops counting as one.
+    pub demote_margin: Duration,
+    /// When the decision loop last completed.
+    pub heartbeat: Instant,
+    /// The loop counts as alive while its last heartbeat is younger than this.
+    pub liveness_window: Duration,
+    /// PID of the postmaster, if one runs.
+    pub postgres_pid: Option<i32>,
+}
+
+#[derive(Clone)]
+struct ApiState {
+    snapshot: watch::Receiver<NodeSnapshot>,
+    lease: Arc<LeaseTracker>,
+}
+
+/// The API's routes, ready to serve.
+pub fn router(snapshot: watch::Receiver<NodeSnapshot>, lease: Arc<LeaseTracker>) -> Router {
+    let state = ApiState { snapshot, lease };
+    Router::new()
+        .route("/", any(primary))
+        .route("/primary", any(primary))
+        .route("/master", any(primary))
+        .route("/leader", any(primary))
+        .route("/read-write", any(primary))
+        .route("/replica", any(replica))
+        .route("/read-only", any(read_only))
+        .route("/health", any(health))
+        .route("/liveness", any(liveness))
+        .route("/readiness", any(readiness))
+        .route("/status", any(status))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+}
+
+impl ApiState {
+    fn snapshot(&self) -> NodeSnapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// DESIGN.md §3.4: primary, holding the key, lease confirmed beyond the margin now.
+    fn is_writable_primary(&self, node: &NodeSnapshot) -> bool {
+        node.member.role == MemberRole::Primary
+            && node.member.state == MemberState::Running
+            && node.holds_leader_key
+            && !node.demoting
+            && self.lease.is_valid_beyond(node.demote_margin)
+    }
+}
+
+fn running(node: &NodeSnapshot) -> bool {
+    node.member.state == MemberState::Running && !node.demoting
+}
+
+/// A health answer: the code, and a JSON body except for HEAD and OPTIONS.
+fn answer(method: &Method, healthy: bool, node: &NodeSnapshot) -> Response {
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if method == Method::HEAD || method == Method::OPTIONS {
+        return code.into_response();
+    }
+    (code, Json(StatusBody::from(node))).into_response()
+}
+
+async fn primary(State(state): State<ApiState>, method: Method) -> Response {
+    let node = state.snapshot();
+    answer(&method, state.is_writable_primary(&node), &node)
+}
+
+async fn replica(
+    State(state): State<ApiState>,
+    method: Method,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let node = state.snapshot();
+    let max_lag = match query.get("lag").map(|text| parse_bytes(text)).transpose() {
+        Ok(max_lag) => max_lag,
+        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+    };
+    let within_lag = match (max_lag, node.lag_bytes) {
+        (Some(max), Some(lag)) => lag <= max,
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    let healthy = running(&node)
+        && node.member.role == MemberRole::Replica
+        && !node.member.tags.noloadbalance
+        && within_lag;
+    answer(&method, healthy, &node)
+}
+
+async fn read_only(State(state): State<ApiState>, method: Method) -> Response {
+    let node = state.snapshot();
+    let healthy = state.is_writable_primary(&node)
+        || (running(&node) && node.member.role == MemberRole::Replica);
+    answer(&method, healthy, &node)
+}
+
+async fn health(State(state): State<ApiState>, method: Method) -> Response {
+    let node = state.snapshot();
+    answer(&method, running(&node), &node)
+}
+
+async fn liveness(State(state): State<ApiState>, method: Method) -> Response {
+    let node = state.snapshot();
+    answer(
+        &method,
+        node.heartbeat.elapsed() < node.liveness_window,
+        &node,
+    )
+}
+
+async fn readiness(State(state): State<ApiState>, method: Method) -> Response {
+    let node = state.snapshot();
+    let healthy = state.is_writable_primary(&node)
+        || (running(&node) && node.member.role == MemberRole::Replica && node.leader.is_some());
+    answer(&method, healthy, &node)
+}
+
+async fn status(State(state): State<ApiState>, method: Method) -> Response {
+    let node = state.snapshot();
+    let mut body = StatusBody::from(&node);
+    body.lease_valid_for_ms = state
+        .lease
+        .valid_until()
+        .map(|until| until.saturating_duration_since(Instant::now()).as_millis() as u64);
+    body.accepts_writes = state.is_writable_primary(&node);
+    if method == Method::HEAD || method == Method::OPTIONS {
+        return StatusCode::OK.into_response();
+    }
+    Json(body).into_response()
+}
+
+/// The JSON body of every answer.
+#[derive(Debug, Serialize)]
+pub struct StatusBody {
+    /// The member's published status.
+    #[serde(flatten)]
+    pub member: MemberStatus,
+    /// Who holds the leader key.
+    pub leader: Option<String>,
+    /// This member holds it.
+    pub holds_leader_key: bool,
+    /// This member passes `/primary` now.
+    pub accepts_writes: bool,
+    /// Bytes behind the leader's last position.
+    pub lag_bytes: Option<u64>,
+    /// etcd answered the last read.
+    pub dcs_reachable: bool,
+    /// Milliseconds until the lease could expire, if one is held.
+    pub lease_valid_for_ms: Option<u64>,
+    /// PID of the postmaster.
+    pub postgres_pid: Option<i32>,
+}
+
+impl From<&NodeSnapshot> for StatusBody {
+    fn from(node: &NodeSnapshot) -> Self {
+        Self {
+            member: node.member.clone(),
+            leader: node.leader.clone(),
+            holds_leader_key: node.holds_leader_key,
+            accepts_writes: false,
+            lag_bytes: node.lag_bytes,
+            dcs_reachable: node.dcs_reachable,
+            lease_valid_for_ms: None,
+            postgres_pid: node.postgres_pid,
+        }
+    }
+}
+
+/// Parses a byte count as Patroni accepts it: `1048576`, `16kB`, `10MB`, `1GB`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("lag={text:?}: expected a byte count like 1048576, 16kB or 10MB"))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "lag={text:?}: unknown unit {other:?} (use B, kB, MB, GB or TB)"
+            ))
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("lag={text:?}: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_parse_like_patroni() {
+        assert_eq!(parse_bytes("1048576"), Ok(1_048_576));
+        assert_eq!(parse_bytes("16kB"), Ok(16 * 1024));
+        assert_eq!(parse_bytes("10MB"), Ok(10 * 1024 * 1024));
+        assert!(parse_bytes("ten").is_err());
+        assert!(parse_bytes("10XB").unwrap_err().contains("unknown unit"));
+    }
+}

@@ -1,0 +1,384 @@
+//! The agent's own YAML configuration file: who this node is and where things live.
+//!
+//! Cluster-wide settings (timings, PostgreSQL parameters) live in etcd's `config`
+//! key; the `bootstrap.dcs` section here only seeds that key when this member
+//! bootstraps a new cluster. Every setting is validated before the agent acts:
+//! an unknown key or a bad value stops it with the file, the key and the reason.
+
+use jai_proto::{DynamicConfig, Tags};
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This member's name: unique in the cluster, also its replication slot name.
+    pub name: String,
+    /// The cluster's name; all its etcd keys live under `/jai/<cluster>/`.
+    pub cluster: String,
+    /// Where the agent keeps its runtime files (passfile, PostgreSQL log, socket).
+    pub state_dir: PathBuf,
+    /// How to reach etcd.
+    pub etcd: EtcdConfig,
+    /// The health and status HTTP API.
+    pub api: ApiConfig,
+    /// The PostgreSQL this agent supervises.
+    pub postgresql: PostgresConfig,
+    /// Election and routing tags of this member.
+    #[serde(default)]
+    pub tags: Tags,
+    /// Used only by the member that bootstraps a new cluster.
+    #[serde(default)]
+    pub bootstrap: BootstrapConfig,
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members, e.g. `http://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+}
+
+/// The HTTP API HAProxy and operators use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to listen on, e.g. `0.0.0.0:8008`.
+    pub listen: SocketAddr,
+    /// URL other members and tools use to reach it; defaults to `http://<listen>`.
+    #[serde(default)]
+    pub connect_url: Option<String>,
+}
+
+/// The PostgreSQL this agent supervises.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Directory with `initdb`, `postgres`, `pg_basebackup`, `pg_controldata`.
+    #[serde(default = "default_bin_dir")]
+    pub bin_dir: PathBuf,
+    /// The data directory; created by the agent when missing.
+    pub data_dir: PathBuf,
+    /// Address PostgreSQL listens on for TCP, e.g. `0.0.0.0:5432`.
+    pub listen: SocketAddr,
+    /// `host:port` other members and HAProxy use to reach it; defaults to `listen`.
+    #[serde(default)]
+    pub connect_address: Option<String>,
+    /// Unprivileged OS user PostgreSQL runs as when the agent runs as root.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// The database superuser the agent connects as.
+    pub superuser: Credentials,
+    /// The role replicas stream and clone with.
+    pub replication: Credentials,
+    /// Extra `pg_hba.conf` lines, placed before the agent's defaults.
+    #[serde(default)]
+    pub pg_hba: Vec<String>,
+    /// How long PostgreSQL may take to start or stop before the agent gives up on it.
+    #[serde(default = "default_pg_timeout", with = "humantime_serde")]
+    pub start_timeout: std::time::Duration,
+}
+
+/// A role name and its password, given inline or, better, in a file.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// Role name.
+    pub username: String,
+    /// Password inline. Prefer `password_file`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// File whose first line is the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print a password, even in debug output.
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings used only when this member bootstraps a new cluster.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapConfig {
+    /// Seed for the cluster-wide `config` key.
+    #[serde(default)]
+    pub dcs: DynamicConfig,
+}
+
+fn default_bin_dir() -> PathBuf {
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+
+fn default_pg_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+
+/// Why the configuration cannot be used. Always names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The configuration file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML does not match the schema (unknown key, wrong type, bad duration…).
+    #[error("{file}: {message}")]
+    Parse {
+        /// The configuration file.
+        file: PathBuf,
+        /// The parser's message, which names the key and the position.
+        message: String,
+    },
+    /// A value parsed but breaks a rule.
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        /// The configuration file.
+        file: PathBuf,
+        /// The offending key, as a dotted path.
+        key: String,
+        /// What is wrong and what would be accepted.
+        reason: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates `file`.
+    pub fn load(file: &Path) -> Result<Self, ConfigFileError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigFileError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses and validates `text`, reporting errors against `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigFileError> {
+        let config: AgentConfig =
+            serde_saphyr::from_str(text).map_err(|error| ConfigFileError::Parse {
+                file: file.to_owned(),
+                message: error.to_string(),
+            })?;
+        config
+            .validate()
+            .map_err(|(key, reason)| ConfigFileError::Invalid {
+                file: file.to_owned(),
+                key,
+                reason,
+            })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, reason: &str| Err((key.to_owned(), reason.to_owned()));
+        if !is_valid_name(&self.name) {
+            return fail(
+                "name",
+                "must be 1-40 characters of a-z, 0-9, _ or -, starting with a letter",
+            );
+        }
+        if !is_valid_name(&self.cluster) {
+            return fail(
+                "cluster",
+                "must be 1-40 characters of a-z, 0-9, _ or -, starting with a letter",
+            );
+        }
+        if self.etcd.endpoints.is_empty() {
+            return fail("etcd.endpoints", "needs at least one URL");
+        }
+        for (index, url) in self.etcd.endpoints.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return fail(
+                    &format!("etcd.endpoints[{index}]"),
+                    &format!("{url:?} is not an http:// or https:// URL"),
+                );
+            }
+        }
+        if !self.postgresql.data_dir.is_absolute() {
+            return fail("postgresql.data_dir", "must be an absolute path");
+        }
+        if !self.state_dir.is_absolute() {
+            return fail("state_dir", "must be an absolute path");
+        }
+        for (key, credentials) in [
+            ("postgresql.superuser", &self.postgresql.superuser),
+            ("postgresql.replication", &self.postgresql.replication),
+        ] {
+            if !is_valid_role(&credentials.username) {
+                return fail(
+                    &format!("{key}.username"),
+                    "must be 1-63 characters of a-z, 0-9 or _, starting with a letter",
+                );
+            }
+            match (&credentials.password, &credentials.password_file) {
+                (Some(_), Some(_)) => {
+                    return fail(key, "set either password or password_file, not both")
+                }
+                (None, None) => return fail(key, "needs password or password_file"),
+                _ => {}
+            }
+        }
+        if self.postgresql.superuser.username == self.postgresql.replication.username {
+            return fail(
+                "postgresql.replication.username",
+                "must differ from postgresql.superuser.username",
+            );
+        }
+        self.bootstrap
+            .dcs
+            .validate()
+            .map_err(|error| (format!("bootstrap.dcs.{}", error.field), error.reason))
+    }
+
+    /// The URL of this member's API as other members see it.
+    pub fn api_url(&self) -> String {
+        self.api
+            .connect_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.api.listen))
+    }
+
+    /// `host:port` of this member's PostgreSQL as other members see it.
+    pub fn pg_address(&self) -> String {
+        self.postgresql
+            .connect_address
+            .clone()
+            .unwrap_or_else(|| self.postgresql.listen.to_string())
+    }
+}
+
+impl Credentials {
+    /// The password, read from the file when one is configured.
+    pub fn password(&self) -> anyhow::Result<String> {
+        use anyhow::Context;
+        match (&self.password, &self.password_file) {
+            (Some(password), _) => Ok(password.clone()),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading password file {}", file.display()))?;
+                let password = text.lines().next().unwrap_or("").to_owned();
+                anyhow::ensure!(!password.is_empty(), "{} is empty", file.display());
+                Ok(password)
+            }
+            (None, None) => anyhow::bail!("no password configured for {}", self.username),
+        }
+    }
+}
+
+fn is_valid_name(name: &str) -> bool {
+    (1..=40).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn is_valid_role(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name: pg1
+cluster: votes
+state_dir: /var/lib/jai/pg1
+etcd:
+  endpoints: [http://127.0.0.1:2379]
+api:
+  listen: 127.0.0.1:8008
+postgresql:
+  data_dir: /var/lib/jai/pg1/data
+  listen: 127.0.0.1:5432
+  run_as: postgres
+  superuser: {username: postgres, password: secret}
+  replication: {username: replicator, password_file: /etc/jai/repl}
+bootstrap:
+  dcs:
+    ttl: 5s
+    loop_wait: 1s
+    retry_timeout: 2s
+"#;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigFileError> {
+        AgentConfig::parse(Path::new("agent.yaml"), text)
+    }
+
+    #[test]
+    fn a_good_file_parses() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.name, "pg1");
+        assert_eq!(config.api_url(), "http://127.0.0.1:8008");
+        assert_eq!(config.pg_address(), "127.0.0.1:5432");
+        assert_eq!(config.bootstrap.dcs.ttl, std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn debug_output_hides_passwords() {
+        let config = parse(GOOD).unwrap();
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let error = parse(&GOOD.replace("run_as:", "run_ass:")).unwrap_err();
+        let text = error.to_string();
+        assert!(text.starts_with("agent.yaml: "), "{text}");
+        assert!(text.contains("run_ass"), "{text}");
+    }
+
+    #[test]
+    fn bad_durations_are_named() {
+        let error = parse(&GOOD.replace("loop_wait: 1s", "loop_wait: 1 parsec")).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("loop_wait") || text.contains("parsec"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ttl_must_cover_loop_and_retries() {
+        let error = parse(&GOOD.replace("ttl: 5s", "ttl: 4s")).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("bootstrap.dcs.ttl"), "{text}");
+        assert!(text.contains("loop_wait + 2 * retry_timeout"), "{text}");
+    }
+
+    #[test]
+    fn passwords_need_exactly_one_source() {
+        let text = GOOD.replace(
+            "{username: postgres, password: secret}",
+            "{username: postgres}",
+        );
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(error.contains("postgresql.superuser"), "{error}");
+    }
+
+    #[test]
+    fn missing_file_names_the_file() {
+        let error = AgentConfig::load(Path::new("/nonexistent/jai.yaml")).unwrap_err();
+        assert!(error
+            .to_string()
+            .starts_with("/nonexistent/jai.yaml: cannot read"));
+    }
+}

@@ -1,0 +1,88 @@
+//! Who may take the leader key when nobody holds it.
+//!
+//! Every eligible replica judges itself against the others with the same rule,
+//! so in a quiet cluster exactly one of them races; the etcd transaction on the
+//! key settles any race that stale positions still allow.
+
+use super::model::{ClusterView, Identity, RunningPostgres};
+use jai_proto::{Lsn, MemberRole, MemberState, MemberStatus};
+use std::cmp::Reverse;
+
+/// Why this member is not the one to take the key.
+pub type NotEligible = String;
+
+/// How good a candidate is; the greatest wins. Timeline first (a member on an
+/// older timeline misses a promotion), then WAL position, then the former
+/// leader (a restarted cluster keeps its primary), then `failover_priority`,
+/// then the name, so that a tie always has exactly one winner.
+type Rank<'a> = (u32, Lsn, bool, u32, Reverse<&'a str>);
+
+/// `Ok` when this member is eligible and ranks first among the running
+/// eligible replicas; otherwise the reason it must not race.
+pub fn judge(
+    identity: &Identity,
+    pg: &RunningPostgres,
+    cluster: &ClusterView,
+) -> Result<(), NotEligible> {
+    if identity.tags.nofailover {
+        return Err("tagged nofailover".into());
+    }
+    let position = pg.wal_position();
+    if let Some(last) = &cluster.last_leader {
+        if pg.timeline < last.timeline {
+            return Err(format!(
+                "on timeline {}, older than the last leader's {}",
+                pg.timeline, last.timeline
+            ));
+        }
+        let lag = last.optime.bytes_since(position);
+        if pg.timeline == last.timeline && lag > cluster.config.maximum_lag_on_failover {
+            return Err(format!(
+                "{lag} bytes behind the last leader's position {}, more than maximum_lag_on_failover ({})",
+                last.optime, cluster.config.maximum_lag_on_failover
+            ));
+        }
+    }
+    let former_leader = cluster
+        .last_leader
+        .as_ref()
+        .map(|last| last.leader.as_str());
+    let my_rank: Rank = (
+        pg.timeline,
+        position,
+        former_leader == Some(identity.name.as_str()),
+        identity.tags.failover_priority,
+        Reverse(identity.name.as_str()),
+    );
+    for other in cluster.members.iter().filter(|m| m.name != identity.name) {
+        if other.role == MemberRole::Primary && other.state == MemberState::Running {
+            return Err(format!("{} still reports a running primary", other.name));
+        }
+        if let Some(rank) = candidate_rank(other, former_leader) {
+            if rank > my_rank {
+                return Err(format!(
+                    "{} is a better candidate (timeline {}, position {})",
+                    other.name, rank.0, rank.1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rank of another member, or `None` when it cannot be promoted.
+fn candidate_rank<'a>(member: &'a MemberStatus, former_leader: Option<&str>) -> Option<Rank<'a>> {
+    if member.tags.nofailover
+        || member.role != MemberRole::Replica
+        || member.state != MemberState::Running
+    {
+        return None;
+    }
+    Some((
+        member.timeline?,
+        member.wal_position()?,
+        former_leader == Some(member.name.as_str()),
+        member.tags.failover_priority,
+        Reverse(member.name.as_str()),
+    ))
+}

@@ -1,0 +1,466 @@
+//! The HA core: every decision the agent takes, as a pure function.
+//!
+//! [`Core::decide`] maps an [`Observation`] (what the shell saw of the local
+//! PostgreSQL, of etcd and of its lease, at a monotonic instant the shell passes
+//! in) to a [`Decision`] (actions for the shell to carry out, and what to tell
+//! operators). Nothing here does I/O, reads a clock or spawns a task, so every
+//! rule is unit-tested and the whole core can be driven by a seeded simulator.
+//!
+//! The core re-derives everything from the observation each time; its only
+//! memory is what cannot be observed (how long a crashed primary has been down).
+//! Safety rules (DESIGN.md §3) are asserted on every decision by
+//! [`assert_safe`]: a broken rule is a bug in the core and stops the agent.
+//!
+//! Layout: [`model`] holds the observation and action types, [`election`] ranks
+//! candidates for the leader key, and this module holds the rules.
+
+pub mod election;
+pub mod model;
+
+pub use model::*;
+
+use jai_proto::{LeaderStatus, MemberState};
+
+/// The decision logic of one member, plus the little it must remember.
+#[derive(Debug, Clone)]
+pub struct Core {
+    identity: Identity,
+    /// When PostgreSQL was first seen down while this member held the leader key.
+    primary_down_since: Option<Millis>,
+    /// The first instant this core decided at: the agent's start.
+    started_at: Option<Millis>,
+}
+
+impl Core {
+    /// A core for the member `identity`, remembering nothing yet.
+    pub fn new(identity: Identity) -> Self {
+        Self {
+            identity,
+            primary_down_since: None,
+            started_at: None,
+        }
+    }
+
+    /// Who this core decides for.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Decides what to do now. Call it whenever something changed (etcd watch,
+    /// PostgreSQL exit, lease event) and at least every `loop_wait`.
+    pub fn decide(&mut self, observation: &Observation) -> Decision {
+        let decision = self.decide_unchecked(observation);
+        assert_safe(&self.identity, observation, &decision);
+        decision
+    }
+
+    fn decide_unchecked(&mut self, observation: &Observation) -> Decision {
+        self.started_at.get_or_insert(observation.now);
+        if let Some(fence) = self.fence_if_unsafe_primary(observation) {
+            return fence;
+        }
+        let Some(cluster) = &observation.dcs else {
+            return Decision::wait(
+                current_state(observation),
+                "etcd unreachable: taking no action until it answers",
+            );
+        };
+        match (&cluster.initialize, &observation.pg.data_dir) {
+            (_, DataDir::Unusable { reason }) => {
+                Decision::refuse(format!("data directory unusable: {reason}"))
+            }
+            (None, _) => Decision::act(
+                MemberState::Waiting,
+                "no cluster yet: racing to bootstrap it",
+                vec![Action::ClaimInitialize],
+            ),
+            (Some(Initialize::InProgress { mine: false }), _) => Decision::wait(
+                MemberState::Waiting,
+                "another member is bootstrapping the cluster",
+            ),
+            (Some(Initialize::InProgress { mine: true }), DataDir::Empty) => Decision::act(
+                MemberState::Bootstrapping,
+                "won the bootstrap race: running initdb",
+                vec![Action::InitDb],
+            ),
+            (Some(Initialize::InProgress { mine: true }), DataDir::Initialized { .. }) => {
+                self.finish_bootstrap(observation, cluster)
+            }
+            (Some(Initialize::Done { .. }), DataDir::Empty) => self.clone_from_leader(cluster),
+            (
+                Some(Initialize::Done { system_id: cluster_id }),
+                DataDir::Initialized { system_id, .. },
+            ) if cluster_id != system_id => Decision::refuse(format!(
+                "data directory belongs to system {system_id}, but cluster {} is system {cluster_id}: \
+                 move the data directory aside to re-clone this member",
+                self.identity.cluster
+            )),
+            (Some(Initialize::Done { .. }), DataDir::Initialized { was_primary, .. }) => {
+                self.steady_state(observation, cluster, *was_primary)
+            }
+        }
+    }
+
+    /// A primary must stop accepting writes before its lease can expire, and
+    /// must never run without the leader key (DESIGN.md §3.1).
+    fn fence_if_unsafe_primary(&self, observation: &Observation) -> Option<Decision> {
+        let PgProcess::Running(pg) = &observation.pg.process else {
+            return None;
+        };
+        if pg.role != PgRole::Primary {
+            return None;
+        }
+        let margin = observation
+            .dcs
+            .as_ref()
+            .map(|cluster| cluster.config.demote_margin())
+            .unwrap_or(self.identity.fallback_demote_margin);
+        let lease_ok = observation.lease.is_valid_beyond(observation.now, margin);
+        if !lease_ok {
+            return Some(Decision::act(
+                MemberState::Stopped,
+                "demoting: leader lease not confirmed by etcd in time",
+                vec![Action::Stop {
+                    reason: "leader lease not confirmed".into(),
+                }],
+            ));
+        }
+        let cluster = observation.dcs.as_ref()?;
+        match &cluster.leader {
+            Some(leader) if leader.mine => None,
+            Some(leader) => Some(Decision::act(
+                MemberState::Stopped,
+                format!("demoting: {} holds the leader key", leader.name),
+                vec![Action::Stop {
+                    reason: format!("{} holds the leader key", leader.name),
+                }],
+            )),
+            None if cluster.initialize == Some(Initialize::InProgress { mine: true }) => {
+                Some(Decision::act(
+                    MemberState::Running,
+                    "bootstrap: taking the leader key",
+                    vec![Action::AcquireLeader],
+                ))
+            }
+            None if self.may_reclaim_leadership(cluster, pg) => Some(Decision::act(
+                MemberState::Running,
+                "running primary without the leader key: reclaiming it",
+                vec![Action::AcquireLeader],
+            )),
+            None => Some(Decision::act(
+                MemberState::Stopped,
+                "demoting: leader key lost and another member led since",
+                vec![Action::Stop {
+                    reason: "leader key lost".into(),
+                }],
+            )),
+        }
+    }
+
+    /// A running primary whose key vanished may take it back only if nobody
+    /// led after it: it was the last leader, on the same timeline.
+    fn may_reclaim_leadership(&self, cluster: &ClusterView, pg: &RunningPostgres) -> bool {
+        match &cluster.last_leader {
+            Some(status) => status.leader == self.identity.name && status.timeline == pg.timeline,
+            None => false,
+        }
+    }
+
+    fn finish_bootstrap(&mut self, observation: &Observation, cluster: &ClusterView) -> Decision {
+        let DataDir::Initialized { system_id, .. } = &observation.pg.data_dir else {
+            unreachable!("finish_bootstrap needs an initialized data directory");
+        };
+        match (&observation.pg.process, &cluster.leader) {
+            (PgProcess::Stopped, _) => Decision::act(
+                MemberState::Starting,
+                "bootstrap: starting the new primary",
+                vec![Action::Start(StartAs::Primary)],
+            ),
+            (PgProcess::Unresponsive, _) => {
+                Decision::wait(MemberState::Starting, "bootstrap: waiting for PostgreSQL")
+            }
+            (PgProcess::Running(pg), Some(leader)) if leader.mine && pg.role == PgRole::Primary => {
+                let mut actions = vec![Action::PublishSystemId(system_id.clone())];
+                actions.extend(self.leader_duties(observation, cluster, pg));
+                Decision::act(
+                    MemberState::Running,
+                    "bootstrap: publishing the system identifier",
+                    actions,
+                )
+            }
+            _ => Decision::refuse(
+                "bootstrap interrupted: another member holds the leader key of an uninitialised cluster",
+            ),
+        }
+    }
+
+    fn clone_from_leader(&self, cluster: &ClusterView) -> Decision {
+        let Some(leader) = &cluster.leader else {
+            return Decision::wait(MemberState::Waiting, "no leader to clone from yet");
+        };
+        let leader_ready = cluster.member(&leader.name).is_some_and(|member| {
+            member.role == jai_proto::MemberRole::Primary && member.state == MemberState::Running
+        });
+        if !leader_ready {
+            return Decision::wait(
+                MemberState::Waiting,
+                format!(
+                    "waiting for leader {} to report a running primary",
+                    leader.name
+                ),
+            );
+        }
+        Decision::act(
+            MemberState::Cloning,
+            format!("cloning from leader {}", leader.name),
+            vec![Action::CloneFrom(leader.name.clone())],
+        )
+    }
+
+    fn steady_state(
+        &mut self,
+        observation: &Observation,
+        cluster: &ClusterView,
+        was_primary: bool,
+    ) -> Decision {
+        let leader_mine = cluster.leader.as_ref().is_some_and(|leader| leader.mine);
+        if !leader_mine {
+            self.primary_down_since = None;
+        }
+        match &observation.pg.process {
+            PgProcess::Stopped if leader_mine => {
+                self.restart_primary_in_place(observation, cluster, was_primary)
+            }
+            PgProcess::Stopped => Decision::act(
+                MemberState::Starting,
+                "starting PostgreSQL as a replica",
+                vec![Action::Start(StartAs::Replica {
+                    follow: cluster.leader.as_ref().map(|leader| leader.name.clone()),
+                })],
+            ),
+            PgProcess::Unresponsive => Decision::wait(
+                MemberState::Starting,
+                "waiting for PostgreSQL to accept connections",
+            ),
+            PgProcess::Running(pg) => {
+                self.primary_down_since = None;
+                match (&cluster.leader, pg.role) {
+                    (Some(leader), PgRole::Primary) if leader.mine => Decision::act(
+                        MemberState::Running,
+                        None::<String>,
+                        self.leader_duties(observation, cluster, pg),
+                    ),
+                    (Some(leader), PgRole::Replica) if leader.mine => Decision::act(
+                        MemberState::Running,
+                        "holding the leader key: promoting",
+                        vec![Action::Promote {
+                            reason: promotion_reason(&self.identity.name, cluster),
+                        }],
+                    ),
+                    (Some(leader), PgRole::Replica) => {
+                        if pg.following.as_deref() == Some(leader.name.as_str()) {
+                            Decision::act(MemberState::Running, None::<String>, vec![])
+                        } else {
+                            Decision::act(
+                                MemberState::Running,
+                                format!("following new leader {}", leader.name),
+                                vec![Action::Follow(Some(leader.name.clone()))],
+                            )
+                        }
+                    }
+                    (None, PgRole::Replica) => self.run_for_leader(observation, cluster, pg),
+                    (_, PgRole::Primary) => {
+                        unreachable!("fence_if_unsafe_primary handles a primary without the key")
+                    }
+                }
+            }
+        }
+    }
+
+    /// PostgreSQL is down on the leader: restart it in place, but give the key
+    /// up once `primary_start_timeout` has passed so a replica can take over.
+    fn restart_primary_in_place(
+        &mut self,
+        observation: &Observation,
+        cluster: &ClusterView,
+        was_primary: bool,
+    ) -> Decision {
+        let since = *self.primary_down_since.get_or_insert(observation.now);
+        let timeout = cluster.config.primary_start_timeout.as_millis() as Millis;
+        if observation.now.saturating_sub(since) >= timeout {
+            self.primary_down_since = None;
+            return Decision::act(
+                MemberState::Stopped,
+                "PostgreSQL did not come back within primary_start_timeout: releasing the leader key",
+                vec![Action::ReleaseLeader],
+            );
+        }
+        let start_as = if was_primary {
+            StartAs::Primary
+        } else {
+            StartAs::Replica { follow: None }
+        };
+        Decision::act(
+            MemberState::Starting,
+            "PostgreSQL down on the leader: restarting it in place",
+            vec![Action::Start(start_as)],
+        )
+    }
+
+    /// No leader: take part in the election if this member is eligible and the
+    /// best candidate; otherwise wait for the winner.
+    fn run_for_leader(
+        &self,
+        observation: &Observation,
+        cluster: &ClusterView,
+        pg: &RunningPostgres,
+    ) -> Decision {
+        if let Some(wait) = self.wait_for_former_leader(observation, cluster) {
+            return wait;
+        }
+        match election::judge(&self.identity, pg, cluster) {
+            Ok(()) => Decision::act(
+                MemberState::Running,
+                "no leader: this member is the best candidate, taking the key",
+                vec![Action::AcquireLeader],
+            ),
+            Err(why_not) => {
+                let _ = observation;
+                Decision::wait(
+                    MemberState::Running,
+                    format!("no leader; not racing: {why_not}"),
+                )
+            }
+        }
+    }
+
+    /// Right after this agent starts (a whole-cluster restart), give the former
+    /// leader one `ttl` to come back before racing it: it has all the WAL, and
+    /// keeping it avoids a needless promotion. An agent that was already
+    /// running when the leader vanished (a failover) never waits here.
+    fn wait_for_former_leader(
+        &self,
+        observation: &Observation,
+        cluster: &ClusterView,
+    ) -> Option<Decision> {
+        let former = cluster.last_leader.as_ref()?.leader.as_str();
+        if former == self.identity.name {
+            return None;
+        }
+        let former_is_candidate = cluster.member(former).is_some_and(|member| {
+            member.state == MemberState::Running && member.role == jai_proto::MemberRole::Replica
+        });
+        let grace = cluster.config.ttl.as_millis() as Millis;
+        let started_at = self.started_at.unwrap_or(observation.now);
+        let within_grace = observation.now.saturating_sub(started_at) < grace;
+        (within_grace && !former_is_candidate).then(|| {
+            Decision::wait(
+                MemberState::Running,
+                format!(
+                    "no leader; giving former leader {former} until {}s after start-up to return",
+                    grace / 1000
+                ),
+            )
+        })
+    }
+
+    /// What the leader keeps doing every loop: a replication slot per member,
+    /// and its WAL position published for the replicas' lag checks.
+    fn leader_duties(
+        &self,
+        _observation: &Observation,
+        cluster: &ClusterView,
+        pg: &RunningPostgres,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let wanted: Vec<String> = cluster
+            .members
+            .iter()
+            .filter(|member| member.name != self.identity.name)
+            .map(|member| slot_name(&member.name))
+            .collect();
+        for slot in &wanted {
+            if !pg.slots.contains(slot) {
+                actions.push(Action::CreateSlot(slot.clone()));
+            }
+        }
+        for slot in &pg.slots {
+            if slot.starts_with(SLOT_PREFIX) && !wanted.contains(slot) {
+                actions.push(Action::DropSlot(slot.clone()));
+            }
+        }
+        if let Some(optime) = pg.write_lsn {
+            let status = LeaderStatus {
+                leader: self.identity.name.clone(),
+                timeline: pg.timeline,
+                optime,
+            };
+            if cluster.last_leader.as_ref() != Some(&status) {
+                actions.push(Action::PublishLeaderStatus(status));
+            }
+        }
+        actions
+    }
+}
+
+/// Prefix of the replication slots the leader manages, one per member.
+pub const SLOT_PREFIX: &str = "jai_";
+
+/// The replication slot the leader keeps for member `name`.
+pub fn slot_name(name: &str) -> String {
+    format!("{SLOT_PREFIX}{}", name.replace('-', "_"))
+}
+
+fn promotion_reason(me: &str, cluster: &ClusterView) -> String {
+    match &cluster.last_leader {
+        Some(status) if status.leader == me => "restart of the former leader".into(),
+        Some(status) => format!("failover from {}", status.leader),
+        None => "first leader".into(),
+    }
+}
+
+fn current_state(observation: &Observation) -> MemberState {
+    match observation.pg.process {
+        PgProcess::Running(_) => MemberState::Running,
+        PgProcess::Unresponsive => MemberState::Starting,
+        PgProcess::Stopped => MemberState::Stopped,
+    }
+}
+
+/// Checks the safety rules of DESIGN.md §3 against one decision. A violation is
+/// a bug in the core, so it panics with the observation and the decision.
+pub fn assert_safe(identity: &Identity, observation: &Observation, decision: &Decision) {
+    let holds_key = observation
+        .dcs
+        .as_ref()
+        .and_then(|cluster| cluster.leader.as_ref())
+        .is_some_and(|leader| leader.mine);
+    let bootstrapping = observation.dcs.as_ref().is_some_and(|cluster| {
+        matches!(
+            cluster.initialize,
+            Some(Initialize::InProgress { mine: true })
+        )
+    });
+    for action in &decision.actions {
+        let ok = match action {
+            // §3.2: promotion only with the key.
+            Action::Promote { .. } => holds_key,
+            // A primary starts only for its own bootstrap or while holding the key.
+            Action::Start(StartAs::Primary) => holds_key || bootstrapping,
+            // Only the key holder manages slots and speaks for the leader.
+            Action::CreateSlot(_) | Action::DropSlot(_) | Action::PublishLeaderStatus(_) => {
+                holds_key
+            }
+            Action::PublishSystemId(_) => holds_key && bootstrapping,
+            _ => true,
+        };
+        assert!(
+            ok,
+            "HA core safety violation by {}: {action:?} not allowed\nobservation: {observation:#?}\ndecision: {decision:#?}",
+            identity.name
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

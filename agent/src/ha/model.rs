@@ -1,0 +1,291 @@
+//! What the core sees ([`Observation`]) and what it asks for ([`Decision`]).
+
+use jai_proto::{DynamicConfig, LeaderStatus, Lsn, MemberState, MemberStatus, Tags};
+use std::time::Duration;
+
+/// Milliseconds on the agent's monotonic clock. The shell owns the clock; the
+/// core only compares instants it was given.
+pub type Millis = u64;
+
+/// Who the core decides for. Fixed for the life of the agent.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// This member's name.
+    pub name: String,
+    /// The cluster's name, for messages.
+    pub cluster: String,
+    /// This member's tags.
+    pub tags: Tags,
+    /// Demotion margin to use while etcd cannot tell us the cluster's config.
+    pub fallback_demote_margin: Duration,
+}
+
+/// Everything the shell saw, at one instant.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// The instant of the observation.
+    pub now: Millis,
+    /// The local PostgreSQL.
+    pub pg: LocalPostgres,
+    /// The cluster as etcd showed it; `None` when etcd did not answer in time.
+    pub dcs: Option<ClusterView>,
+    /// This member's lease.
+    pub lease: LeaseView,
+}
+
+/// The local PostgreSQL: its data directory and its process.
+#[derive(Debug, Clone)]
+pub struct LocalPostgres {
+    /// What the data directory holds.
+    pub data_dir: DataDir,
+    /// Whether the server runs and what it reports.
+    pub process: PgProcess,
+}
+
+/// What the data directory holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Missing or empty: this member needs a bootstrap or a clone.
+    Empty,
+    /// An initialised cluster.
+    Initialized {
+        /// `pg_controldata`'s database system identifier.
+        system_id: String,
+        /// The control file says it last ran as a primary (not in recovery).
+        was_primary: bool,
+    },
+    /// Something the agent must not touch (half-written, unreadable…).
+    Unusable {
+        /// Why, for the operator.
+        reason: String,
+    },
+}
+
+/// The PostgreSQL server process.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PgProcess {
+    /// No server runs.
+    Stopped,
+    /// A server runs but does not answer queries yet (starting, recovering).
+    Unresponsive,
+    /// A server runs and answered.
+    Running(RunningPostgres),
+}
+
+/// Primary or standby, as `pg_is_in_recovery()` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgRole {
+    /// Accepts writes.
+    Primary,
+    /// In recovery.
+    Replica,
+}
+
+/// What a running server reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningPostgres {
+    /// Primary or standby.
+    pub role: PgRole,
+    /// Current timeline.
+    pub timeline: u32,
+    /// On a primary, `pg_current_wal_lsn()`.
+    pub write_lsn: Option<Lsn>,
+    /// On a standby, the last WAL position received.
+    pub receive_lsn: Option<Lsn>,
+    /// On a standby, the last WAL position replayed.
+    pub replay_lsn: Option<Lsn>,
+    /// The member a standby is configured to stream from.
+    pub following: Option<String>,
+    /// Physical replication slots present on this server.
+    pub slots: Vec<String>,
+}
+
+impl RunningPostgres {
+    /// The furthest WAL position this server has.
+    pub fn wal_position(&self) -> Lsn {
+        match self.role {
+            PgRole::Primary => self.write_lsn.unwrap_or_default(),
+            PgRole::Replica => self.receive_lsn.max(self.replay_lsn).unwrap_or_default(),
+        }
+    }
+}
+
+/// The cluster as read from etcd in one request.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// The `initialize` key.
+    pub initialize: Option<Initialize>,
+    /// The `leader` key.
+    pub leader: Option<LeaderKey>,
+    /// Every registered member (including this one once registered).
+    pub members: Vec<MemberStatus>,
+    /// The cluster-wide config (the bootstrap seed until the key exists).
+    pub config: DynamicConfig,
+    /// The `status` key: the last leader's WAL position.
+    pub last_leader: Option<LeaderStatus>,
+}
+
+impl ClusterView {
+    /// The registered member called `name`.
+    pub fn member(&self, name: &str) -> Option<&MemberStatus> {
+        self.members.iter().find(|member| member.name == name)
+    }
+}
+
+/// The state of the bootstrap race.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Initialize {
+    /// A member won the race and is creating the cluster.
+    InProgress {
+        /// That member is this one.
+        mine: bool,
+    },
+    /// The cluster exists.
+    Done {
+        /// Its system identifier.
+        system_id: String,
+    },
+}
+
+/// The `leader` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    /// The leader's member name.
+    pub name: String,
+    /// The key's create revision: the leader's term.
+    pub term: i64,
+    /// The key is on this agent's current lease.
+    pub mine: bool,
+}
+
+/// This agent's lease as its keepalive task last confirmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseView {
+    /// The lease cannot have expired before this instant: the send time of the
+    /// last keepalive etcd answered, plus the TTL. `None` without a live lease.
+    pub valid_until: Option<Millis>,
+}
+
+impl LeaseView {
+    /// The lease is confirmed for at least `margin` beyond `now`.
+    pub fn is_valid_beyond(&self, now: Millis, margin: Duration) -> bool {
+        self.valid_until
+            .is_some_and(|until| now.saturating_add(margin.as_millis() as Millis) < until)
+    }
+}
+
+/// How to start PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAs {
+    /// Without `standby.signal`: accepts writes once up.
+    Primary,
+    /// With `standby.signal`, streaming from the given member if any.
+    Replica {
+        /// Member to stream from.
+        follow: Option<String>,
+    },
+}
+
+/// One thing for the shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create `initialize` (empty, on this member's lease) if nobody has.
+    ClaimInitialize,
+    /// Run `initdb` into the empty data directory.
+    InitDb,
+    /// Record the new cluster's system identifier in `initialize` for good.
+    PublishSystemId(String),
+    /// `pg_basebackup` from the named member into the empty data directory.
+    CloneFrom(String),
+    /// Start PostgreSQL.
+    Start(StartAs),
+    /// Stop PostgreSQL (fast shutdown): demotion, or before a restart.
+    Stop {
+        /// Why, for the log.
+        reason: String,
+    },
+    /// Promote the local standby (`pg_promote`) and record it in `history`.
+    Promote {
+        /// Why, for `history` and the log.
+        reason: String,
+    },
+    /// Point the local standby at another member (or at none) and reload.
+    Follow(Option<String>),
+    /// Create `leader` on this member's lease if nobody holds it.
+    AcquireLeader,
+    /// Delete `leader` if it is still this member's.
+    ReleaseLeader,
+    /// Create the physical replication slot.
+    CreateSlot(String),
+    /// Drop the physical replication slot.
+    DropSlot(String),
+    /// Write `status`.
+    PublishLeaderStatus(LeaderStatus),
+}
+
+impl Action {
+    /// The action changes roles or processes, so the next decision should be
+    /// taken at once instead of after `loop_wait`.
+    pub fn warrants_immediate_recheck(&self) -> bool {
+        !matches!(
+            self,
+            Action::CreateSlot(_) | Action::DropSlot(_) | Action::PublishLeaderStatus(_)
+        )
+    }
+}
+
+/// What the core decided: actions, and the state and reason to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// In order.
+    pub actions: Vec<Action>,
+    /// The member state to publish.
+    pub state: MemberState,
+    /// Why, when it needs saying; published in the member status and logged on change.
+    pub reason: Option<String>,
+}
+
+impl Decision {
+    /// Carry out `actions`.
+    pub fn act(state: MemberState, reason: impl IntoReason, actions: Vec<Action>) -> Self {
+        Self {
+            actions,
+            state,
+            reason: reason.into_reason(),
+        }
+    }
+
+    /// Nothing to do now, for the given reason.
+    pub fn wait(state: MemberState, reason: impl Into<String>) -> Self {
+        Self::act(state, Some(reason.into()), vec![])
+    }
+
+    /// Refuse to act: unsafe or impossible without an operator.
+    pub fn refuse(reason: impl Into<String>) -> Self {
+        Self::act(MemberState::Refused, Some(reason.into()), vec![])
+    }
+}
+
+/// Anything that can serve as a decision's reason: a text, or none.
+pub trait IntoReason {
+    /// The reason, if any.
+    fn into_reason(self) -> Option<String>;
+}
+
+impl IntoReason for &str {
+    fn into_reason(self) -> Option<String> {
+        Some(self.to_owned())
+    }
+}
+
+impl IntoReason for String {
+    fn into_reason(self) -> Option<String> {
+        Some(self)
+    }
+}
+
+impl IntoReason for Option<String> {
+    fn into_reason(self) -> Option<String> {
+        self
+    }
+}

@@ -1,0 +1,545 @@
+//! Unit tests of the HA rules, one situation each.
+
+use super::*;
+use jai_proto::{DynamicConfig, LeaderStatus, Lsn, MemberRole, MemberStatus, Tags};
+use std::time::Duration;
+
+const NOW: Millis = 100_000;
+
+fn identity(name: &str) -> Identity {
+    Identity {
+        name: name.into(),
+        cluster: "votes".into(),
+        tags: Tags::default(),
+        fallback_demote_margin: Duration::from_secs(2),
+    }
+}
+
+fn valid_lease() -> LeaseView {
+    LeaseView {
+        valid_until: Some(NOW + 5_000),
+    }
+}
+
+fn cluster() -> ClusterView {
+    ClusterView {
+        initialize: Some(Initialize::Done {
+            system_id: "42".into(),
+        }),
+        leader: None,
+        members: vec![],
+        config: DynamicConfig::default(),
+        last_leader: None,
+    }
+}
+
+fn data_dir(was_primary: bool) -> DataDir {
+    DataDir::Initialized {
+        system_id: "42".into(),
+        was_primary,
+    }
+}
+
+fn replica_at(lsn: u64) -> RunningPostgres {
+    RunningPostgres {
+        role: PgRole::Replica,
+        timeline: 1,
+        write_lsn: None,
+        receive_lsn: Some(Lsn(lsn)),
+        replay_lsn: Some(Lsn(lsn)),
+        following: None,
+        slots: vec![],
+    }
+}
+
+fn primary_at(lsn: u64) -> RunningPostgres {
+    RunningPostgres {
+        role: PgRole::Primary,
+        timeline: 1,
+        write_lsn: Some(Lsn(lsn)),
+        receive_lsn: None,
+        replay_lsn: None,
+        following: None,
+        slots: vec![],
+    }
+}
+
+fn member(name: &str, role: MemberRole, lsn: u64) -> MemberStatus {
+    MemberStatus {
+        name: name.into(),
+        role,
+        state: MemberState::Running,
+        reason: None,
+        api_url: String::new(),
+        pg_address: String::new(),
+        system_id: Some("42".into()),
+        timeline: Some(1),
+        write_lsn: (role == MemberRole::Primary).then_some(Lsn(lsn)),
+        receive_lsn: (role == MemberRole::Replica).then_some(Lsn(lsn)),
+        replay_lsn: (role == MemberRole::Replica).then_some(Lsn(lsn)),
+        tags: Tags::default(),
+        version: "test".into(),
+    }
+}
+
+fn leader(name: &str, mine: bool) -> Option<LeaderKey> {
+    Some(LeaderKey {
+        name: name.into(),
+        term: 7,
+        mine,
+    })
+}
+
+fn observe(process: PgProcess, data: DataDir, dcs: Option<ClusterView>) -> Observation {
+    Observation {
+        now: NOW,
+        pg: LocalPostgres {
+            data_dir: data,
+            process,
+        },
+        dcs,
+        lease: valid_lease(),
+    }
+}
+
+fn decide(name: &str, observation: &Observation) -> Decision {
+    Core::new(identity(name)).decide(observation)
+}
+
+#[test]
+fn an_empty_cluster_starts_the_bootstrap_race() {
+    let mut view = cluster();
+    view.initialize = None;
+    let decision = decide(
+        "a",
+        &observe(PgProcess::Stopped, DataDir::Empty, Some(view)),
+    );
+    assert_eq!(decision.actions, vec![Action::ClaimInitialize]);
+}
+
+#[test]
+fn the_race_winner_runs_initdb_then_starts_a_primary_then_takes_the_key() {
+    let mut view = cluster();
+    view.initialize = Some(Initialize::InProgress { mine: true });
+    let decision = decide(
+        "a",
+        &observe(PgProcess::Stopped, DataDir::Empty, Some(view.clone())),
+    );
+    assert_eq!(decision.actions, vec![Action::InitDb]);
+
+    let decision = decide(
+        "a",
+        &observe(PgProcess::Stopped, data_dir(true), Some(view.clone())),
+    );
+    assert_eq!(decision.actions, vec![Action::Start(StartAs::Primary)]);
+
+    let running = PgProcess::Running(primary_at(100));
+    let decision = decide(
+        "a",
+        &observe(running.clone(), data_dir(true), Some(view.clone())),
+    );
+    assert_eq!(decision.actions, vec![Action::AcquireLeader]);
+
+    view.leader = leader("a", true);
+    let decision = decide("a", &observe(running, data_dir(true), Some(view)));
+    assert_eq!(
+        decision.actions[0],
+        Action::PublishSystemId("42".into()),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn race_losers_wait_then_clone_from_a_running_leader() {
+    let mut view = cluster();
+    view.initialize = Some(Initialize::InProgress { mine: false });
+    let decision = decide(
+        "b",
+        &observe(PgProcess::Stopped, DataDir::Empty, Some(view.clone())),
+    );
+    assert!(decision.actions.is_empty());
+    assert_eq!(decision.state, MemberState::Waiting);
+
+    view.initialize = Some(Initialize::Done {
+        system_id: "42".into(),
+    });
+    view.leader = leader("a", false);
+    let decision = decide(
+        "b",
+        &observe(PgProcess::Stopped, DataDir::Empty, Some(view.clone())),
+    );
+    assert!(decision.actions.is_empty(), "leader not running yet");
+
+    view.members = vec![member("a", MemberRole::Primary, 100)];
+    let decision = decide(
+        "b",
+        &observe(PgProcess::Stopped, DataDir::Empty, Some(view)),
+    );
+    assert_eq!(decision.actions, vec![Action::CloneFrom("a".into())]);
+}
+
+#[test]
+fn a_foreign_data_directory_is_refused() {
+    let data = DataDir::Initialized {
+        system_id: "99".into(),
+        was_primary: false,
+    };
+    let decision = decide("b", &observe(PgProcess::Stopped, data, Some(cluster())));
+    assert!(decision.actions.is_empty());
+    assert_eq!(decision.state, MemberState::Refused);
+    assert!(decision.reason.unwrap().contains("system 99"));
+}
+
+#[test]
+fn a_stopped_replica_starts_following_the_leader() {
+    let mut view = cluster();
+    view.leader = leader("a", false);
+    let decision = decide(
+        "b",
+        &observe(PgProcess::Stopped, data_dir(false), Some(view)),
+    );
+    assert_eq!(
+        decision.actions,
+        vec![Action::Start(StartAs::Replica {
+            follow: Some("a".into())
+        })]
+    );
+}
+
+#[test]
+fn a_replica_repoints_to_a_new_leader() {
+    let mut view = cluster();
+    view.leader = leader("c", false);
+    let mut pg = replica_at(100);
+    pg.following = Some("a".into());
+    let decision = decide(
+        "b",
+        &observe(PgProcess::Running(pg), data_dir(false), Some(view)),
+    );
+    assert_eq!(decision.actions, vec![Action::Follow(Some("c".into()))]);
+}
+
+#[test]
+fn the_leader_keeps_a_slot_per_member_and_drops_stale_ones() {
+    let mut view = cluster();
+    view.leader = leader("a", true);
+    view.members = vec![
+        member("a", MemberRole::Primary, 100),
+        member("b-2", MemberRole::Replica, 100),
+    ];
+    let mut pg = primary_at(100);
+    pg.slots = vec!["jai_gone".into(), "other_tool".into()];
+    let decision = decide(
+        "a",
+        &observe(PgProcess::Running(pg), data_dir(true), Some(view)),
+    );
+    assert!(decision
+        .actions
+        .contains(&Action::CreateSlot("jai_b_2".into())));
+    assert!(decision
+        .actions
+        .contains(&Action::DropSlot("jai_gone".into())));
+    assert!(!decision
+        .actions
+        .contains(&Action::DropSlot("other_tool".into())));
+}
+
+#[test]
+fn a_primary_whose_lease_is_about_to_expire_demotes() {
+    let mut view = cluster();
+    view.leader = leader("a", true);
+    let mut observation = observe(
+        PgProcess::Running(primary_at(100)),
+        data_dir(true),
+        Some(view),
+    );
+    // Valid for 1.5 s more, but the margin (retry_timeout) is 2 s.
+    observation.lease.valid_until = Some(NOW + 1_500);
+    let decision = decide("a", &observation);
+    assert!(
+        matches!(decision.actions[..], [Action::Stop { .. }]),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn a_primary_cut_off_from_etcd_keeps_serving_while_its_lease_is_valid() {
+    let observation = observe(PgProcess::Running(primary_at(100)), data_dir(true), None);
+    let decision = decide("a", &observation);
+    assert!(decision.actions.is_empty(), "{decision:?}");
+
+    let mut expired = observation;
+    expired.lease.valid_until = Some(NOW + 1_000);
+    let decision = decide("a", &expired);
+    assert!(
+        matches!(decision.actions[..], [Action::Stop { .. }]),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn a_primary_that_sees_another_leader_demotes() {
+    let mut view = cluster();
+    view.leader = leader("b", false);
+    let decision = decide(
+        "a",
+        &observe(
+            PgProcess::Running(primary_at(100)),
+            data_dir(true),
+            Some(view),
+        ),
+    );
+    assert!(
+        matches!(decision.actions[..], [Action::Stop { .. }]),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn a_primary_that_lost_its_key_reclaims_it_only_if_nobody_led_since() {
+    let mut view = cluster();
+    view.last_leader = Some(LeaderStatus {
+        leader: "a".into(),
+        timeline: 1,
+        optime: Lsn(100),
+    });
+    let running = PgProcess::Running(primary_at(100));
+    let decision = decide(
+        "a",
+        &observe(running.clone(), data_dir(true), Some(view.clone())),
+    );
+    assert_eq!(decision.actions, vec![Action::AcquireLeader]);
+
+    view.last_leader.as_mut().unwrap().leader = "b".into();
+    let decision = decide("a", &observe(running, data_dir(true), Some(view)));
+    assert!(
+        matches!(decision.actions[..], [Action::Stop { .. }]),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn the_key_holder_promotes_its_replica() {
+    let mut view = cluster();
+    view.leader = leader("b", true);
+    let decision = decide(
+        "b",
+        &observe(
+            PgProcess::Running(replica_at(100)),
+            data_dir(false),
+            Some(view),
+        ),
+    );
+    assert!(
+        matches!(decision.actions[..], [Action::Promote { .. }]),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn only_the_most_advanced_replica_races() {
+    let mut view = cluster();
+    view.members = vec![
+        member("b", MemberRole::Replica, 100),
+        member("c", MemberRole::Replica, 200),
+    ];
+    let b = decide(
+        "b",
+        &observe(
+            PgProcess::Running(replica_at(100)),
+            data_dir(false),
+            Some(view.clone()),
+        ),
+    );
+    assert!(b.actions.is_empty(), "{b:?}");
+    assert!(b.reason.unwrap().contains("c is a better candidate"));
+    let c = decide(
+        "c",
+        &observe(
+            PgProcess::Running(replica_at(200)),
+            data_dir(false),
+            Some(view),
+        ),
+    );
+    assert_eq!(c.actions, vec![Action::AcquireLeader]);
+}
+
+#[test]
+fn ties_go_to_the_former_leader_then_priority_then_name() {
+    let mut view = cluster();
+    view.members = vec![
+        member("a", MemberRole::Replica, 100),
+        member("b", MemberRole::Replica, 100),
+    ];
+    let races = |name: &str, view: &ClusterView| {
+        !decide(
+            name,
+            &observe(
+                PgProcess::Running(replica_at(100)),
+                data_dir(false),
+                Some(view.clone()),
+            ),
+        )
+        .actions
+        .is_empty()
+    };
+    assert!(
+        races("a", &view) && !races("b", &view),
+        "name breaks the tie"
+    );
+
+    view.last_leader = Some(LeaderStatus {
+        leader: "b".into(),
+        timeline: 1,
+        optime: Lsn(100),
+    });
+    assert!(
+        !races("a", &view) && races("b", &view),
+        "former leader first"
+    );
+}
+
+#[test]
+fn nofailover_never_races() {
+    let mut core = Core::new(Identity {
+        tags: Tags {
+            nofailover: true,
+            ..Tags::default()
+        },
+        ..identity("b")
+    });
+    let decision = core.decide(&observe(
+        PgProcess::Running(replica_at(100)),
+        data_dir(false),
+        Some(cluster()),
+    ));
+    assert!(decision.actions.is_empty());
+    assert!(decision.reason.unwrap().contains("nofailover"));
+}
+
+#[test]
+fn a_replica_too_far_behind_does_not_race() {
+    let mut view = cluster();
+    view.last_leader = Some(LeaderStatus {
+        leader: "a".into(),
+        timeline: 1,
+        optime: Lsn(10_000_000),
+    });
+    view.members = vec![member("a", MemberRole::Replica, 50)];
+    let decision = decide(
+        "b",
+        &observe(
+            PgProcess::Running(replica_at(100)),
+            data_dir(false),
+            Some(view),
+        ),
+    );
+    assert!(decision.actions.is_empty());
+    assert!(decision.reason.unwrap().contains("maximum_lag_on_failover"));
+}
+
+#[test]
+fn no_race_while_another_member_reports_a_running_primary() {
+    let mut view = cluster();
+    view.members = vec![member("a", MemberRole::Primary, 100)];
+    let decision = decide(
+        "b",
+        &observe(
+            PgProcess::Running(replica_at(100)),
+            data_dir(false),
+            Some(view),
+        ),
+    );
+    assert!(decision.actions.is_empty(), "{decision:?}");
+}
+
+#[test]
+fn a_crashed_primary_restarts_in_place_until_primary_start_timeout() {
+    let mut view = cluster();
+    view.leader = leader("a", true);
+    view.config.primary_start_timeout = Duration::from_secs(10);
+    let mut core = Core::new(identity("a"));
+    let mut observation = observe(PgProcess::Stopped, data_dir(true), Some(view));
+    assert_eq!(
+        core.decide(&observation).actions,
+        vec![Action::Start(StartAs::Primary)]
+    );
+    observation.now += 9_000;
+    observation.lease.valid_until = Some(observation.now + 5_000);
+    assert_eq!(
+        core.decide(&observation).actions,
+        vec![Action::Start(StartAs::Primary)]
+    );
+    observation.now += 1_000;
+    observation.lease.valid_until = Some(observation.now + 5_000);
+    assert_eq!(
+        core.decide(&observation).actions,
+        vec![Action::ReleaseLeader]
+    );
+}
+
+#[test]
+fn nothing_happens_while_etcd_is_unreachable() {
+    let decision = decide(
+        "b",
+        &observe(PgProcess::Running(replica_at(100)), data_dir(false), None),
+    );
+    assert!(decision.actions.is_empty());
+    assert!(decision.reason.unwrap().contains("etcd unreachable"));
+}
+
+#[test]
+#[should_panic(expected = "safety violation")]
+fn the_safety_check_catches_a_promotion_without_the_key() {
+    let observation = observe(
+        PgProcess::Running(replica_at(1)),
+        data_dir(false),
+        Some(cluster()),
+    );
+    let decision = Decision::act(
+        MemberState::Running,
+        None::<String>,
+        vec![Action::Promote {
+            reason: "bug".into(),
+        }],
+    );
+    assert_safe(&identity("b"), &observation, &decision);
+}
+
+#[test]
+fn after_a_restart_replicas_give_the_former_leader_time_to_return() {
+    let mut view = cluster();
+    view.last_leader = Some(LeaderStatus {
+        leader: "a".into(),
+        timeline: 1,
+        optime: Lsn(100),
+    });
+    let mut core = Core::new(identity("b"));
+    let mut observation = observe(
+        PgProcess::Running(replica_at(100)),
+        data_dir(false),
+        Some(view.clone()),
+    );
+    assert!(
+        core.decide(&observation).actions.is_empty(),
+        "a is not back yet"
+    );
+
+    view.members = vec![member("a", MemberRole::Replica, 100)];
+    observation.dcs = Some(view.clone());
+    let decision = core.decide(&observation);
+    assert!(
+        decision.actions.is_empty(),
+        "a is back and wins the tie: {decision:?}"
+    );
+
+    view.members.clear();
+    observation.dcs = Some(view);
+    observation.now += 5_000;
+    observation.lease.valid_until = Some(observation.now + 5_000);
+    assert_eq!(
+        core.decide(&observation).actions,
+        vec![Action::AcquireLeader],
+        "grace is over"
+    );
+}

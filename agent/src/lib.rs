@@ -1,0 +1,22 @@
+//! `jai-agent`: supervises one PostgreSQL node and keeps it in its right role.
+//!
+//! The crate is split the way DESIGN.md §2 asks: [`ha`] decides, everything
+//! else acts.
+//!
+//! - [`ha`]: the sans-IO core. Pure functions from an observation to actions.
+//! - [`config`]: the agent's YAML file, validated at load.
+//! - [`dcs`]: etcd: the lease and its keepalive task, the cluster view, the
+//!   guarded transactions on the leader and initialize keys.
+//! - [`postgres`]: the PostgreSQL process, its files and its queries.
+//! - [`api`]: the HTTP health API HAProxy checks, and `/status`.
+//! - [`shell`]: the loop that observes, calls the core and executes actions.
+//!
+//! `ha` must never depend on any of the others; they all may depend on `ha`'s
+//! model types.
+
+pub mod api;
+pub mod config;
+pub mod dcs;
+pub mod ha;
+pub mod postgres;
+pub mod shell;

@@ -1,0 +1,82 @@
+//! `jai-agent`: the daemon on each PostgreSQL node.
+
+use anyhow::Result;
+use clap::Parser;
+use jai_agent::config::AgentConfig;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Supervises one PostgreSQL node: leader election in etcd, replication,
+/// health API for HAProxy.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The agent's YAML configuration file.
+    #[arg(short, long, env = "JAI_AGENT_CONFIG")]
+    config: PathBuf,
+    /// Validate the configuration file and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match AgentConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("jai-agent: invalid configuration: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: configuration is valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tokio_postgres=warn,h2=warn,tower=warn".into()),
+        )
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("jai-agent: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: AgentConfig) -> Result<()> {
+    let stop = CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: stopping");
+        signal_stop.cancel();
+    });
+    jai_agent::shell::run(config, stop).await
+}

@@ -1,0 +1,699 @@
+//! The local PostgreSQL: its process, its files and its queries.
+//!
+//! The agent keeps the postmaster as its own child (no `pg_ctl`, no double
+//! fork) and waits on it directly, so it learns of a crash at once instead of
+//! after PID 1 reaps an orphan. A postmaster left running by a previous agent
+//! is adopted through `postmaster.pid` and polled instead.
+//!
+//! Programs that touch the data directory (`postgres`, `initdb`,
+//! `pg_basebackup`) run as the configured unprivileged user; passwords reach
+//! them through files readable only by that user, never through arguments.
+
+pub mod control;
+pub mod files;
+
+use crate::config::AgentConfig;
+use crate::ha::{DataDir, PgProcess, PgRole, RunningPostgres};
+use anyhow::{anyhow, bail, Context, Result};
+use jai_proto::{DynamicConfig, Lsn};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+use tokio::sync::Notify;
+
+/// The OS account PostgreSQL runs as.
+#[derive(Debug, Clone, Copy)]
+struct RunAs {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+}
+
+/// The postmaster the agent knows about.
+#[derive(Debug)]
+enum Postmaster {
+    /// Started by this agent: `exited` flips when `wait()` returns.
+    Child { pid: Pid, exited: Arc<AtomicBool> },
+    /// Found running at start-up (left by a previous agent): polled by PID.
+    Adopted { pid: Pid },
+}
+
+impl Postmaster {
+    fn pid(&self) -> Pid {
+        match self {
+            Postmaster::Child { pid, .. } | Postmaster::Adopted { pid } => *pid,
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        match self {
+            Postmaster::Child { exited, .. } => !exited.load(Ordering::SeqCst),
+            Postmaster::Adopted { pid } => kill(*pid, None).is_ok(),
+        }
+    }
+}
+
+/// Supervises the local PostgreSQL.
+pub struct Postgres {
+    member: String,
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    state_dir: PathBuf,
+    listen: std::net::SocketAddr,
+    superuser: String,
+    superuser_password: String,
+    replication_user: String,
+    replication_password: String,
+    pg_hba: Vec<String>,
+    timeout: Duration,
+    run_as: Option<RunAs>,
+    postmaster: Option<Postmaster>,
+    client: Option<tokio_postgres::Client>,
+    /// The member the standby is configured to stream from.
+    following: Option<String>,
+    /// Wakes the decision loop when the postmaster exits.
+    exited: Arc<Notify>,
+}
+
+/// Marker file: a clone or initdb into the data directory is under way; if the
+/// agent dies meanwhile, the half-written directory is wiped and redone.
+const INCOMPLETE_MARKER: &str = "data_dir.incomplete";
+
+impl Postgres {
+    /// Prepares supervision from the configuration; starts nothing.
+    pub fn new(config: &AgentConfig, exited: Arc<Notify>) -> Result<Self> {
+        let pg = &config.postgresql;
+        let run_as = match &pg.run_as {
+            Some(user) => {
+                let account = nix::unistd::User::from_name(user)
+                    .with_context(|| format!("looking up postgresql.run_as user {user:?}"))?
+                    .ok_or_else(|| anyhow!("postgresql.run_as: no such OS user {user:?}"))?;
+                Some(RunAs {
+                    uid: account.uid,
+                    gid: account.gid,
+                })
+            }
+            None => None,
+        };
+        if run_as.is_none() && nix::unistd::Uid::effective().is_root() {
+            bail!("postgresql.run_as: required when the agent runs as root (PostgreSQL refuses to run as root)");
+        }
+        Ok(Self {
+            member: config.name.clone(),
+            bin_dir: pg.bin_dir.clone(),
+            data_dir: pg.data_dir.clone(),
+            state_dir: config.state_dir.clone(),
+            listen: pg.listen,
+            superuser: pg.superuser.username.clone(),
+            superuser_password: pg.superuser.password()?,
+            replication_user: pg.replication.username.clone(),
+            replication_password: pg.replication.password()?,
+            pg_hba: pg.pg_hba.clone(),
+            timeout: pg.start_timeout,
+            run_as,
+            postmaster: None,
+            client: None,
+            following: None,
+            exited,
+        })
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.state_dir.join("run")
+    }
+
+    fn passfile(&self) -> PathBuf {
+        self.state_dir.join("pgpass")
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.state_dir.join("postgresql.log")
+    }
+
+    /// Creates the state directory, the socket directory and the passfile, owned
+    /// by the PostgreSQL user, and adopts a postmaster left running.
+    pub fn prepare(&mut self, members_hint: &[(String, String)]) -> Result<()> {
+        self.make_private_dir(&self.state_dir)?;
+        self.make_private_dir(&self.socket_dir())?;
+        self.write_passfile(members_hint)?;
+        if let Some(pid) = self.running_postmaster_pid() {
+            tracing::info!(
+                pid = pid.as_raw(),
+                "adopting the PostgreSQL left running by a previous agent"
+            );
+            self.postmaster = Some(Postmaster::Adopted { pid });
+        }
+        Ok(())
+    }
+
+    fn make_private_dir(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 700 {}", dir.display()))?;
+        self.chown(dir)
+    }
+
+    fn chown(&self, path: &Path) -> Result<()> {
+        if let Some(run_as) = self.run_as {
+            nix::unistd::chown(path, Some(run_as.uid), Some(run_as.gid))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn write_private_file(&self, path: &Path, contents: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(contents.as_bytes())?;
+        self.chown(path)
+    }
+
+    /// The passfile holds the replication password for every host (`*`), so a
+    /// standby can follow any leader, and the superuser's for the local socket.
+    fn write_passfile(&self, _members: &[(String, String)]) -> Result<()> {
+        let mut text = files::passfile_line(
+            "*",
+            "*",
+            "*",
+            &self.replication_user,
+            &self.replication_password,
+        );
+        text.push_str(&files::passfile_line(
+            "*",
+            "*",
+            "*",
+            &self.superuser,
+            &self.superuser_password,
+        ));
+        self.write_private_file(&self.passfile(), &text)
+    }
+
+    fn running_postmaster_pid(&self) -> Option<Pid> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let program = cmdline.split(|byte| *byte == 0).next()?;
+        (kill(pid, None).is_ok() && String::from_utf8_lossy(program).contains("postgres"))
+            .then_some(pid)
+    }
+
+    /// Whether a postmaster is running.
+    pub fn is_running(&self) -> bool {
+        self.postmaster.as_ref().is_some_and(Postmaster::is_alive)
+    }
+
+    /// The postmaster's PID, for the lab and the status page.
+    pub fn pid(&self) -> Option<i32> {
+        self.postmaster
+            .as_ref()
+            .filter(|postmaster| postmaster.is_alive())
+            .map(|postmaster| postmaster.pid().as_raw())
+    }
+
+    /// What the data directory holds, without starting anything.
+    pub async fn inspect_data_dir(&self) -> DataDir {
+        if self.state_dir.join(INCOMPLETE_MARKER).exists() {
+            return DataDir::Empty;
+        }
+        match control::is_empty_dir(&self.data_dir) {
+            Ok(true) => return DataDir::Empty,
+            Ok(false) => {}
+            Err(error) => {
+                return DataDir::Unusable {
+                    reason: format!("cannot read {}: {error}", self.data_dir.display()),
+                }
+            }
+        }
+        if !self.data_dir.join("global/pg_control").exists() {
+            return DataDir::Unusable {
+                reason: format!(
+                    "{} is not empty but holds no PostgreSQL cluster (no global/pg_control)",
+                    self.data_dir.display()
+                ),
+            };
+        }
+        let output = Command::new(self.bin_dir.join("pg_controldata"))
+            .arg("-D")
+            .arg(&self.data_dir)
+            .env("LC_ALL", "C")
+            .output()
+            .await;
+        match output {
+            Ok(output) if output.status.success() => {
+                control::parse_controldata(&String::from_utf8_lossy(&output.stdout))
+            }
+            Ok(output) => DataDir::Unusable {
+                reason: format!(
+                    "pg_controldata failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            },
+            Err(error) => DataDir::Unusable {
+                reason: format!("cannot run pg_controldata: {error}"),
+            },
+        }
+    }
+
+    /// Observes the process and, when it answers, its role and WAL positions.
+    pub async fn observe(&mut self) -> (PgProcess, Option<(String, bool)>) {
+        if !self.is_running() {
+            self.postmaster = None;
+            self.client = None;
+            return (PgProcess::Stopped, None);
+        }
+        match self.query_state().await {
+            Ok((running, system_id)) => {
+                let was_primary = running.role == PgRole::Primary;
+                (PgProcess::Running(running), Some((system_id, was_primary)))
+            }
+            Err(error) => {
+                tracing::debug!("PostgreSQL does not answer: {error:#}");
+                self.client = None;
+                (PgProcess::Unresponsive, None)
+            }
+        }
+    }
+
+    async fn client(&mut self) -> Result<&tokio_postgres::Client> {
+        if self
+            .client
+            .as_ref()
+            .is_some_and(|client| client.is_closed())
+        {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let mut config = tokio_postgres::Config::new();
+            config
+                .host_path(self.socket_dir())
+                .port(self.listen.port())
+                .user(&self.superuser)
+                .password(&self.superuser_password)
+                .dbname("postgres")
+                .application_name("jai-agent")
+                .connect_timeout(Duration::from_secs(2));
+            let (client, connection) = tokio::time::timeout(
+                Duration::from_secs(3),
+                config.connect(tokio_postgres::NoTls),
+            )
+            .await
+            .map_err(|_| anyhow!("connecting to PostgreSQL timed out"))?
+            .map_err(describe_pg_error)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            self.client = Some(client);
+        }
+        Ok(self.client.as_ref().expect("client set above"))
+    }
+
+    async fn query_state(&mut self) -> Result<(RunningPostgres, String)> {
+        const STATE: &str = "SELECT pg_is_in_recovery(), \
+            CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
+            pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, \
+            CASE WHEN pg_is_in_recovery() \
+                THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), \
+                              (SELECT timeline_id FROM pg_control_checkpoint())) \
+                ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+            (SELECT system_identifier FROM pg_control_system())::text, \
+            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical')";
+        let following = self.following.clone();
+        let client = self.client().await?;
+        let row = tokio::time::timeout(Duration::from_secs(3), client.query_one(STATE, &[]))
+            .await
+            .map_err(|_| anyhow!("state query timed out"))?
+            .map_err(describe_pg_error)?;
+        let lsn = |index: usize| -> Result<Option<Lsn>> {
+            row.get::<_, Option<String>>(index)
+                .map(|text| text.parse::<Lsn>())
+                .transpose()
+                .map_err(Into::into)
+        };
+        let in_recovery: bool = row.get(0);
+        let running = RunningPostgres {
+            role: if in_recovery {
+                PgRole::Replica
+            } else {
+                PgRole::Primary
+            },
+            timeline: row.get::<_, Option<i32>>(4).unwrap_or(0) as u32,
+            write_lsn: lsn(1)?,
+            receive_lsn: lsn(2)?,
+            replay_lsn: lsn(3)?,
+            following: if in_recovery { following } else { None },
+            slots: row.get(6),
+        };
+        Ok((running, row.get(5)))
+    }
+
+    /// Runs `initdb` (data checksums on, so `pg_rewind` works later) into the
+    /// empty data directory.
+    pub async fn initdb(&mut self) -> Result<()> {
+        self.begin_incomplete()?;
+        let pwfile = self.state_dir.join("initdb.pw");
+        self.write_private_file(&pwfile, &self.superuser_password)?;
+        let result = self
+            .run_as_postgres(
+                "initdb",
+                &[
+                    "-D".as_ref(),
+                    self.data_dir.as_os_str(),
+                    "--username".as_ref(),
+                    self.superuser.as_ref(),
+                    "--pwfile".as_ref(),
+                    pwfile.as_os_str(),
+                    "--auth-local=scram-sha-256".as_ref(),
+                    "--auth-host=scram-sha-256".as_ref(),
+                    "--data-checksums".as_ref(),
+                    "--encoding=UTF8".as_ref(),
+                    "--no-locale".as_ref(),
+                    "--no-instructions".as_ref(),
+                ],
+            )
+            .await;
+        let _ = std::fs::remove_file(&pwfile);
+        result?;
+        std::fs::rename(
+            self.data_dir.join("postgresql.conf"),
+            self.data_dir.join("postgresql.base.conf"),
+        )
+        .context("moving initdb's postgresql.conf to postgresql.base.conf")?;
+        self.end_incomplete()
+    }
+
+    /// Clones the data directory from `host:port` with `pg_basebackup`.
+    pub async fn clone_from(&mut self, address: &str) -> Result<()> {
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow!("leader address {address:?} is not host:port"))?;
+        self.begin_incomplete()?;
+        self.run_as_postgres(
+            "pg_basebackup",
+            &[
+                "-D".as_ref(),
+                self.data_dir.as_os_str(),
+                "-h".as_ref(),
+                host.as_ref(),
+                "-p".as_ref(),
+                port.as_ref(),
+                "-U".as_ref(),
+                self.replication_user.as_ref(),
+                "-X".as_ref(),
+                "stream".as_ref(),
+                "-c".as_ref(),
+                "fast".as_ref(),
+                "--no-password".as_ref(),
+            ],
+        )
+        .await
+        .with_context(|| format!("cloning from {address}"))?;
+        self.end_incomplete()
+    }
+
+    /// Marks the data directory as being written, after wiping what an earlier
+    /// interrupted attempt left, and makes sure it exists with the right owner.
+    fn begin_incomplete(&self) -> Result<()> {
+        let marker = self.state_dir.join(INCOMPLETE_MARKER);
+        std::fs::write(&marker, b"").context("writing the incomplete-data-dir marker")?;
+        if self.data_dir.exists() {
+            for entry in std::fs::read_dir(&self.data_dir)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                }
+                .with_context(|| format!("wiping {}", path.display()))?;
+            }
+        }
+        self.make_private_dir(&self.data_dir)
+    }
+
+    fn end_incomplete(&self) -> Result<()> {
+        std::fs::remove_file(self.state_dir.join(INCOMPLETE_MARKER))
+            .context("removing the incomplete-data-dir marker")
+    }
+
+    async fn run_as_postgres(&self, program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+        let mut command = Command::new(self.bin_dir.join(program));
+        command
+            .args(args)
+            .env("PGPASSFILE", self.passfile())
+            .env("LC_ALL", "C")
+            .current_dir(&self.state_dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(run_as) = self.run_as {
+            command.uid(run_as.uid.as_raw()).gid(run_as.gid.as_raw());
+        }
+        let output = command
+            .output()
+            .await
+            .with_context(|| format!("running {program}"))?;
+        if !output.status.success() {
+            bail!(
+                "{program} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes the configuration files for the given role.
+    pub fn configure(
+        &mut self,
+        dynamic: &DynamicConfig,
+        follow: Option<(&str, &str)>,
+        standby: bool,
+    ) -> Result<()> {
+        let primary_conninfo = follow.map(|(_, address)| self.conninfo(address));
+        let socket_dir = self.socket_dir().to_string_lossy().into_owned();
+        let settings = files::ServerSettings {
+            member: &self.member,
+            listen_host: self.listen.ip().to_string(),
+            port: self.listen.port(),
+            socket_dir: &socket_dir,
+            primary_conninfo,
+            primary_slot: follow.map(|_| crate::ha::slot_name(&self.member)),
+            parameters: &dynamic.postgresql.parameters,
+        };
+        let conf = files::postgresql_conf(&settings);
+        self.write_private_file(&self.data_dir.join("postgresql.conf"), &conf)?;
+        let hba = files::pg_hba_conf(&self.pg_hba, &self.replication_user);
+        self.write_private_file(&self.data_dir.join("pg_hba.conf"), &hba)?;
+        let signal = self.data_dir.join("standby.signal");
+        if standby {
+            self.write_private_file(&signal, "")?;
+        } else if signal.exists() {
+            std::fs::remove_file(&signal).context("removing standby.signal")?;
+        }
+        self.following = follow.map(|(name, _)| name.to_owned());
+        Ok(())
+    }
+
+    fn conninfo(&self, address: &str) -> String {
+        let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
+        format!(
+            "host={} port={} user={} passfile={} application_name={} connect_timeout=2",
+            files::conninfo_value(host),
+            files::conninfo_value(port),
+            files::conninfo_value(&self.replication_user),
+            files::conninfo_value(&self.passfile().to_string_lossy()),
+            files::conninfo_value(&self.member),
+        )
+    }
+
+    /// Starts the postmaster as our child and waits until it answers queries
+    /// (or `start_timeout` passes: then it is left running, reported unresponsive).
+    pub async fn start(&mut self) -> Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .with_context(|| format!("opening {}", self.log_file().display()))?;
+        let mut command = Command::new(self.bin_dir.join("postgres"));
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .env("LC_ALL", "C")
+            .current_dir(&self.state_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        if let Some(run_as) = self.run_as {
+            command.uid(run_as.uid.as_raw()).gid(run_as.gid.as_raw());
+        }
+        let mut child = command.spawn().context("spawning postgres")?;
+        let pid = Pid::from_raw(
+            child
+                .id()
+                .ok_or_else(|| anyhow!("postgres exited at once"))? as i32,
+        );
+        let exited = Arc::new(AtomicBool::new(false));
+        let (flag, notify) = (exited.clone(), self.exited.clone());
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            flag.store(true, Ordering::SeqCst);
+            tracing::warn!(pid = pid.as_raw(), "PostgreSQL exited: {status:?}");
+            notify.notify_one();
+        });
+        self.postmaster = Some(Postmaster::Child { pid, exited });
+        tracing::info!(pid = pid.as_raw(), "started PostgreSQL");
+        self.wait_until_ready().await
+    }
+
+    async fn wait_until_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if !self.is_running() {
+                bail!(
+                    "PostgreSQL exited during start-up; see {}",
+                    self.log_file().display()
+                );
+            }
+            match self.client().await {
+                Ok(client) if client.simple_query("SELECT 1").await.is_ok() => return Ok(()),
+                _ => self.client = None,
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "PostgreSQL not accepting connections after {}; see {}",
+                    humantime::format_duration(self.timeout),
+                    self.log_file().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops PostgreSQL: fast shutdown, then immediate if it takes longer than
+    /// `grace`. Returns once the postmaster has exited.
+    pub async fn stop(&mut self, grace: Duration) -> Result<()> {
+        let Some(postmaster) = &self.postmaster else {
+            return Ok(());
+        };
+        let pid = postmaster.pid();
+        self.client = None;
+        let _ = kill(pid, Signal::SIGINT);
+        if !self.wait_for_exit(grace).await {
+            tracing::warn!(
+                pid = pid.as_raw(),
+                "fast shutdown too slow: immediate shutdown"
+            );
+            let _ = kill(pid, Signal::SIGQUIT);
+            if !self.wait_for_exit(self.timeout).await {
+                let _ = kill(pid, Signal::SIGKILL);
+                self.wait_for_exit(Duration::from_secs(5)).await;
+            }
+        }
+        self.postmaster = None;
+        tracing::info!(pid = pid.as_raw(), "PostgreSQL stopped");
+        Ok(())
+    }
+
+    async fn wait_for_exit(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.is_running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Re-reads the configuration files (SIGHUP).
+    pub fn reload(&self) -> Result<()> {
+        let postmaster = self
+            .postmaster
+            .as_ref()
+            .ok_or_else(|| anyhow!("PostgreSQL is not running"))?;
+        kill(postmaster.pid(), Signal::SIGHUP).context("sending SIGHUP to PostgreSQL")
+    }
+
+    /// Promotes the local standby and waits for it to accept writes.
+    pub async fn promote(&mut self) -> Result<()> {
+        let client = self.client().await?;
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .await
+            .map_err(describe_pg_error)?
+            .get(0);
+        anyhow::ensure!(promoted, "pg_promote did not complete within 60 s");
+        self.following = None;
+        Ok(())
+    }
+
+    /// Creates the replication role once, right after bootstrap.
+    pub async fn create_replication_role(&mut self) -> Result<()> {
+        let statement = format!(
+            "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {user_literal}) THEN \
+             CREATE ROLE {user_ident} WITH REPLICATION LOGIN PASSWORD {password}; END IF; END$$",
+            user_literal = sql_literal(&self.replication_user),
+            user_ident = sql_ident(&self.replication_user),
+            password = sql_literal(&self.replication_password),
+        );
+        let client = self.client().await?;
+        client
+            .batch_execute(&statement)
+            .await
+            .map_err(describe_pg_error)?;
+        Ok(())
+    }
+
+    /// Creates a physical replication slot that reserves WAL at once.
+    pub async fn create_slot(&mut self, name: &str) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "SELECT pg_create_physical_replication_slot($1, true)",
+                &[&name],
+            )
+            .await
+            .map_err(describe_pg_error)?;
+        Ok(())
+    }
+
+    /// Drops a physical replication slot (fails while a standby uses it).
+    pub async fn drop_slot(&mut self, name: &str) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+            .await
+            .map_err(describe_pg_error)?;
+        Ok(())
+    }
+}
+
+/// tokio-postgres prints only "db error" unless asked for the server's message.
+fn describe_pg_error(error: tokio_postgres::Error) -> anyhow::Error {
+    match error.as_db_error() {
+        Some(db) => anyhow!("PostgreSQL: {} ({})", db.message(), db.code().code()),
+        None => anyhow!("PostgreSQL: {error:#}"),
+    }
+}
+
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+fn sql_ident(text: &str) -> String {
+    format!("\"{}\"", text.replace('"', "\"\""))
+}

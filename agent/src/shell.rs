@@ -1,0 +1,484 @@
+//! The imperative shell: observe, ask the core, act, and wait for the next reason
+//! to look again (an etcd watch event, PostgreSQL exiting, the lease lost, or
+//! `loop_wait` passing).
+
+use crate::api::{self, NodeSnapshot};
+use crate::config::AgentConfig;
+use crate::dcs::{self, Dcs};
+use crate::ha::{
+    Action, ClusterView, Core, DataDir, Decision, Identity, LeaseView, LocalPostgres, Millis,
+    Observation, PgProcess, PgRole, StartAs,
+};
+use crate::postgres::Postgres;
+use anyhow::{anyhow, Context, Result};
+use jai_proto::{DynamicConfig, HistoryEntry, MemberRole, MemberState, MemberStatus};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// The agent's monotonic clock, in milliseconds since it started.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    /// A clock starting now.
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+        }
+    }
+
+    /// Now.
+    pub fn now(&self) -> Millis {
+        self.millis_at(Instant::now())
+    }
+
+    /// `instant` on this clock (0 for instants before the start).
+    pub fn millis_at(&self, instant: Instant) -> Millis {
+        instant.saturating_duration_since(self.start).as_millis() as Millis
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Consecutive immediate re-checks allowed before the loop waits anyway, so a
+/// rule that keeps asking for action cannot spin the CPU.
+const MAX_IMMEDIATE_RECHECKS: u32 = 20;
+
+/// Everything the loop owns.
+struct Agent {
+    config: AgentConfig,
+    dcs: Dcs,
+    pg: Postgres,
+    core: Core,
+    clock: Clock,
+    /// The cluster config in force (etcd's once read, the bootstrap seed before).
+    dynamic: DynamicConfig,
+    /// The last cluster view read, to resolve member addresses for actions.
+    view: Option<ClusterView>,
+    /// The data directory state while PostgreSQL is stopped, re-read on change.
+    last_reason: Option<String>,
+    snapshot: watch::Sender<NodeSnapshot>,
+}
+
+/// Runs the agent until `stop` is cancelled, then shuts down gracefully.
+pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
+    let dynamic = config.bootstrap.dcs.clone();
+    let wake = Arc::new(Notify::new());
+    let dcs = Dcs::connect(
+        &config.etcd.endpoints,
+        &config.cluster,
+        &config.name,
+        dynamic.retry_timeout,
+    )
+    .await?;
+    let mut pg = Postgres::new(&config, wake.clone())?;
+    pg.prepare(&[])?;
+    let identity = Identity {
+        name: config.name.clone(),
+        cluster: config.cluster.clone(),
+        tags: config.tags.clone(),
+        fallback_demote_margin: dynamic.demote_margin(),
+    };
+    let (snapshot, snapshot_rx) = watch::channel(initial_snapshot(&config, &dynamic));
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("api.listen: cannot listen on {}", config.api.listen))?;
+    tokio::spawn(api::serve(
+        listener,
+        api::router(snapshot_rx, dcs.lease()),
+        stop.clone(),
+    ));
+    let keepalive_every = dynamic.loop_wait.min(dynamic.ttl / 4);
+    tokio::spawn(
+        dcs.clone()
+            .run_keepalive(keepalive_every, wake.clone(), stop.clone()),
+    );
+    tokio::spawn(
+        dcs.clone()
+            .run_watch(wake.clone(), dynamic.loop_wait, stop.clone()),
+    );
+    tracing::info!(
+        member = %config.name,
+        cluster = %config.cluster,
+        api = %config.api_url(),
+        "jai-agent started"
+    );
+    let mut agent = Agent {
+        core: Core::new(identity),
+        clock: Clock::new(),
+        dcs,
+        pg,
+        dynamic,
+        view: None,
+        last_reason: None,
+        snapshot,
+        config,
+    };
+    agent.run_loop(&wake, &stop).await;
+    agent.shutdown().await
+}
+
+fn initial_snapshot(config: &AgentConfig, dynamic: &DynamicConfig) -> NodeSnapshot {
+    NodeSnapshot {
+        member: MemberStatus {
+            name: config.name.clone(),
+            role: MemberRole::Unknown,
+            state: MemberState::Stopped,
+            reason: Some("starting up".into()),
+            api_url: config.api_url(),
+            pg_address: config.pg_address(),
+            system_id: None,
+            timeline: None,
+            write_lsn: None,
+            receive_lsn: None,
+            replay_lsn: None,
+            tags: config.tags.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        leader: None,
+        holds_leader_key: false,
+        demoting: false,
+        lag_bytes: None,
+        dcs_reachable: false,
+        demote_margin: dynamic.demote_margin(),
+        heartbeat: Instant::now(),
+        liveness_window: dynamic.ttl,
+        postgres_pid: None,
+    }
+}
+
+impl Agent {
+    async fn run_loop(&mut self, wake: &Notify, stop: &CancellationToken) {
+        let mut immediate = 0;
+        while !stop.is_cancelled() {
+            let recheck = self.cycle().await;
+            if recheck && immediate < MAX_IMMEDIATE_RECHECKS {
+                immediate += 1;
+                continue;
+            }
+            immediate = 0;
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.dynamic.loop_wait) => {}
+            }
+        }
+    }
+
+    /// One observe–decide–act round. Returns whether to decide again at once.
+    async fn cycle(&mut self) -> bool {
+        if self.dcs.lease().id().is_none() {
+            if let Err(error) = self.dcs.ensure_lease(self.dynamic.ttl).await {
+                self.note_error("cannot get a lease from etcd", &error);
+            }
+        }
+        let observation = self.observe().await;
+        let decision = self.core.decide(&observation);
+        self.report(&observation, &decision).await;
+        let mut recheck = false;
+        for action in &decision.actions {
+            match self.execute(action).await {
+                Ok(()) => recheck |= action.warrants_immediate_recheck(),
+                Err(error) => {
+                    self.note_error(&format!("{action:?} failed"), &error);
+                    return false;
+                }
+            }
+        }
+        recheck
+    }
+
+    async fn observe(&mut self) -> Observation {
+        let (process, running_identity) = self.pg.observe().await;
+        let data_dir = match running_identity {
+            Some((system_id, was_primary)) => DataDir::Initialized {
+                system_id,
+                was_primary,
+            },
+            None => self.pg.inspect_data_dir().await,
+        };
+        let dcs = match self.dcs.read_cluster(&self.dynamic).await {
+            Ok(view) => {
+                if view.config != self.dynamic {
+                    self.adopt_config(view.config.clone());
+                }
+                Some(view)
+            }
+            Err(error) => {
+                self.note_error("etcd unreachable", &error);
+                None
+            }
+        };
+        self.view = dcs.clone();
+        Observation {
+            now: self.clock.now(),
+            pg: LocalPostgres { data_dir, process },
+            dcs,
+            lease: LeaseView {
+                valid_until: dcs::lease_deadline_millis(&self.dcs.lease(), &self.clock),
+            },
+        }
+    }
+
+    fn adopt_config(&mut self, config: DynamicConfig) {
+        tracing::info!(
+            ttl = %humantime::format_duration(config.ttl),
+            loop_wait = %humantime::format_duration(config.loop_wait),
+            retry_timeout = %humantime::format_duration(config.retry_timeout),
+            "using the cluster config from etcd"
+        );
+        self.dcs.set_timeout(config.retry_timeout);
+        self.dynamic = config;
+    }
+
+    /// Logs a changed reason, publishes the member status and the API snapshot.
+    async fn report(&mut self, observation: &Observation, decision: &Decision) {
+        if decision.reason != self.last_reason {
+            if let Some(reason) = &decision.reason {
+                match decision.state {
+                    MemberState::Refused => tracing::error!("{reason}"),
+                    _ => tracing::info!("{reason}"),
+                }
+            }
+            self.last_reason = decision.reason.clone();
+        }
+        let member = self.member_status(observation, decision);
+        if observation.dcs.is_some() && self.dcs.lease().id().is_some() {
+            if let Err(error) = self.dcs.put_member(&member).await {
+                self.note_error("cannot publish member status", &error);
+            }
+        }
+        let leader = observation
+            .dcs
+            .as_ref()
+            .and_then(|view| view.leader.as_ref());
+        let lag_bytes = observation
+            .dcs
+            .as_ref()
+            .and_then(|view| view.last_leader.as_ref())
+            .zip(member.wal_position())
+            .filter(|_| member.role == MemberRole::Replica)
+            .map(|(last, position)| last.optime.bytes_since(position));
+        let snapshot = NodeSnapshot {
+            leader: leader.map(|leader| leader.name.clone()),
+            holds_leader_key: leader.is_some_and(|leader| leader.mine),
+            demoting: decision
+                .actions
+                .iter()
+                .any(|action| matches!(action, Action::Stop { .. })),
+            lag_bytes,
+            dcs_reachable: observation.dcs.is_some(),
+            demote_margin: self.dynamic.demote_margin(),
+            heartbeat: Instant::now(),
+            liveness_window: self.dynamic.ttl,
+            postgres_pid: self.pg.pid(),
+            member,
+        };
+        self.snapshot.send_replace(snapshot);
+    }
+
+    fn member_status(&self, observation: &Observation, decision: &Decision) -> MemberStatus {
+        let running = match &observation.pg.process {
+            PgProcess::Running(pg) => Some(pg),
+            _ => None,
+        };
+        let system_id = match &observation.pg.data_dir {
+            DataDir::Initialized { system_id, .. } => Some(system_id.clone()),
+            _ => None,
+        };
+        MemberStatus {
+            name: self.config.name.clone(),
+            role: match running.map(|pg| pg.role) {
+                Some(PgRole::Primary) => MemberRole::Primary,
+                Some(PgRole::Replica) => MemberRole::Replica,
+                None => MemberRole::Unknown,
+            },
+            state: if running.is_some() && decision.state != MemberState::Refused {
+                MemberState::Running
+            } else {
+                decision.state
+            },
+            reason: decision.reason.clone(),
+            api_url: self.config.api_url(),
+            pg_address: self.config.pg_address(),
+            system_id,
+            timeline: running.map(|pg| pg.timeline),
+            write_lsn: running.and_then(|pg| pg.write_lsn),
+            receive_lsn: running.and_then(|pg| pg.receive_lsn),
+            replay_lsn: running.and_then(|pg| pg.replay_lsn),
+            tags: self.config.tags.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    fn note_error(&self, what: &str, error: &anyhow::Error) {
+        tracing::warn!("{what}: {error:#}");
+    }
+
+    fn leader_term(&self) -> Result<i64> {
+        self.view
+            .as_ref()
+            .and_then(|view| view.leader.as_ref())
+            .filter(|leader| leader.mine)
+            .map(|leader| leader.term)
+            .ok_or_else(|| anyhow!("this member does not hold the leader key"))
+    }
+
+    fn address_of(&self, member: &str) -> Option<String> {
+        self.view
+            .as_ref()
+            .and_then(|view| view.member(member))
+            .map(|status| status.pg_address.clone())
+    }
+
+    async fn execute(&mut self, action: &Action) -> Result<()> {
+        match action {
+            Action::ClaimInitialize => {
+                if self
+                    .dcs
+                    .claim_initialize(&self.config.bootstrap.dcs)
+                    .await?
+                {
+                    tracing::info!("won the bootstrap race");
+                }
+            }
+            Action::InitDb => {
+                tracing::info!("running initdb");
+                self.pg.initdb().await?;
+            }
+            Action::PublishSystemId(system_id) => {
+                self.pg.create_replication_role().await?;
+                if self.dcs.publish_system_id(system_id).await? {
+                    tracing::info!(system_id, "cluster bootstrapped");
+                }
+            }
+            Action::CloneFrom(leader) => {
+                let address = self
+                    .address_of(leader)
+                    .ok_or_else(|| anyhow!("leader {leader} has no registered address"))?;
+                tracing::info!(leader, address, "cloning with pg_basebackup");
+                self.pg.clone_from(&address).await?;
+                tracing::info!("clone complete");
+            }
+            Action::Start(start_as) => {
+                let follow = match start_as {
+                    StartAs::Primary => None,
+                    StartAs::Replica { follow } => follow.as_ref().and_then(|name| {
+                        self.address_of(name).map(|address| (name.clone(), address))
+                    }),
+                };
+                let standby = !matches!(start_as, StartAs::Primary);
+                self.pg.configure(
+                    &self.dynamic,
+                    follow
+                        .as_ref()
+                        .map(|(name, address)| (name.as_str(), address.as_str())),
+                    standby,
+                )?;
+                tracing::info!(?start_as, "starting PostgreSQL");
+                self.pg.start().await?;
+            }
+            Action::Stop { reason } => {
+                tracing::warn!("stopping PostgreSQL: {reason}");
+                self.pg.stop(self.dynamic.retry_timeout).await?;
+            }
+            Action::Promote { reason } => self.promote(reason).await?,
+            Action::Follow(leader) => {
+                let follow = leader
+                    .as_ref()
+                    .and_then(|name| self.address_of(name).map(|address| (name.clone(), address)));
+                self.pg.configure(
+                    &self.dynamic,
+                    follow
+                        .as_ref()
+                        .map(|(name, address)| (name.as_str(), address.as_str())),
+                    true,
+                )?;
+                self.pg.reload()?;
+                tracing::info!(leader = ?leader, "now following");
+            }
+            Action::AcquireLeader => {
+                if self.dcs.acquire_leader().await? {
+                    tracing::info!("acquired the leader key");
+                } else {
+                    tracing::info!("another member took the leader key first");
+                }
+            }
+            Action::ReleaseLeader => {
+                let term = self.leader_term()?;
+                self.dcs.release_leader(term).await?;
+                tracing::warn!("released the leader key");
+            }
+            Action::CreateSlot(slot) => {
+                self.pg.create_slot(slot).await?;
+                tracing::info!(slot, "created replication slot");
+            }
+            Action::DropSlot(slot) => {
+                self.pg.drop_slot(slot).await?;
+                tracing::info!(slot, "dropped replication slot");
+            }
+            Action::PublishLeaderStatus(status) => {
+                let term = self.leader_term()?;
+                self.dcs.publish_leader_status(status, term).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn promote(&mut self, reason: &str) -> Result<()> {
+        let term = self.leader_term()?;
+        let before = match self.pg.observe().await.0 {
+            PgProcess::Running(pg) => pg,
+            other => return Err(anyhow!("cannot promote: PostgreSQL is {other:?}")),
+        };
+        tracing::warn!("promoting: {reason}");
+        self.pg.promote().await?;
+        let entry = HistoryEntry {
+            timeline: before.timeline,
+            lsn: before.wal_position(),
+            reason: reason.to_owned(),
+            time_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            new_leader: self.config.name.clone(),
+        };
+        if !self.dcs.append_history(entry, term).await? {
+            tracing::warn!("history not appended: the leader key changed meanwhile");
+        }
+        tracing::warn!("promoted: now the primary");
+        Ok(())
+    }
+
+    /// SIGTERM: stop PostgreSQL cleanly first, then give up the leader key, so no
+    /// replica promotes while this primary could still accept a write.
+    async fn shutdown(mut self) -> Result<()> {
+        tracing::info!("shutting down");
+        self.snapshot.send_modify(|node| node.demoting = true);
+        let term = self.leader_term().ok();
+        self.pg
+            .stop(self.config.postgresql.start_timeout)
+            .await
+            .context("stopping PostgreSQL")?;
+        if let Some(term) = term {
+            match self.dcs.release_leader(term).await {
+                Ok(true) => tracing::info!("released the leader key"),
+                Ok(false) => tracing::warn!("leader key already gone"),
+                Err(error) => tracing::warn!("could not release the leader key: {error:#}"),
+            }
+        }
+        if let Err(error) = self.dcs.leave().await {
+            tracing::warn!("could not deregister from etcd: {error:#}");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

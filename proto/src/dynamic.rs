@@ -1,0 +1,216 @@
+//! Cluster-wide settings, stored as JSON under `config` and shared by every member.
+//!
+//! The first member to bootstrap writes its `bootstrap.dcs` section here; from then
+//! on etcd is the source of truth, so every agent runs with the same timings.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Cluster-wide settings. The defaults are chosen for fast, safe failover:
+/// see `docs/configuration.md` for the reasoning behind each number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamicConfig {
+    /// Lifetime of the leader's lease. A dead leader is replaced about this long
+    /// after its last renewal.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How often an agent runs its decision loop when nothing wakes it earlier.
+    #[serde(with = "humantime_serde")]
+    pub loop_wait: Duration,
+    /// How long one etcd or PostgreSQL request may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub retry_timeout: Duration,
+    /// A replica further behind the leader's last position than this many bytes
+    /// is not eligible for promotion.
+    pub maximum_lag_on_failover: u64,
+    /// How long a crashed primary may take to restart in place before the leader
+    /// key is released for a failover.
+    #[serde(with = "humantime_serde")]
+    pub primary_start_timeout: Duration,
+    /// PostgreSQL settings every member runs with.
+    pub postgresql: PostgresqlSettings,
+}
+
+/// The PostgreSQL part of [`DynamicConfig`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresqlSettings {
+    /// `postgresql.conf` parameters, written verbatim (after validation of the names).
+    pub parameters: BTreeMap<String, String>,
+}
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(5),
+            loop_wait: Duration::from_secs(1),
+            retry_timeout: Duration::from_secs(2),
+            maximum_lag_on_failover: 1024 * 1024,
+            primary_start_timeout: Duration::from_secs(30),
+            postgresql: PostgresqlSettings::default(),
+        }
+    }
+}
+
+/// A setting that breaks a rule; `field` names it the way the YAML spells it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// The offending setting, e.g. `ttl`.
+    pub field: String,
+    /// What is wrong with it and what would be accepted.
+    pub reason: String,
+}
+
+/// Parameters the agent owns: letting the dynamic config set them would break
+/// replication or the agent's own bookkeeping.
+const AGENT_OWNED_PARAMETERS: &[&str] = &[
+    "listen_addresses",
+    "port",
+    "unix_socket_directories",
+    "hba_file",
+    "ident_file",
+    "data_directory",
+    "config_file",
+    "primary_conninfo",
+    "primary_slot_name",
+    "recovery_target_timeline",
+    "wal_level",
+    "hot_standby",
+];
+
+/// etcd 3.4 grants no lease shorter than this.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+impl DynamicConfig {
+    /// Checks every rule; the first broken one is returned, naming its field.
+    ///
+    /// The central rule is `ttl >= loop_wait + 2 * retry_timeout`: a leader must be
+    /// able to miss one loop and one full retry of its renewal and still demote
+    /// itself before its lease can expire (DESIGN.md §3.1).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let error = |field: &str, reason: String| {
+            Err(ConfigError {
+                field: field.to_owned(),
+                reason,
+            })
+        };
+        if self.ttl < MIN_TTL {
+            return error(
+                "ttl",
+                format!(
+                    "{} is below etcd's minimum lease of {}",
+                    show(self.ttl),
+                    show(MIN_TTL)
+                ),
+            );
+        }
+        if self.loop_wait < Duration::from_millis(100) {
+            return error(
+                "loop_wait",
+                format!("{} is below the minimum of 100ms", show(self.loop_wait)),
+            );
+        }
+        if self.retry_timeout < Duration::from_millis(100) {
+            return error(
+                "retry_timeout",
+                format!("{} is below the minimum of 100ms", show(self.retry_timeout)),
+            );
+        }
+        let needed = self.loop_wait + 2 * self.retry_timeout;
+        if self.ttl < needed {
+            return error(
+                "ttl",
+                format!(
+                    "{} is too small: it must be at least loop_wait + 2 * retry_timeout = {} + 2 * {} = {}",
+                    show(self.ttl),
+                    show(self.loop_wait),
+                    show(self.retry_timeout),
+                    show(needed)
+                ),
+            );
+        }
+        for name in self.postgresql.parameters.keys() {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            {
+                return error(
+                    &format!("postgresql.parameters.{name}"),
+                    "not a PostgreSQL parameter name (letters, digits, _ and . only)".into(),
+                );
+            }
+            if AGENT_OWNED_PARAMETERS.contains(&name.as_str()) {
+                return error(
+                    &format!("postgresql.parameters.{name}"),
+                    "is managed by jai-agent and cannot be set here".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// How long before its lease deadline a leader must have stopped accepting
+    /// writes. One `retry_timeout`: the time a stuck demotion may take.
+    pub fn demote_margin(&self) -> Duration {
+        self.retry_timeout
+    }
+}
+
+fn show(duration: Duration) -> String {
+    humantime_serde::re::humantime::format_duration(duration).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        DynamicConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn ttl_must_cover_a_loop_and_two_retries() {
+        let config = DynamicConfig {
+            ttl: Duration::from_secs(4),
+            loop_wait: Duration::from_secs(1),
+            retry_timeout: Duration::from_secs(2),
+            ..DynamicConfig::default()
+        };
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.field, "ttl");
+        assert!(error.reason.contains("1s + 2 * 2s = 5s"), "{error}");
+    }
+
+    #[test]
+    fn ttl_below_etcd_minimum_is_refused() {
+        let config = DynamicConfig {
+            ttl: Duration::from_secs(1),
+            loop_wait: Duration::from_millis(100),
+            retry_timeout: Duration::from_millis(100),
+            ..DynamicConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().field, "ttl");
+    }
+
+    #[test]
+    fn agent_owned_parameters_are_refused() {
+        let mut config = DynamicConfig::default();
+        config
+            .postgresql
+            .parameters
+            .insert("port".into(), "5432".into());
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.field, "postgresql.parameters.port");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = serde_json::from_str::<DynamicConfig>(r#"{"tll":"5s"}"#).unwrap_err();
+        assert!(error.to_string().contains("unknown field `tll`"), "{error}");
+    }
+}
