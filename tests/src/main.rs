@@ -1,1 +1,140 @@
-fn main() {}
+//! `jai-lab`: start a jai cluster on this machine and fail and revive its nodes.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use jai_lab::{Lab, LabSpec, StopSignal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// A whole jai cluster on one machine: etcd, agents with PostgreSQL, HAProxy.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// Start a lab, wait until it is healthy, write DIR/lab.json.
+    Up {
+        /// Lab directory (everything is written under it).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of PostgreSQL nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Number of etcd members to start.
+        #[arg(long, default_value_t = 3)]
+        etcd_members: usize,
+        /// Join these etcd client URLs (comma-separated) instead of starting etcd.
+        #[arg(long, value_delimiter = ',')]
+        etcd_endpoints: Option<Vec<String>>,
+        /// Cluster name.
+        #[arg(long, default_value = "jai")]
+        cluster: String,
+        /// HAProxy health-check interval.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        haproxy_check_interval: Duration,
+        /// How long to wait for a healthy cluster.
+        #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Stop everything the lab in DIR started.
+    Down {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop one node: KILL (agent and PostgreSQL die at once), TERM (graceful), STOP (freeze the agent).
+    StopNode {
+        /// Node name, e.g. pg1.
+        name: String,
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// KILL, TERM or STOP.
+        #[arg(long, default_value = "TERM")]
+        signal: StopSignal,
+    },
+    /// Start a stopped node's agent again (or thaw a frozen one).
+    StartNode {
+        /// Node name, e.g. pg1.
+        name: String,
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Print the lab's nodes and their state.
+    Status {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("jai-lab: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("jai-lab: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(verb: Verb) -> Result<()> {
+    match verb {
+        Verb::Up {
+            dir,
+            nodes,
+            etcd_members,
+            etcd_endpoints,
+            cluster,
+            haproxy_check_interval,
+            timeout,
+        } => {
+            let spec = LabSpec {
+                cluster,
+                etcd_members,
+                external_etcd: etcd_endpoints,
+                haproxy_check_interval,
+                timeout,
+                ..LabSpec::new(dir, nodes)
+            };
+            let mut lab = Lab::up(spec).await?;
+            lab.detach();
+            println!("{}", lab.status_table().await);
+            println!(
+                "lab description: {}",
+                lab.desc.dir.join("lab.json").display()
+            );
+        }
+        Verb::Down { dir } => {
+            Lab::open(&dir)?.down()?;
+            println!("lab in {} stopped", dir.display());
+        }
+        Verb::StopNode { name, dir, signal } => {
+            Lab::open(&dir)?.stop_node(&name, signal)?;
+            println!("{name} stopped ({signal:?})");
+        }
+        Verb::StartNode { name, dir } => {
+            Lab::open(&dir)?.start_node(&name)?;
+            println!("{name} started");
+        }
+        Verb::Status { dir } => print!("{}", Lab::open(&dir)?.status_table().await),
+    }
+    Ok(())
+}

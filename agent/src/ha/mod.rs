@@ -65,6 +65,12 @@ impl Core {
                 "etcd unreachable: taking no action until it answers",
             );
         };
+        if observation.lease.valid_until.is_none() {
+            return Decision::wait(
+                current_state(observation),
+                "no lease in etcd yet: registering before taking part",
+            );
+        }
         match (&cluster.initialize, &observation.pg.data_dir) {
             (_, DataDir::Unusable { reason }) => {
                 Decision::refuse(format!("data directory unusable: {reason}"))

@@ -1,0 +1,84 @@
+//! The agent refuses bad configuration files at start-up: exit code 2, and a
+//! message naming the file, the key and the reason.
+
+use std::path::Path;
+use std::process::Command;
+
+const GOOD: &str = "name: pg1
+cluster: votes
+state_dir: /tmp/jai-config-test/state
+etcd:
+  endpoints: [http://127.0.0.1:2379]
+api:
+  listen: 127.0.0.1:8008
+postgresql:
+  data_dir: /tmp/jai-config-test/data
+  listen: 127.0.0.1:5432
+  superuser: {username: postgres, password: secret}
+  replication: {username: replicator, password: secret2}
+bootstrap:
+  dcs:
+    ttl: 5s
+    loop_wait: 1s
+    retry_timeout: 2s
+";
+
+/// Runs `jai-agent --check -c FILE` on `text` and returns (exit code, stderr).
+fn check(text: Option<&str>) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.yaml");
+    if let Some(text) = text {
+        std::fs::write(&file, text).unwrap();
+    }
+    run(&file)
+}
+
+fn run(file: &Path) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_jai-agent"))
+        .arg("--check")
+        .arg("--config")
+        .arg(file)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_good_file_passes_the_check() {
+    let (code, stderr) = check(Some(GOOD));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let (code, stderr) = check(None);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("agent.yaml: cannot read"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let (code, stderr) = check(Some(&GOOD.replace("state_dir:", "stat_dir:")));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("agent.yaml"), "{stderr}");
+    assert!(stderr.contains("stat_dir"), "{stderr}");
+}
+
+#[test]
+fn a_bad_duration_is_named() {
+    let (code, stderr) = check(Some(&GOOD.replace("loop_wait: 1s", "loop_wait: soon")));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("agent.yaml"), "{stderr}");
+    assert!(stderr.contains("soon"), "{stderr}");
+}
+
+#[test]
+fn a_ttl_too_small_for_loop_wait_and_retries_is_refused() {
+    let (code, stderr) = check(Some(&GOOD.replace("ttl: 5s", "ttl: 3s")));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("bootstrap.dcs.ttl"), "{stderr}");
+    assert!(stderr.contains("loop_wait + 2 * retry_timeout"), "{stderr}");
+}

@@ -1,0 +1,1029 @@
+//! A whole jai cluster on one machine: etcd, one agent (and PostgreSQL) per
+//! node, and HAProxy, all bound to a loopback address of the lab's own
+//! (`127.X.Y.1`), so several labs run side by side without port clashes.
+
+use crate::process::{self, is_alive};
+use crate::wait;
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    /// Everything the lab writes goes under this directory.
+    pub dir: PathBuf,
+    /// The cluster name (etcd prefix `/jai/<cluster>/`).
+    pub cluster: String,
+    /// Number of PostgreSQL nodes.
+    pub nodes: usize,
+    /// Number of etcd members to start (ignored with `external_etcd`).
+    pub etcd_members: usize,
+    /// Use these etcd endpoints instead of starting etcd.
+    pub external_etcd: Option<Vec<String>>,
+    /// HAProxy health-check interval.
+    pub haproxy_check_interval: Duration,
+    /// How long `up` may take to reach a healthy cluster.
+    pub timeout: Duration,
+    /// Directory holding the `jai-agent` binary; found beside this program by default.
+    pub bin_dir: Option<PathBuf>,
+    /// Nodes are named `<prefix>1`, `<prefix>2`, …
+    pub node_prefix: String,
+    /// Reuse the database passwords of the lab in this directory (to join its cluster).
+    pub secrets_from: Option<PathBuf>,
+}
+
+impl LabSpec {
+    /// A lab of `nodes` nodes in `dir`, with the defaults of `jai-lab up`.
+    pub fn new(dir: impl Into<PathBuf>, nodes: usize) -> Self {
+        Self {
+            dir: dir.into(),
+            cluster: "jai".into(),
+            nodes,
+            etcd_members: 3,
+            external_etcd: None,
+            haproxy_check_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(180),
+            bin_dir: None,
+            node_prefix: "pg".into(),
+            secrets_from: None,
+        }
+    }
+}
+
+/// `DIR/lab.json`: the description scripts and tests rely on (docs/lab.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabDescription {
+    /// Cluster name.
+    pub cluster: String,
+    /// The lab directory.
+    pub dir: PathBuf,
+    /// The loopback address every service of this lab binds to.
+    pub host: String,
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// The etcd members this lab started (empty when it joined an external etcd).
+    pub etcd_members: Vec<EtcdMember>,
+    /// How to connect to the application database.
+    pub postgres: PostgresAccess,
+    /// The load balancer.
+    pub haproxy: HaproxyInfo,
+    /// The PostgreSQL nodes.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// One etcd member started by the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EtcdMember {
+    /// Member name.
+    pub name: String,
+    /// Client URL.
+    pub client_url: String,
+    /// Peer URL.
+    pub peer_url: String,
+    /// Process ID.
+    pub pid: Option<i32>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+}
+
+/// Credentials of the application role, and where the superuser's live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PostgresAccess {
+    /// Application role.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+    /// Application database.
+    pub database: String,
+    /// The superuser role the agents use.
+    pub superuser: String,
+    /// File holding the superuser's password.
+    pub superuser_password_file: PathBuf,
+}
+
+/// HAProxy's listeners and admin socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HaproxyInfo {
+    /// `HOST:PORT` routed to the primary.
+    pub write: String,
+    /// `HOST:PORT` balanced over the replicas.
+    pub read: String,
+    /// Admin-level runtime API socket.
+    pub stats_socket: PathBuf,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Process ID.
+    pub pid: Option<i32>,
+}
+
+/// One PostgreSQL node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Member name.
+    pub name: String,
+    /// `HOST:PORT` of its PostgreSQL.
+    pub pg: String,
+    /// Base URL of its agent's HTTP API.
+    pub api: String,
+    /// PostgreSQL data directory.
+    pub data_dir: PathBuf,
+    /// The agent's configuration file.
+    pub config: PathBuf,
+    /// The agent's log.
+    pub log: PathBuf,
+    /// The agent's PID; `null` while the node is stopped.
+    pub agent_pid: Option<i32>,
+    /// The agent is frozen by SIGSTOP.
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+/// How `stop-node` stops a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// The agent and its PostgreSQL die at once, as when the machine dies.
+    Kill,
+    /// The agent shuts down gracefully (stops PostgreSQL, releases its keys).
+    Term,
+    /// The agent is frozen; PostgreSQL keeps running. `start-node` thaws it.
+    Stop,
+}
+
+impl std::str::FromStr for StopSignal {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.to_ascii_uppercase().trim_start_matches("SIG") {
+            "KILL" => Ok(Self::Kill),
+            "TERM" => Ok(Self::Term),
+            "STOP" => Ok(Self::Stop),
+            _ => Err(format!("{text:?}: expected KILL, TERM or STOP")),
+        }
+    }
+}
+
+/// A running lab. Dropping a lab that `up` started in this process kills
+/// everything it started (tests clean up even when they fail).
+pub struct Lab {
+    /// The description, as in `lab.json`.
+    pub desc: LabDescription,
+    owned: bool,
+    http: reqwest::Client,
+}
+
+const SUPERUSER: &str = "postgres";
+const REPLICATION_USER: &str = "replicator";
+const APP_USER: &str = "jai";
+const APP_DATABASE: &str = "jai";
+
+impl Lab {
+    /// Starts a lab and waits until it is healthy.
+    pub async fn up(spec: LabSpec) -> Result<Lab> {
+        let lab = Self::launch(&spec)?;
+        lab.wait_healthy(spec.timeout).await?;
+        lab.create_app_database().await?;
+        Ok(lab)
+    }
+
+    /// Opens the lab described by `DIR/lab.json`.
+    pub fn open(dir: &Path) -> Result<Lab> {
+        let file = dir.join("lab.json");
+        let text = std::fs::read_to_string(&file).with_context(|| {
+            format!(
+                "no lab in {}: cannot read {}",
+                dir.display(),
+                file.display()
+            )
+        })?;
+        let desc =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        Ok(Lab {
+            desc,
+            owned: false,
+            http: http_client(),
+        })
+    }
+
+    /// Keep everything running when this value is dropped (the CLI's `up`).
+    pub fn detach(&mut self) {
+        self.owned = false;
+    }
+
+    /// Starts a lab without waiting for it to become healthy (for clusters
+    /// that join another lab's etcd and have no primary of their own).
+    pub fn launch(spec: &LabSpec) -> Result<Lab> {
+        anyhow::ensure!(spec.nodes >= 1, "--nodes must be at least 1");
+        anyhow::ensure!(
+            spec.external_etcd.is_some() || spec.etcd_members >= 1,
+            "--etcd-members must be at least 1"
+        );
+        let dir = absolute(&spec.dir)?;
+        if dir.join("lab.json").exists() {
+            let existing = Lab::open(&dir)?;
+            if existing.any_alive() {
+                bail!(
+                    "a lab is already running in {}: run `jai-lab down --dir {}` first",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+        }
+        for sub in ["", "secrets", "etcd", "nodes", "haproxy", "logs"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        std::fs::set_permissions(dir.join("secrets"), std::fs::Permissions::from_mode(0o700))?;
+        let run_as = nix::unistd::Uid::effective()
+            .is_root()
+            .then_some("postgres");
+        if run_as.is_some() {
+            check_reachable_by_others(&dir)?;
+            for sub in ["", "nodes"] {
+                std::fs::set_permissions(dir.join(sub), std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        let host = pick_loopback_host()?;
+        let agent_bin = find_agent_binary(spec.bin_dir.as_deref())?;
+
+        let superuser_file = dir.join("secrets/superuser");
+        let replication_file = dir.join("secrets/replication");
+        for file in [&superuser_file, &replication_file] {
+            let secret = match &spec.secrets_from {
+                Some(other) => {
+                    let source = other
+                        .join("secrets")
+                        .join(file.file_name().expect("named file"));
+                    std::fs::read_to_string(&source)
+                        .with_context(|| format!("reading {}", source.display()))?
+                        .trim()
+                        .to_owned()
+                }
+                None => random_password(),
+            };
+            write_secret(file, &secret)?;
+        }
+        let app_password = random_password();
+
+        let mut ports = free_ports(host, spec.etcd_members * 2 + spec.nodes * 2 + 2)?.into_iter();
+        let mut next_port = || ports.next().expect("enough ports allocated");
+
+        let etcd_members: Vec<EtcdMember> = if spec.external_etcd.is_some() {
+            Vec::new()
+        } else {
+            (1..=spec.etcd_members)
+                .map(|index| {
+                    let name = format!("etcd{index}");
+                    EtcdMember {
+                        client_url: format!("http://{host}:{}", next_port()),
+                        peer_url: format!("http://{host}:{}", next_port()),
+                        data_dir: dir.join("etcd").join(&name),
+                        name,
+                        pid: None,
+                    }
+                })
+                .collect()
+        };
+        let etcd: Vec<String> = match &spec.external_etcd {
+            Some(endpoints) => endpoints.clone(),
+            None => etcd_members
+                .iter()
+                .map(|member| member.client_url.clone())
+                .collect(),
+        };
+        let nodes: Vec<NodeInfo> = (1..=spec.nodes)
+            .map(|index| {
+                let name = format!("{}{index}", spec.node_prefix);
+                let node_dir = dir.join("nodes").join(&name);
+                NodeInfo {
+                    pg: format!("{host}:{}", next_port()),
+                    api: format!("http://{host}:{}", next_port()),
+                    data_dir: node_dir.join("data"),
+                    config: node_dir.join("agent.yaml"),
+                    log: node_dir.join("agent.log"),
+                    agent_pid: None,
+                    frozen: false,
+                    name,
+                }
+            })
+            .collect();
+        let haproxy = HaproxyInfo {
+            write: format!("{host}:{}", next_port()),
+            read: format!("{host}:{}", next_port()),
+            stats_socket: dir.join("haproxy/admin.sock"),
+            config: dir.join("haproxy/haproxy.cfg"),
+            pid: None,
+        };
+        let mut lab = Lab {
+            desc: LabDescription {
+                cluster: spec.cluster.clone(),
+                dir: dir.clone(),
+                host: host.to_string(),
+                etcd,
+                etcd_members,
+                postgres: PostgresAccess {
+                    user: APP_USER.into(),
+                    password: app_password,
+                    database: APP_DATABASE.into(),
+                    superuser: SUPERUSER.into(),
+                    superuser_password_file: superuser_file.clone(),
+                },
+                haproxy,
+                nodes,
+            },
+            owned: true,
+            http: http_client(),
+        };
+        // From here on, a failure kills what was started (Drop) and lab.json
+        // lets `down` find it too.
+        lab.start_etcd()?;
+        for node in &lab.desc.nodes {
+            let node_dir = node.config.parent().expect("config lives in the node dir");
+            std::fs::create_dir_all(node_dir)?;
+            if run_as.is_some() {
+                std::fs::set_permissions(node_dir, std::fs::Permissions::from_mode(0o755))?;
+            }
+            let yaml = agent_yaml(&lab.desc, node, run_as, &superuser_file, &replication_file);
+            std::fs::write(&node.config, yaml)
+                .with_context(|| format!("writing {}", node.config.display()))?;
+        }
+        std::fs::write(
+            &lab.desc.haproxy.config,
+            haproxy_cfg(&lab.desc, spec.haproxy_check_interval),
+        )?;
+        std::fs::write(
+            dir.join("agent-binary"),
+            agent_bin.to_string_lossy().as_bytes(),
+        )?;
+        for index in 0..lab.desc.nodes.len() {
+            lab.spawn_agent(index)?;
+        }
+        lab.start_haproxy()?;
+        lab.save()?;
+        Ok(lab)
+    }
+
+    fn start_etcd(&mut self) -> Result<()> {
+        let initial_cluster = self
+            .desc
+            .etcd_members
+            .iter()
+            .map(|member| format!("{}={}", member.name, member.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("jai-lab-{}-{}", self.desc.cluster, std::process::id());
+        for member in &mut self.desc.etcd_members {
+            let mut command = Command::new("etcd");
+            command
+                .arg("--name")
+                .arg(&member.name)
+                .arg("--data-dir")
+                .arg(&member.data_dir)
+                .arg("--listen-client-urls")
+                .arg(&member.client_url)
+                .arg("--advertise-client-urls")
+                .arg(&member.client_url)
+                .arg("--listen-peer-urls")
+                .arg(&member.peer_url)
+                .arg("--initial-advertise-peer-urls")
+                .arg(&member.peer_url)
+                .arg("--initial-cluster")
+                .arg(&initial_cluster)
+                .arg("--initial-cluster-token")
+                .arg(&token)
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .arg("--heartbeat-interval")
+                .arg("100")
+                .arg("--election-timeout")
+                .arg("1000")
+                .arg("--logger")
+                .arg("zap")
+                .arg("--log-level")
+                .arg("warn");
+            let log = self
+                .desc
+                .dir
+                .join("logs")
+                .join(format!("{}.log", member.name));
+            member.pid = Some(process::spawn_logged(command, &log)?);
+        }
+        Ok(())
+    }
+
+    fn agent_binary(&self) -> Result<PathBuf> {
+        let recorded = std::fs::read_to_string(self.desc.dir.join("agent-binary"))
+            .context("reading DIR/agent-binary")?;
+        Ok(PathBuf::from(recorded.trim()))
+    }
+
+    fn spawn_agent(&mut self, index: usize) -> Result<()> {
+        let binary = self.agent_binary()?;
+        let node = &mut self.desc.nodes[index];
+        let mut command = Command::new(binary);
+        command.arg("--config").arg(&node.config);
+        node.agent_pid = Some(process::spawn_logged(command, &node.log)?);
+        node.frozen = false;
+        Ok(())
+    }
+
+    fn start_haproxy(&mut self) -> Result<()> {
+        let mut command = Command::new("haproxy");
+        command.arg("-db").arg("-f").arg(&self.desc.haproxy.config);
+        let log = self.desc.dir.join("logs/haproxy.log");
+        self.desc.haproxy.pid = Some(process::spawn_logged(command, &log)?);
+        Ok(())
+    }
+
+    /// Writes `DIR/lab.json` (atomically).
+    pub fn save(&self) -> Result<()> {
+        let file = self.desc.dir.join("lab.json");
+        let temp = self.desc.dir.join("lab.json.tmp");
+        std::fs::write(&temp, serde_json::to_string_pretty(&self.desc)? + "\n")?;
+        std::fs::rename(&temp, &file).with_context(|| format!("writing {}", file.display()))
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Result<&NodeInfo> {
+        self.desc
+            .nodes
+            .iter()
+            .find(|node| node.name == name)
+            .ok_or_else(|| {
+                anyhow!(
+                    "no node {name:?} in this lab (nodes: {})",
+                    self.node_names().join(", ")
+                )
+            })
+    }
+
+    fn node_index(&self, name: &str) -> Result<usize> {
+        let node = self.node(name)?;
+        Ok(self
+            .desc
+            .nodes
+            .iter()
+            .position(|other| other.name == node.name)
+            .expect("found above"))
+    }
+
+    /// Names of all nodes.
+    pub fn node_names(&self) -> Vec<String> {
+        self.desc
+            .nodes
+            .iter()
+            .map(|node| node.name.clone())
+            .collect()
+    }
+
+    /// Stops one node the way `signal` says, and records it in `lab.json`.
+    pub fn stop_node(&mut self, name: &str, signal: StopSignal) -> Result<()> {
+        self.stop_nodes(&[name], signal)
+    }
+
+    /// Stops several nodes at the same instant (all signalled before any is
+    /// waited for), and records it in `lab.json`.
+    pub fn stop_nodes(&mut self, names: &[&str], signal: StopSignal) -> Result<()> {
+        let indexes = names
+            .iter()
+            .map(|name| self.node_index(name))
+            .collect::<Result<Vec<_>>>()?;
+        let mut to_wait = Vec::new();
+        for &index in &indexes {
+            let node = &mut self.desc.nodes[index];
+            let agent = node.agent_pid.filter(|pid| is_alive(*pid));
+            match signal {
+                StopSignal::Kill => {
+                    let postmaster = process::postmaster_pid(&node.data_dir);
+                    for pid in agent.into_iter().chain(postmaster) {
+                        process::signal(pid, Signal::SIGKILL);
+                        to_wait.push(pid);
+                    }
+                    node.agent_pid = None;
+                    node.frozen = false;
+                }
+                StopSignal::Term => {
+                    if let Some(pid) = agent {
+                        process::signal(pid, Signal::SIGCONT);
+                        process::signal(pid, Signal::SIGTERM);
+                        to_wait.push(pid);
+                    }
+                    node.agent_pid = None;
+                    node.frozen = false;
+                }
+                StopSignal::Stop => {
+                    let pid =
+                        agent.ok_or_else(|| anyhow!("node {}: agent is not running", node.name))?;
+                    process::signal(pid, Signal::SIGSTOP);
+                    node.frozen = true;
+                }
+            }
+        }
+        for pid in to_wait {
+            // A graceful stop that hangs is finished by force: the lab must end.
+            process::terminate(pid, Duration::from_secs(90));
+        }
+        self.save()
+    }
+
+    /// Starts (or thaws) one node's agent, and records it in `lab.json`.
+    pub fn start_node(&mut self, name: &str) -> Result<()> {
+        let index = self.node_index(name)?;
+        let node = &mut self.desc.nodes[index];
+        match node.agent_pid.filter(|pid| is_alive(*pid)) {
+            Some(pid) if node.frozen => {
+                process::signal(pid, Signal::SIGCONT);
+                node.frozen = false;
+            }
+            Some(pid) => bail!("node {name}: agent already running (pid {pid})"),
+            None => self.spawn_agent(index)?,
+        }
+        self.save()
+    }
+
+    /// Stops everything the lab started: agents gracefully, then whatever is left.
+    pub fn down(&mut self) -> Result<()> {
+        let agents: Vec<i32> = self
+            .desc
+            .nodes
+            .iter()
+            .filter_map(|node| node.agent_pid)
+            .collect();
+        for pid in &agents {
+            process::signal(*pid, Signal::SIGCONT);
+            process::signal(*pid, Signal::SIGTERM);
+        }
+        for pid in &agents {
+            process::terminate(*pid, Duration::from_secs(60));
+        }
+        self.kill_everything();
+        self.save()
+    }
+
+    fn kill_everything(&mut self) {
+        for node in &mut self.desc.nodes {
+            if let Some(pid) = node.agent_pid.take() {
+                process::signal(pid, Signal::SIGCONT);
+                process::signal(pid, Signal::SIGKILL);
+                process::wait_gone(pid, Duration::from_secs(5));
+            }
+            if let Some(pid) = process::postmaster_pid(&node.data_dir) {
+                process::signal(pid, Signal::SIGKILL);
+                process::wait_gone(pid, Duration::from_secs(5));
+            }
+        }
+        if let Some(pid) = self.desc.haproxy.pid.take() {
+            process::terminate(pid, Duration::from_secs(5));
+        }
+        for member in &mut self.desc.etcd_members {
+            if let Some(pid) = member.pid.take() {
+                process::terminate(pid, Duration::from_secs(5));
+            }
+        }
+    }
+
+    fn any_alive(&self) -> bool {
+        let agents = self.desc.nodes.iter().filter_map(|node| node.agent_pid);
+        let etcd = self
+            .desc
+            .etcd_members
+            .iter()
+            .filter_map(|member| member.pid);
+        agents
+            .chain(etcd)
+            .chain(self.desc.haproxy.pid)
+            .any(is_alive)
+    }
+
+    /// The HTTP status code of `GET {node api}{path}`, or an error if unreachable.
+    pub async fn api_code(&self, node: &NodeInfo, path: &str) -> Result<u16> {
+        let response = self
+            .http
+            .get(format!("{}{path}", node.api))
+            .send()
+            .await
+            .with_context(|| format!("{} API unreachable", node.name))?;
+        Ok(response.status().as_u16())
+    }
+
+    /// `GET {node api}/status` as JSON.
+    pub async fn api_status(&self, node: &NodeInfo) -> Result<serde_json::Value> {
+        let response = self
+            .http
+            .get(format!("{}/status", node.api))
+            .send()
+            .await
+            .with_context(|| format!("{} API unreachable", node.name))?;
+        Ok(response.json().await?)
+    }
+
+    /// The nodes whose agent runs (and is not frozen).
+    pub fn running_nodes(&self) -> Vec<&NodeInfo> {
+        self.desc
+            .nodes
+            .iter()
+            .filter(|node| !node.frozen && node.agent_pid.is_some_and(is_alive))
+            .collect()
+    }
+
+    /// One pass of the health check: `Some(primary)` when exactly one running
+    /// node passes `/primary`, every other running node passes `/replica` and
+    /// streams from it, and HAProxy's write port reaches it.
+    pub async fn healthy_primary(&self) -> Result<Option<String>> {
+        let running = self.running_nodes();
+        let mut primaries = Vec::new();
+        for node in &running {
+            if self.api_code(node, "/primary").await? == 200 {
+                primaries.push(node.name.clone());
+            } else if self.api_code(node, "/replica").await? != 200 {
+                return Ok(None);
+            }
+        }
+        let [primary] = primaries.as_slice() else {
+            return Ok(None);
+        };
+        let client = self
+            .connect_superuser(&self.desc.haproxy.write, "postgres")
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), current_setting('cluster_name'), \
+                 (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming')",
+                &[],
+            )
+            .await?;
+        let (in_recovery, name, streaming): (bool, String, i64) =
+            (row.get(0), row.get(1), row.get(2));
+        let healthy = !in_recovery && &name == primary && streaming as usize == running.len() - 1;
+        Ok(healthy.then(|| primary.clone()))
+    }
+
+    /// Waits until [`Lab::healthy_primary`] names a primary, and returns it.
+    pub async fn wait_healthy(&self, timeout: Duration) -> Result<String> {
+        wait::until(
+            "a healthy cluster (one primary, all replicas streaming)",
+            timeout,
+            || self.healthy_primary(),
+        )
+        .await
+        .with_context(|| format!("agent logs: {}/nodes/*/agent.log", self.desc.dir.display()))
+    }
+
+    /// The superuser's password.
+    pub fn superuser_password(&self) -> Result<String> {
+        let file = &self.desc.postgres.superuser_password_file;
+        Ok(std::fs::read_to_string(file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .trim()
+            .to_owned())
+    }
+
+    /// Connects as the superuser to `address` (`HOST:PORT`).
+    pub async fn connect_superuser(
+        &self,
+        address: &str,
+        database: &str,
+    ) -> Result<tokio_postgres::Client> {
+        let password = self.superuser_password()?;
+        connect(address, &self.desc.postgres.superuser, &password, database).await
+    }
+
+    /// Connects as the application role to `address`.
+    pub async fn connect_app(&self, address: &str) -> Result<tokio_postgres::Client> {
+        let access = &self.desc.postgres;
+        connect(address, &access.user, &access.password, &access.database).await
+    }
+
+    async fn create_app_database(&self) -> Result<()> {
+        let client = self
+            .connect_superuser(&self.desc.haproxy.write, "postgres")
+            .await?;
+        let access = &self.desc.postgres;
+        let role_exists = client
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&access.user])
+            .await?
+            .is_some();
+        if !role_exists {
+            client
+                .batch_execute(&format!(
+                    "CREATE ROLE {} LOGIN PASSWORD '{}'",
+                    access.user,
+                    access.password.replace('\'', "''")
+                ))
+                .await?;
+        }
+        let database_exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&access.database],
+            )
+            .await?
+            .is_some();
+        if !database_exists {
+            client
+                .batch_execute(&format!(
+                    "CREATE DATABASE {} OWNER {}",
+                    access.database, access.user
+                ))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A client for the lab's etcd.
+    pub async fn etcd(&self) -> Result<etcd_client::Client> {
+        let options =
+            etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        Ok(etcd_client::Client::connect(&self.desc.etcd, Some(options)).await?)
+    }
+
+    /// The value of `/jai/<cluster>/<key>` in etcd.
+    pub async fn etcd_value(&self, key: &str) -> Result<Option<String>> {
+        let mut client = self.etcd().await?;
+        let full = format!(
+            "{}{key}",
+            jai_proto::ClusterKeys::new(&self.desc.cluster).prefix()
+        );
+        let response =
+            tokio::time::timeout(Duration::from_secs(3), client.get(full, None)).await??;
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| kv.value_str().unwrap_or_default().to_owned()))
+    }
+
+    /// A table of the nodes for `jai-lab status`.
+    pub async fn status_table(&self) -> String {
+        let mut text = format!(
+            "cluster {}   write {}   read {}   etcd {}\n",
+            self.desc.cluster,
+            self.desc.haproxy.write,
+            self.desc.haproxy.read,
+            self.desc.etcd.join(",")
+        );
+        let _ = writeln!(
+            text,
+            "{:<6} {:<22} {:<8} {:<8} {:<9} {:>3} {:<12} {:>10}  {}",
+            "NODE", "POSTGRES", "AGENT", "ROLE", "STATE", "TL", "LSN", "LAG", "NOTE"
+        );
+        for node in &self.desc.nodes {
+            let agent = match node.agent_pid {
+                Some(pid) if node.frozen => format!("{pid}(frz)"),
+                Some(pid) if is_alive(pid) => pid.to_string(),
+                _ => "stopped".into(),
+            };
+            let status = self.api_status(node).await.ok();
+            let field = |name: &str| {
+                status
+                    .as_ref()
+                    .and_then(|status| status.get(name))
+                    .filter(|value| !value.is_null())
+                    .map(|value| {
+                        value
+                            .as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| value.to_string())
+                    })
+                    .unwrap_or_else(|| "-".into())
+            };
+            let lsn = match field("write_lsn").as_str() {
+                "-" => field("replay_lsn"),
+                lsn => lsn.to_owned(),
+            };
+            let role = if field("accepts_writes") == "true" {
+                "leader".to_owned()
+            } else {
+                field("role")
+            };
+            let _ = writeln!(
+                text,
+                "{:<6} {:<22} {:<8} {:<8} {:<9} {:>3} {:<12} {:>10}  {}",
+                node.name,
+                node.pg,
+                agent,
+                role,
+                field("state"),
+                field("timeline"),
+                lsn,
+                field("lag_bytes"),
+                match status {
+                    None => "API unreachable".to_owned(),
+                    Some(_) if field("reason") == "-" => String::new(),
+                    Some(_) => field("reason"),
+                }
+            );
+        }
+        text
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.owned {
+            self.kill_everything();
+            let _ = self.save();
+        }
+    }
+}
+
+/// Connects to PostgreSQL at `address` with a short timeout.
+pub async fn connect(
+    address: &str,
+    user: &str,
+    password: &str,
+    database: &str,
+) -> Result<tokio_postgres::Client> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("{address:?} is not HOST:PORT"))?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(host)
+        .port(port.parse()?)
+        .user(user)
+        .password(password)
+        .dbname(database)
+        .connect_timeout(Duration::from_secs(2));
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(3),
+        config.connect(tokio_postgres::NoTls),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {address} timed out"))?
+    .with_context(|| format!("connecting to {address}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("a plain HTTP client always builds")
+}
+
+fn absolute(dir: &Path) -> Result<PathBuf> {
+    Ok(if dir.is_absolute() {
+        dir.to_owned()
+    } else {
+        std::env::current_dir()?.join(dir)
+    })
+}
+
+/// PostgreSQL runs as `postgres`, which must be able to reach the lab directory.
+fn check_reachable_by_others(dir: &Path) -> Result<()> {
+    for ancestor in dir.ancestors().skip(1) {
+        let Ok(metadata) = std::fs::metadata(ancestor) else {
+            continue;
+        };
+        if metadata.permissions().mode() & 0o001 == 0 {
+            bail!(
+                "--dir {}: the postgres user cannot enter {} (mode {:o}); pick a directory under /tmp or run `chmod o+x {}`",
+                dir.display(),
+                ancestor.display(),
+                metadata.permissions().mode() & 0o777,
+                ancestor.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A random `127.X.Y.1`, so that labs never share ports.
+fn pick_loopback_host() -> Result<Ipv4Addr> {
+    for _ in 0..20 {
+        let host = Ipv4Addr::new(127, rand::random_range(1..=254), rand::random(), 1);
+        if TcpListener::bind((host, 0)).is_ok() {
+            return Ok(host);
+        }
+    }
+    bail!("cannot bind to any 127.X.Y.1 address: is the loopback interface up?")
+}
+
+/// `count` distinct free ports on `host`, held open together while picked.
+fn free_ports(host: Ipv4Addr, count: usize) -> Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind((host, 0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("picking free ports")?;
+    listeners
+        .iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect()
+}
+
+fn random_password() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 24)
+}
+
+fn write_secret(file: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("writing {}", file.display()))?;
+    writeln!(handle, "{secret}")?;
+    Ok(())
+}
+
+/// Finds `jai-agent`: `--bin-dir`, then beside this executable, then one level up
+/// (integration tests run from `target/debug/deps`).
+fn find_agent_binary(bin_dir: Option<&Path>) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = bin_dir {
+        candidates.push(dir.join("jai-agent"));
+    }
+    if let Some(dir) = exe.parent() {
+        candidates.push(dir.join("jai-agent"));
+        if let Some(parent) = dir.parent() {
+            candidates.push(parent.join("jai-agent"));
+        }
+    }
+    candidates
+        .iter()
+        .find(|candidate| candidate.is_file())
+        .cloned()
+        .ok_or_else(|| anyhow!("jai-agent binary not found (looked in {candidates:?}); run `cargo build --workspace` first"))
+}
+
+fn agent_yaml(
+    desc: &LabDescription,
+    node: &NodeInfo,
+    run_as: Option<&str>,
+    superuser_file: &Path,
+    replication_file: &Path,
+) -> String {
+    let node_dir = node.config.parent().expect("config lives in the node dir");
+    let api_listen = node.api.trim_start_matches("http://");
+    let mut yaml = format!(
+        "# Written by jai-lab.\n\
+         name: {name}\n\
+         cluster: {cluster}\n\
+         state_dir: {state}\n\
+         etcd:\n  endpoints: [{endpoints}]\n\
+         api:\n  listen: {api_listen}\n\
+         postgresql:\n  data_dir: {data}\n  listen: {pg}\n",
+        name = node.name,
+        cluster = desc.cluster,
+        state = node_dir.join("state").display(),
+        endpoints = desc.etcd.join(", "),
+        data = node.data_dir.display(),
+        pg = node.pg,
+    );
+    if let Some(user) = run_as {
+        let _ = writeln!(yaml, "  run_as: {user}");
+    }
+    let _ = write!(
+        yaml,
+        "  superuser:\n    username: {SUPERUSER}\n    password_file: {}\n\
+         \x20 replication:\n    username: {REPLICATION_USER}\n    password_file: {}\n",
+        superuser_file.display(),
+        replication_file.display()
+    );
+    yaml
+}
+
+fn haproxy_cfg(desc: &LabDescription, check_interval: Duration) -> String {
+    let inter = check_interval.as_millis();
+    let mut cfg = format!(
+        "# Written by jai-lab.\n\
+         global\n    stats socket {socket} mode 600 level admin\n    stats timeout 30s\n\n\
+         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30m\n    timeout server 30m\n    timeout check 1s\n\n",
+        socket = desc.haproxy.stats_socket.display()
+    );
+    for (name, bind, path) in [
+        ("jai_write", &desc.haproxy.write, "/primary"),
+        ("jai_read", &desc.haproxy.read, "/replica"),
+    ] {
+        let _ = write!(
+            cfg,
+            "listen {name}\n    bind {bind}\n    balance roundrobin\n    option httpchk\n    \
+             http-check send meth GET uri {path}\n    http-check expect status 200\n    \
+             default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall 2 rise 1 on-marked-down shutdown-sessions\n"
+        );
+        for node in &desc.nodes {
+            let api_port = node.api.rsplit(':').next().unwrap_or_default();
+            let _ = writeln!(
+                cfg,
+                "    server {} {} check port {api_port}",
+                node.name, node.pg
+            );
+        }
+        cfg.push('\n');
+    }
+    cfg
+}

@@ -1,0 +1,14 @@
+//! `jai-lab`: a whole jai cluster on one machine, for the demo and the tests.
+//!
+//! - [`lab`]: start, describe (`lab.json`), fail and revive, and stop a lab.
+//! - [`process`]: spawning and signalling the lab's processes by PID.
+//! - [`wait`]: waiting on conditions with deadlines.
+//!
+//! The `jai-lab` binary is a thin CLI over [`lab::Lab`]; the integration tests
+//! in `tests/tests/` use the same library.
+
+pub mod lab;
+pub mod process;
+pub mod wait;
+
+pub use lab::{Lab, LabSpec, StopSignal};

@@ -1,0 +1,260 @@
+//! Integration tests on real etcd, PostgreSQL and HAProxy, started by the lab.
+
+use anyhow::{Context, Result};
+use jai_lab::{wait, Lab, LabSpec, StopSignal};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
+
+fn lab_dir() -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix("jai-test-")
+        .tempdir_in("/tmp")?)
+}
+
+fn spec(dir: &tempfile::TempDir, nodes: usize, etcd_members: usize) -> LabSpec {
+    LabSpec {
+        etcd_members,
+        timeout: Duration::from_secs(120),
+        ..LabSpec::new(dir.path(), nodes)
+    }
+}
+
+async fn writes_through_haproxy(lab: &Lab, value: &str) -> Result<()> {
+    let client = lab.connect_app(&lab.desc.haproxy.write).await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS probe (id serial PRIMARY KEY, note text NOT NULL)",
+        )
+        .await?;
+    client
+        .execute("INSERT INTO probe (note) VALUES ($1)", &[&value])
+        .await?;
+    Ok(())
+}
+
+async fn has_row(lab: &Lab, address: &str, value: &str) -> Result<bool> {
+    let client = lab.connect_app(address).await?;
+    let row = client
+        .query_opt("SELECT 1 FROM probe WHERE note = $1", &[&value])
+        .await
+        .context("reading probe")?;
+    Ok(row.is_some())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_boot_replicate_and_route() -> Result<()> {
+    let dir = lab_dir()?;
+    let lab = Lab::up(spec(&dir, 3, 3)).await?;
+    let primary = lab.wait_healthy(HEALTHY_WITHIN).await?;
+
+    // Exactly one primary, and it holds the leader key.
+    assert_eq!(lab.etcd_value("leader").await?, Some(primary.clone()));
+    let replicas: Vec<_> = lab
+        .desc
+        .nodes
+        .iter()
+        .filter(|n| n.name != primary)
+        .collect();
+    assert_eq!(replicas.len(), 2);
+    for node in &lab.desc.nodes {
+        let is_primary = node.name == primary;
+        assert_eq!(
+            lab.api_code(node, "/primary").await?,
+            if is_primary { 200 } else { 503 },
+            "{}",
+            node.name
+        );
+        assert_eq!(
+            lab.api_code(node, "/replica").await?,
+            if is_primary { 503 } else { 200 },
+            "{}",
+            node.name
+        );
+        assert_eq!(lab.api_code(node, "/health").await?, 200, "{}", node.name);
+    }
+
+    // Both replicas stream from the primary, each through its own slot.
+    let primary_node = lab.node(&primary)?;
+    let admin = lab.connect_superuser(&primary_node.pg, "postgres").await?;
+    let streaming: BTreeSet<String> = admin
+        .query(
+            "SELECT r.application_name FROM pg_stat_replication r \
+             JOIN pg_replication_slots s ON s.active_pid = r.pid \
+             WHERE r.state = 'streaming' AND s.slot_name = 'jai_' || r.application_name",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let replica_names: BTreeSet<String> = replicas.iter().map(|n| n.name.clone()).collect();
+    assert_eq!(streaming, replica_names);
+
+    // A row written through HAProxy's write port reaches every replica.
+    writes_through_haproxy(&lab, "hello from the write port").await?;
+    for replica in &replicas {
+        wait::until(
+            &format!("the row on {}", replica.name),
+            Duration::from_secs(10),
+            || async {
+                Ok(has_row(&lab, &replica.pg, "hello from the write port")
+                    .await?
+                    .then_some(()))
+            },
+        )
+        .await?;
+    }
+
+    // The read port reaches only replicas, and both of them.
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        let client = lab.connect_app(&lab.desc.haproxy.read).await?;
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), current_setting('cluster_name')",
+                &[],
+            )
+            .await?;
+        assert!(row.get::<_, bool>(0), "read port reached a primary");
+        seen.insert(row.get::<_, String>(1));
+    }
+    assert_eq!(seen, replica_names);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_every_agent_keeps_the_same_primary_and_data() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(spec(&dir, 3, 1)).await?;
+    let primary = lab.wait_healthy(HEALTHY_WITHIN).await?;
+    let system_id = lab.etcd_value("initialize").await?;
+    writes_through_haproxy(&lab, "before the restart").await?;
+
+    let names = lab.node_names();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    lab.stop_nodes(&names, StopSignal::Term)?;
+    for node in &lab.desc.nodes {
+        assert!(
+            jai_lab::process::postmaster_pid(&node.data_dir).is_none(),
+            "{} still runs PostgreSQL",
+            node.name
+        );
+    }
+    assert_eq!(
+        lab.etcd_value("leader").await?,
+        None,
+        "the leader released its key"
+    );
+    for name in &names {
+        lab.start_node(name)?;
+    }
+
+    let after = lab.wait_healthy(HEALTHY_WITHIN).await?;
+    assert_eq!(after, primary, "a restart must not move the primary");
+    assert_eq!(
+        lab.etcd_value("initialize").await?,
+        system_id,
+        "no re-bootstrap"
+    );
+    assert!(has_row(&lab, &lab.desc.haproxy.write, "before the restart").await?);
+    let history = lab
+        .etcd_value("history")
+        .await?
+        .unwrap_or_else(|| "[]".into());
+    let history: Vec<serde_json::Value> = serde_json::from_str(&history)?;
+    assert!(
+        history
+            .iter()
+            .all(|entry| entry["new_leader"] == primary.as_str()),
+        "no other member was promoted: {history:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_name_in_use_is_joined_never_reinitialised() -> Result<()> {
+    let (dir_a, dir_foreign, dir_b) = (lab_dir()?, lab_dir()?, lab_dir()?);
+    let cluster = "votes".to_owned();
+    let lab = Lab::up(LabSpec {
+        cluster: cluster.clone(),
+        ..spec(&dir_a, 2, 1)
+    })
+    .await?;
+    let system_id = lab
+        .etcd_value("initialize")
+        .await?
+        .context("no initialize key")?;
+    let leader = lab.etcd_value("leader").await?;
+
+    // A data directory of another system: a one-node cluster with its own etcd.
+    let mut foreign = Lab::up(LabSpec {
+        cluster: cluster.clone(),
+        node_prefix: "foreign".into(),
+        ..spec(&dir_foreign, 1, 1)
+    })
+    .await?;
+    let foreign_id = foreign
+        .etcd_value("initialize")
+        .await?
+        .context("no foreign initialize key")?;
+    assert_ne!(foreign_id, system_id);
+    foreign.down()?;
+
+    // Same cluster name, same etcd: one member with an empty data directory,
+    // one with the foreign one copied in.
+    let joiner_data = dir_b.path().join("nodes/joiner2");
+    std::fs::create_dir_all(&joiner_data)?;
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&foreign.desc.nodes[0].data_dir)
+        .arg(joiner_data.join("data"))
+        .status()?;
+    assert!(copied.success());
+    let joiners = Lab::launch(&LabSpec {
+        cluster: cluster.clone(),
+        node_prefix: "joiner".into(),
+        external_etcd: Some(lab.desc.etcd.clone()),
+        secrets_from: Some(lab.desc.dir.clone()),
+        ..spec(&dir_b, 2, 1)
+    })?;
+    let (empty, alien) = (&joiners.desc.nodes[0], &joiners.desc.nodes[1]);
+
+    wait::until(
+        "the empty joiner to clone and stream",
+        HEALTHY_WITHIN,
+        || async { Ok((joiners.api_code(empty, "/replica").await? == 200).then_some(())) },
+    )
+    .await?;
+    let reason = wait::until(
+        "the foreign data directory to be refused",
+        HEALTHY_WITHIN,
+        || async {
+            let status = joiners.api_status(alien).await?;
+            Ok((status["state"] == "refused")
+                .then(|| status["reason"].as_str().unwrap_or_default().to_owned()))
+        },
+    )
+    .await?;
+    assert!(
+        reason.contains(&format!("belongs to system {foreign_id}")),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(&format!("is system {system_id}")),
+        "{reason}"
+    );
+    assert!(
+        jai_lab::process::postmaster_pid(&alien.data_dir).is_none(),
+        "refused member started PostgreSQL"
+    );
+
+    assert_eq!(
+        lab.etcd_value("initialize").await?,
+        Some(system_id),
+        "initialize untouched"
+    );
+    assert_eq!(lab.etcd_value("leader").await?, leader, "leader untouched");
+    Ok(())
+}
