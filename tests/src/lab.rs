@@ -177,6 +177,9 @@ pub struct Lab {
     http: reqwest::Client,
 }
 
+/// The directories a lab writes under DIR, and the only ones `up` removes.
+const LAB_SUBDIRS: &[&str] = &["secrets", "etcd", "nodes", "haproxy", "logs"];
+
 const SUPERUSER: &str = "postgres";
 const REPLICATION_USER: &str = "replicator";
 const APP_USER: &str = "jai";
@@ -233,8 +236,17 @@ impl Lab {
                     dir.display()
                 );
             }
+            // A stopped lab is replaced by a fresh one: remove what it wrote.
+            for sub in LAB_SUBDIRS {
+                let path = dir.join(sub);
+                if path.exists() {
+                    std::fs::remove_dir_all(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+            std::fs::remove_file(dir.join("lab.json"))?;
         }
-        for sub in ["", "secrets", "etcd", "nodes", "haproxy", "logs"] {
+        for sub in [""].iter().chain(LAB_SUBDIRS) {
             std::fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
@@ -671,7 +683,12 @@ impl Lab {
             || self.healthy_primary(),
         )
         .await
-        .with_context(|| format!("agent logs: {}/nodes/*/agent.log", self.desc.dir.display()))
+        .map_err(|error| {
+            anyhow!(
+                "{error:#}; see the agent logs in {}/nodes/*/agent.log",
+                self.desc.dir.display()
+            )
+        })
     }
 
     /// The superuser's password.
@@ -757,6 +774,44 @@ impl Lab {
             .map(|kv| kv.value_str().unwrap_or_default().to_owned()))
     }
 
+    /// How to use the lab, for people: printed by `jai-lab up`. Writes
+    /// `DIR/pgpass` so that no password needs to appear on a command line.
+    pub fn instructions(&self) -> Result<String> {
+        let access = &self.desc.postgres;
+        let pgpass = self.desc.dir.join("pgpass");
+        write_secret(
+            &pgpass,
+            &format!(
+                "*:*:{}:{}:{}",
+                access.database,
+                access.user,
+                access.password.replace(':', "\\:")
+            ),
+        )?;
+        let (write_host, write_port) = self.desc.haproxy.write.rsplit_once(':').unwrap_or_default();
+        let (_, read_port) = self.desc.haproxy.read.rsplit_once(':').unwrap_or_default();
+        let dir = self.desc.dir.display();
+        let exe = std::env::current_exe()?;
+        let lab = exe.display();
+        let primary_api = &self.desc.nodes[0].api;
+        Ok(format!(
+            "\nThe cluster is up. Try:\n\
+             \x20 writes (HAProxy -> primary):  PGPASSFILE={dir}/pgpass psql -h {write_host} -p {write_port} -U {user} {db}\n\
+             \x20 reads  (HAProxy -> replicas): PGPASSFILE={dir}/pgpass psql -h {write_host} -p {read_port} -U {user} {db}\n\
+             \x20 cluster state:                {lab} status --dir {dir}\n\
+             \x20 one agent's view:             curl -s {primary_api}/status\n\
+             \x20 health checks HAProxy uses:   curl -si {primary_api}/primary ; curl -si {primary_api}/replica\n\
+             \x20 fail a node, revive it:       {lab} stop-node pg1 --dir {dir} --signal KILL ; {lab} start-node pg1 --dir {dir}\n\
+             \x20 HAProxy's view:               echo 'show servers state' | socat - {socket}   (if socat is installed)\n\
+             \x20 logs:                         {dir}/nodes/*/agent.log, {dir}/nodes/*/state/postgresql.log\n\
+             \x20 stop everything:              make demo-down   (or {lab} down --dir {dir})\n\
+             lab description for scripts: {dir}/lab.json\n",
+            user = access.user,
+            db = access.database,
+            socket = self.desc.haproxy.stats_socket.display(),
+        ))
+    }
+
     /// A table of the nodes for `jai-lab status`.
     pub async fn status_table(&self) -> String {
         let mut text = format!(
@@ -768,8 +823,8 @@ impl Lab {
         );
         let _ = writeln!(
             text,
-            "{:<6} {:<22} {:<8} {:<8} {:<9} {:>3} {:<12} {:>10}  {}",
-            "NODE", "POSTGRES", "AGENT", "ROLE", "STATE", "TL", "LSN", "LAG", "NOTE"
+            "{:<6} {:<22} {:<8} {:<8} {:<9} {:>3} {:<12} {:>10}  NOTE",
+            "NODE", "POSTGRES", "AGENT", "ROLE", "STATE", "TL", "LSN", "LAG"
         );
         for node in &self.desc.nodes {
             let agent = match node.agent_pid {

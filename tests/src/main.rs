@@ -117,10 +117,7 @@ async fn run(verb: Verb) -> Result<()> {
             let mut lab = Lab::up(spec).await?;
             lab.detach();
             println!("{}", lab.status_table().await);
-            println!(
-                "lab description: {}",
-                lab.desc.dir.join("lab.json").display()
-            );
+            print!("{}", lab.instructions()?);
         }
         Verb::Down { dir } => {
             Lab::open(&dir)?.down()?;
