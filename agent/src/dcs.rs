@@ -139,7 +139,7 @@ impl Dcs {
         request: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T> {
         match tokio::time::timeout(self.timeout, request).await {
-            Ok(result) => result.with_context(|| format!("etcd {what}")),
+            Ok(result) => result.map_err(|error| anyhow!("etcd {what}: {}", describe(&error))),
             Err(_) => Err(anyhow!(
                 "etcd {what}: no answer within {}",
                 humantime::format_duration(self.timeout)
@@ -509,6 +509,16 @@ impl Dcs {
                 _ = tokio::time::sleep(retry) => {}
             }
         }
+    }
+}
+
+/// etcd-client's errors print the whole gRPC status; operators need the gist.
+fn describe(error: &etcd_client::Error) -> String {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{} ({:?})", status.message(), status.code())
+        }
+        other => other.to_string(),
     }
 }
 

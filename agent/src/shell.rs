@@ -63,8 +63,10 @@ struct Agent {
     dynamic: DynamicConfig,
     /// The last cluster view read, to resolve member addresses for actions.
     view: Option<ClusterView>,
-    /// The data directory state while PostgreSQL is stopped, re-read on change.
+    /// The last reason logged, so a reason is logged once, when it changes.
     last_reason: Option<String>,
+    /// The last error logged per kind of failure, so an outage is logged once.
+    last_errors: std::collections::HashMap<String, String>,
     snapshot: watch::Sender<NodeSnapshot>,
 }
 
@@ -119,6 +121,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         dynamic,
         view: None,
         last_reason: None,
+        last_errors: Default::default(),
         snapshot,
         config,
     };
@@ -207,6 +210,7 @@ impl Agent {
         };
         let dcs = match self.dcs.read_cluster(&self.dynamic).await {
             Ok(view) => {
+                self.note_success("etcd unreachable");
                 if view.config != self.dynamic {
                     self.adopt_config(view.config.clone());
                 }
@@ -319,8 +323,22 @@ impl Agent {
         }
     }
 
-    fn note_error(&self, what: &str, error: &anyhow::Error) {
-        tracing::warn!("{what}: {error:#}");
+    /// Logs a failure once per outage: repeats of the same error go to debug,
+    /// and the next success of the same kind is logged as a recovery.
+    fn note_error(&mut self, what: &str, error: &anyhow::Error) {
+        let text = format!("{error:#}");
+        if self.last_errors.get(what) == Some(&text) {
+            tracing::debug!("{what}: {text}");
+        } else {
+            tracing::warn!("{what}: {text}");
+            self.last_errors.insert(what.to_owned(), text);
+        }
+    }
+
+    fn note_success(&mut self, what: &str) {
+        if self.last_errors.remove(what).is_some() {
+            tracing::info!("{what}: recovered");
+        }
     }
 
     fn leader_term(&self) -> Result<i64> {

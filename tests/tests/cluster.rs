@@ -75,6 +75,43 @@ async fn three_nodes_boot_replicate_and_route() -> Result<()> {
         assert_eq!(lab.api_code(node, "/health").await?, 200, "{}", node.name);
     }
 
+    // Patroni-compatible details HAProxy configurations rely on.
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let primary_api = &lab.node(&primary)?.api;
+    let replica_api = &replicas[0].api;
+    for method in [reqwest::Method::HEAD, reqwest::Method::OPTIONS] {
+        let response = http
+            .request(method.clone(), format!("{primary_api}/primary"))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200, "{method} /primary");
+        assert!(
+            response.bytes().await?.is_empty(),
+            "{method} answers with the status line only"
+        );
+        let response = http
+            .request(method.clone(), format!("{replica_api}/primary"))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 503, "{method} /primary on a replica");
+    }
+    let code = |url: String| {
+        let http = http.clone();
+        async move { Ok::<_, anyhow::Error>(http.get(url).send().await?.status().as_u16()) }
+    };
+    assert_eq!(code(format!("{replica_api}/replica?lag=1GB")).await?, 200);
+    assert_eq!(code(format!("{replica_api}/read-only")).await?, 200);
+    assert_eq!(code(format!("{primary_api}/read-write")).await?, 200);
+    assert_eq!(code(format!("{replica_api}/replica?lag=lots")).await?, 400);
+    let status: serde_json::Value = http
+        .get(format!("{primary_api}/status"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(status["name"], primary.as_str());
+    assert_eq!(status["accepts_writes"], true);
+
     // Both replicas stream from the primary, each through its own slot.
     let primary_node = lab.node(&primary)?;
     let admin = lab.connect_superuser(&primary_node.pg, "postgres").await?;
