@@ -94,26 +94,39 @@ impl ApiState {
     }
 }
 
+impl ApiState {
+    /// The JSON body every path answers with.
+    fn body(&self, node: &NodeSnapshot) -> StatusBody {
+        let mut body = StatusBody::from(node);
+        body.accepts_writes = self.is_writable_primary(node);
+        body.lease_valid_for_ms = self
+            .lease
+            .valid_until()
+            .map(|until| until.saturating_duration_since(Instant::now()).as_millis() as u64);
+        body
+    }
+
+    /// A health answer: the code, and the JSON body except for HEAD and OPTIONS.
+    fn answer(&self, method: &Method, healthy: bool, node: &NodeSnapshot) -> Response {
+        let code = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        if method == Method::HEAD || method == Method::OPTIONS {
+            return code.into_response();
+        }
+        (code, Json(self.body(node))).into_response()
+    }
+}
+
 fn running(node: &NodeSnapshot) -> bool {
     node.member.state == MemberState::Running && !node.demoting
 }
 
-/// A health answer: the code, and a JSON body except for HEAD and OPTIONS.
-fn answer(method: &Method, healthy: bool, node: &NodeSnapshot) -> Response {
-    let code = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    if method == Method::HEAD || method == Method::OPTIONS {
-        return code.into_response();
-    }
-    (code, Json(StatusBody::from(node))).into_response()
-}
-
 async fn primary(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
-    answer(&method, state.is_writable_primary(&node), &node)
+    state.answer(&method, state.is_writable_primary(&node), &node)
 }
 
 async fn replica(
@@ -135,24 +148,24 @@ async fn replica(
         && node.member.role == MemberRole::Replica
         && !node.member.tags.noloadbalance
         && within_lag;
-    answer(&method, healthy, &node)
+    state.answer(&method, healthy, &node)
 }
 
 async fn read_only(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
     let healthy = state.is_writable_primary(&node)
         || (running(&node) && node.member.role == MemberRole::Replica);
-    answer(&method, healthy, &node)
+    state.answer(&method, healthy, &node)
 }
 
 async fn health(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
-    answer(&method, running(&node), &node)
+    state.answer(&method, running(&node), &node)
 }
 
 async fn liveness(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
-    answer(
+    state.answer(
         &method,
         node.heartbeat.elapsed() < node.liveness_window,
         &node,
@@ -163,21 +176,12 @@ async fn readiness(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
     let healthy = state.is_writable_primary(&node)
         || (running(&node) && node.member.role == MemberRole::Replica && node.leader.is_some());
-    answer(&method, healthy, &node)
+    state.answer(&method, healthy, &node)
 }
 
 async fn status(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
-    let mut body = StatusBody::from(&node);
-    body.lease_valid_for_ms = state
-        .lease
-        .valid_until()
-        .map(|until| until.saturating_duration_since(Instant::now()).as_millis() as u64);
-    body.accepts_writes = state.is_writable_primary(&node);
-    if method == Method::HEAD || method == Method::OPTIONS {
-        return StatusCode::OK.into_response();
-    }
-    Json(body).into_response()
+    state.answer(&method, true, &node)
 }
 
 /// The JSON body of every answer.

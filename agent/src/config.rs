@@ -187,25 +187,44 @@ impl AgentConfig {
         if !is_valid_name(&self.name) {
             return fail(
                 "name",
-                "must be 1-40 characters of a-z, 0-9, _ or -, starting with a letter",
+                "must be 1-40 characters of a-z, 0-9 or -, starting with a letter",
             );
         }
         if !is_valid_name(&self.cluster) {
             return fail(
                 "cluster",
-                "must be 1-40 characters of a-z, 0-9, _ or -, starting with a letter",
+                "must be 1-40 characters of a-z, 0-9 or -, starting with a letter",
             );
         }
         if self.etcd.endpoints.is_empty() {
             return fail("etcd.endpoints", "needs at least one URL");
         }
         for (index, url) in self.etcd.endpoints.iter().enumerate() {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+            if url.starts_with("https://") {
                 return fail(
                     &format!("etcd.endpoints[{index}]"),
-                    &format!("{url:?} is not an http:// or https:// URL"),
+                    "TLS to etcd is not supported yet: use http:// on a private network",
                 );
             }
+            if !url.starts_with("http://") {
+                return fail(
+                    &format!("etcd.endpoints[{index}]"),
+                    &format!("{url:?} is not an http:// URL"),
+                );
+            }
+        }
+        if self.api.listen.ip().is_unspecified() && self.api.connect_url.is_none() {
+            return fail(
+                "api.connect_url",
+                "required when api.listen is a wildcard address: other members need a routable URL",
+            );
+        }
+        if self.postgresql.listen.ip().is_unspecified() && self.postgresql.connect_address.is_none()
+        {
+            return fail(
+                "postgresql.connect_address",
+                "required when postgresql.listen is a wildcard address: replicas need a routable host:port",
+            );
         }
         if !self.postgresql.data_dir.is_absolute() {
             return fail("postgresql.data_dir", "must be an absolute path");
@@ -241,6 +260,45 @@ impl AgentConfig {
             .dcs
             .validate()
             .map_err(|error| (format!("bootstrap.dcs.{}", error.field), error.reason))
+    }
+
+    /// Checks what only this machine can tell: the PostgreSQL user exists (and
+    /// is set when running as root) and the password files are readable. Run by
+    /// `--check` and at start-up, so both fail the same way.
+    pub fn check_environment(&self, file: &Path) -> Result<(), ConfigFileError> {
+        let invalid = |key: &str, reason: String| ConfigFileError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        match &self.postgresql.run_as {
+            None if nix::unistd::Uid::effective().is_root() => {
+                return Err(invalid(
+                    "postgresql.run_as",
+                    "required when the agent runs as root (PostgreSQL refuses to run as root)"
+                        .into(),
+                ))
+            }
+            Some(user) => match nix::unistd::User::from_name(user) {
+                Ok(Some(_)) => {}
+                _ => {
+                    return Err(invalid(
+                        "postgresql.run_as",
+                        format!("no OS user {user:?} on this machine"),
+                    ))
+                }
+            },
+            None => {}
+        }
+        for (key, credentials) in [
+            ("postgresql.superuser", &self.postgresql.superuser),
+            ("postgresql.replication", &self.postgresql.replication),
+        ] {
+            credentials
+                .password()
+                .map_err(|error| invalid(key, format!("{error:#}")))?;
+        }
+        Ok(())
     }
 
     /// The URL of this member's API as other members see it.
@@ -281,9 +339,10 @@ impl Credentials {
 fn is_valid_name(name: &str) -> bool {
     (1..=40).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_lowercase())
+        // No `_`: the slot name maps `-` to `_`, and must stay unique.
         && name
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 fn is_valid_role(name: &str) -> bool {

@@ -18,6 +18,7 @@ use etcd_client::{
 };
 use jai_proto::{ClusterKeys, DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -89,7 +90,17 @@ pub struct Dcs {
     keys: ClusterKeys,
     name: String,
     lease: Arc<LeaseTracker>,
-    timeout: Duration,
+    timing: Arc<Timing>,
+    /// The last invalid `config` value seen, so it is reported once.
+    bad_config: Arc<Mutex<Option<String>>>,
+}
+
+/// Timings shared by every clone of a [`Dcs`] (the loop, the keepalive and
+/// watch tasks), so a change of the cluster config reaches all of them.
+#[derive(Debug)]
+struct Timing {
+    request_timeout_ms: AtomicU64,
+    keepalive_every_ms: AtomicU64,
 }
 
 /// The outcome of a guarded write that can lose a race.
@@ -114,7 +125,11 @@ impl Dcs {
             keys: ClusterKeys::new(cluster),
             name: name.to_owned(),
             lease: Arc::new(LeaseTracker::default()),
-            timeout,
+            timing: Arc::new(Timing {
+                request_timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
+                keepalive_every_ms: AtomicU64::new(1000),
+            }),
+            bad_config: Arc::default(),
         })
     }
 
@@ -128,9 +143,24 @@ impl Dcs {
         &self.keys
     }
 
-    /// Changes the per-request timeout (when the cluster's retry_timeout changes).
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
+    /// Applies the cluster's timings: requests are bounded by `retry_timeout`,
+    /// and the lease is renewed every `loop_wait` (at least four times per TTL).
+    pub fn apply_config(&self, config: &DynamicConfig) {
+        let renew_every = config.loop_wait.min(config.ttl / 4);
+        self.timing
+            .request_timeout_ms
+            .store(config.retry_timeout.as_millis() as u64, Ordering::Relaxed);
+        self.timing
+            .keepalive_every_ms
+            .store(renew_every.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timing.request_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    fn keepalive_every(&self) -> Duration {
+        Duration::from_millis(self.timing.keepalive_every_ms.load(Ordering::Relaxed))
     }
 
     async fn bounded<T>(
@@ -138,11 +168,12 @@ impl Dcs {
         what: &str,
         request: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, request).await {
+        let timeout = self.timeout();
+        match tokio::time::timeout(timeout, request).await {
             Ok(result) => result.map_err(|error| anyhow!("etcd {what}: {}", describe(&error))),
             Err(_) => Err(anyhow!(
                 "etcd {what}: no answer within {}",
-                humantime::format_duration(self.timeout)
+                humantime::format_duration(timeout)
             )),
         }
     }
@@ -202,15 +233,10 @@ impl Dcs {
         Ok(Duration::from_secs(answer.ttl() as u64))
     }
 
-    /// Renews the lease every `interval` until `stop`; wakes `lost` when etcd
+    /// Renews the lease (every `loop_wait`, see [`Dcs::apply_config`]) until `stop`; wakes `lost` when etcd
     /// says the lease is gone. Failures only delay the deadline: the decision
     /// loop and the health API act on the deadline, not on errors.
-    pub async fn run_keepalive(
-        self,
-        interval: Duration,
-        lost: Arc<Notify>,
-        stop: CancellationToken,
-    ) {
+    pub async fn run_keepalive(self, lost: Arc<Notify>, stop: CancellationToken) {
         let mut stream_for: Option<(
             i64,
             etcd_client::LeaseKeeper,
@@ -237,7 +263,7 @@ impl Dcs {
                         keeper.keep_alive().await?;
                         stream.message().await
                     };
-                    match tokio::time::timeout(self.timeout, renewed).await {
+                    match tokio::time::timeout(self.timeout(), renewed).await {
                         Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
                             self.lease
                                 .confirm(id, sent + Duration::from_secs(answer.ttl() as u64));
@@ -260,7 +286,7 @@ impl Dcs {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(self.keepalive_every()) => {}
             }
         }
     }
@@ -305,10 +331,19 @@ impl Dcs {
                     .map_err(|error| error.to_string())
                     .and_then(|config| config.validate().map(|_| config).map_err(|e| e.to_string()))
                 {
-                    Ok(config) => view.config = config,
-                    Err(error) => tracing::error!(
-                        "ignoring invalid cluster config in etcd ({key}): {error}; using the bootstrap values"
-                    ),
+                    Ok(config) => {
+                        view.config = config;
+                        *lock(&self.bad_config) = None;
+                    }
+                    Err(error) => {
+                        let mut last = lock(&self.bad_config);
+                        if last.as_deref() != Some(error.as_str()) {
+                            tracing::error!(
+                                "ignoring invalid cluster config in etcd ({key}): {error}; keeping the config in force"
+                            );
+                            *last = Some(error);
+                        }
+                    }
                 }
             } else if key == self.keys.status() {
                 view.last_leader = serde_json::from_str(value).ok();
@@ -475,7 +510,7 @@ impl Dcs {
 
     /// Watches the cluster prefix and wakes `changed` on every event that can
     /// change a decision: anything but a member refreshing its own status.
-    pub async fn run_watch(self, changed: Arc<Notify>, retry: Duration, stop: CancellationToken) {
+    pub async fn run_watch(self, changed: Arc<Notify>, stop: CancellationToken) {
         loop {
             let mut client = self.client.clone();
             let watched = client
@@ -506,10 +541,16 @@ impl Dcs {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(retry) => {}
+                _ = tokio::time::sleep(self.keepalive_every()) => {}
             }
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// etcd-client's errors print the whole gRPC status; operators need the gist.

@@ -22,7 +22,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match AgentConfig::load(&args.config) {
+    let config = match AgentConfig::load(&args.config)
+        .and_then(|config| config.check_environment(&args.config).map(|()| config))
+    {
         Ok(config) => config,
         Err(error) => {
             eprintln!("jai-agent: invalid configuration: {error}");

@@ -4,6 +4,7 @@
 
 use crate::api::{self, NodeSnapshot};
 use crate::config::AgentConfig;
+use crate::dcs::LeaseTracker;
 use crate::dcs::{self, Dcs};
 use crate::ha::{
     Action, ClusterView, Core, DataDir, Decision, Identity, LeaseView, LocalPostgres, Millis,
@@ -12,8 +13,9 @@ use crate::ha::{
 use crate::postgres::Postgres;
 use anyhow::{anyhow, Context, Result};
 use jai_proto::{DynamicConfig, HistoryEntry, MemberRole, MemberState, MemberStatus};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +70,54 @@ struct Agent {
     /// The last error logged per kind of failure, so an outage is logged once.
     last_errors: std::collections::HashMap<String, String>,
     snapshot: watch::Sender<NodeSnapshot>,
+    /// What the fencing watchdog guards: the postmaster, while it is a primary.
+    fence: Arc<FenceTarget>,
+}
+
+/// The primary the fencing watchdog must stop if the lease runs out.
+#[derive(Debug, Default)]
+struct FenceTarget {
+    /// PID of a postmaster running as primary; 0 when there is none.
+    primary_pid: AtomicI32,
+    /// Demotion margin in milliseconds.
+    margin_ms: AtomicU64,
+}
+
+/// How often the watchdog compares the lease deadline with the clock.
+const FENCE_CHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// Stops a primary whose lease is not confirmed beyond the demotion margin,
+/// independently of the decision loop, which may be blocked on a slow etcd
+/// request or a long action (DESIGN.md §3.1). A fast shutdown (SIGINT) ends
+/// every session at once, so no write is acknowledged after it.
+async fn run_fence_watchdog(
+    lease: Arc<LeaseTracker>,
+    target: Arc<FenceTarget>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(FENCE_CHECK_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let pid = target.primary_pid.load(Ordering::SeqCst);
+        let margin = Duration::from_millis(target.margin_ms.load(Ordering::SeqCst));
+        if pid > 0 && !lease.is_valid_beyond(margin) {
+            tracing::error!(
+                pid,
+                "fencing: leader lease not confirmed by etcd; stopping PostgreSQL before the lease can expire"
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            target.primary_pid.store(0, Ordering::SeqCst);
+            wake.notify_one();
+        }
+    }
 }
 
 /// Runs the agent until `stop` is cancelled, then shuts down gracefully.
@@ -82,7 +132,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
     )
     .await?;
     let mut pg = Postgres::new(&config, wake.clone())?;
-    pg.prepare(&[])?;
+    pg.prepare()?;
     let identity = Identity {
         name: config.name.clone(),
         cluster: config.cluster.clone(),
@@ -98,15 +148,16 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         api::router(snapshot_rx, dcs.lease()),
         stop.clone(),
     ));
-    let keepalive_every = dynamic.loop_wait.min(dynamic.ttl / 4);
-    tokio::spawn(
-        dcs.clone()
-            .run_keepalive(keepalive_every, wake.clone(), stop.clone()),
-    );
-    tokio::spawn(
-        dcs.clone()
-            .run_watch(wake.clone(), dynamic.loop_wait, stop.clone()),
-    );
+    dcs.apply_config(&dynamic);
+    tokio::spawn(dcs.clone().run_keepalive(wake.clone(), stop.clone()));
+    tokio::spawn(dcs.clone().run_watch(wake.clone(), stop.clone()));
+    let fence = Arc::new(FenceTarget::default());
+    tokio::spawn(run_fence_watchdog(
+        dcs.lease(),
+        fence.clone(),
+        wake.clone(),
+        stop.clone(),
+    ));
     tracing::info!(
         member = %config.name,
         cluster = %config.cluster,
@@ -123,6 +174,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         last_reason: None,
         last_errors: Default::default(),
         snapshot,
+        fence,
         config,
     };
     agent.run_loop(&wake, &stop).await;
@@ -178,18 +230,18 @@ impl Agent {
 
     /// One observe–decide–act round. Returns whether to decide again at once.
     async fn cycle(&mut self) -> bool {
-        if self.dcs.lease().id().is_none() {
-            if let Err(error) = self.dcs.ensure_lease(self.dynamic.ttl).await {
-                self.note_error("cannot get a lease from etcd", &error);
-            }
-        }
         let observation = self.observe().await;
+        self.arm_fence(&observation);
         let decision = self.core.decide(&observation);
         self.report(&observation, &decision).await;
         let mut recheck = false;
         for action in &decision.actions {
             match self.execute(action).await {
                 Ok(()) => recheck |= action.warrants_immediate_recheck(),
+                // Housekeeping (slots, status) failing must not hold up the rest.
+                Err(error) if !action.warrants_immediate_recheck() => {
+                    self.note_error(&format!("{action:?} failed"), &error);
+                }
                 Err(error) => {
                     self.note_error(&format!("{action:?} failed"), &error);
                     return false;
@@ -197,6 +249,22 @@ impl Agent {
             }
         }
         recheck
+    }
+
+    /// Tells the fencing watchdog which postmaster to stop if the lease runs out.
+    fn arm_fence(&self, observation: &Observation) {
+        let primary =
+            matches!(&observation.pg.process, PgProcess::Running(pg) if pg.role == PgRole::Primary);
+        let pid = if primary {
+            self.pg.pid().unwrap_or(0)
+        } else {
+            0
+        };
+        self.fence.primary_pid.store(pid, Ordering::SeqCst);
+        self.fence.margin_ms.store(
+            self.dynamic.demote_margin().as_millis() as u64,
+            Ordering::SeqCst,
+        );
     }
 
     async fn observe(&mut self) -> Observation {
@@ -208,19 +276,15 @@ impl Agent {
             },
             None => self.pg.inspect_data_dir().await,
         };
-        let dcs = match self.dcs.read_cluster(&self.dynamic).await {
-            Ok(view) => {
-                self.note_success("etcd unreachable");
-                if view.config != self.dynamic {
-                    self.adopt_config(view.config.clone());
-                }
-                Some(view)
+        let mut dcs = self.read_cluster().await;
+        if dcs.is_some() && self.dcs.lease().id().is_none() {
+            // Granted (or adopted) with the cluster's ttl, then read again so
+            // the view knows which keys are on our lease.
+            match self.dcs.ensure_lease(self.dynamic.ttl).await {
+                Ok(_) => dcs = self.read_cluster().await,
+                Err(error) => self.note_error("cannot get a lease from etcd", &error),
             }
-            Err(error) => {
-                self.note_error("etcd unreachable", &error);
-                None
-            }
-        };
+        }
         self.view = dcs.clone();
         Observation {
             now: self.clock.now(),
@@ -232,6 +296,22 @@ impl Agent {
         }
     }
 
+    async fn read_cluster(&mut self) -> Option<ClusterView> {
+        match self.dcs.read_cluster(&self.dynamic).await {
+            Ok(view) => {
+                self.note_success("etcd unreachable");
+                if view.config != self.dynamic {
+                    self.adopt_config(view.config.clone());
+                }
+                Some(view)
+            }
+            Err(error) => {
+                self.note_error("etcd unreachable", &error);
+                None
+            }
+        }
+    }
+
     fn adopt_config(&mut self, config: DynamicConfig) {
         tracing::info!(
             ttl = %humantime::format_duration(config.ttl),
@@ -239,7 +319,7 @@ impl Agent {
             retry_timeout = %humantime::format_duration(config.retry_timeout),
             "using the cluster config from etcd"
         );
-        self.dcs.set_timeout(config.retry_timeout);
+        self.dcs.apply_config(&config);
         self.dynamic = config;
     }
 
@@ -410,9 +490,15 @@ impl Agent {
             }
             Action::Promote { reason } => self.promote(reason).await?,
             Action::Follow(leader) => {
-                let follow = leader
-                    .as_ref()
-                    .and_then(|name| self.address_of(name).map(|address| (name.clone(), address)));
+                let follow = match leader {
+                    Some(name) => {
+                        let address = self.address_of(name).ok_or_else(|| {
+                            anyhow!("leader {name} has not registered its address yet")
+                        })?;
+                        Some((name.clone(), address))
+                    }
+                    None => None,
+                };
                 self.pg.configure(
                     &self.dynamic,
                     follow

@@ -14,6 +14,7 @@ api:
 postgresql:
   data_dir: /tmp/jai-config-test/data
   listen: 127.0.0.1:5432
+  run_as: postgres
   superuser: {username: postgres, password: secret}
   replication: {username: replicator, password: secret2}
 bootstrap:
@@ -81,4 +82,24 @@ fn a_ttl_too_small_for_loop_wait_and_retries_is_refused() {
     assert_eq!(code, 2);
     assert!(stderr.contains("bootstrap.dcs.ttl"), "{stderr}");
     assert!(stderr.contains("loop_wait + 2 * retry_timeout"), "{stderr}");
+}
+
+#[test]
+fn an_unreadable_password_file_is_named() {
+    let text = GOOD.replace(
+        "password: secret2",
+        "password_file: /nonexistent/replication.pw",
+    );
+    let (code, stderr) = check(Some(&text));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("postgresql.replication"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/replication.pw"), "{stderr}");
+}
+
+#[test]
+fn a_wildcard_listen_address_needs_a_connect_address() {
+    let text = GOOD.replace("listen: 127.0.0.1:5432", "listen: 0.0.0.0:5432");
+    let (code, stderr) = check(Some(&text));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("postgresql.connect_address"), "{stderr}");
 }

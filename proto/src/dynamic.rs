@@ -67,6 +67,7 @@ pub struct ConfigError {
 /// Parameters the agent owns: letting the dynamic config set them would break
 /// replication or the agent's own bookkeeping.
 const AGENT_OWNED_PARAMETERS: &[&str] = &[
+    "cluster_name",
     "listen_addresses",
     "port",
     "unix_socket_directories",

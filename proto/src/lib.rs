@@ -6,7 +6,7 @@
 //! - [`keys`]: where each piece of cluster state lives in etcd (`/jai/<cluster>/…`).
 //! - [`member`]: what an agent publishes about its node under `members/<name>`.
 //! - [`dynamic`]: the cluster-wide settings under `config`, with their validation.
-//! - [`record`]: the small records under `status`, `history`, `switchover` and `sync`.
+//! - [`record`]: the small records the leader keeps under `status` and `history`.
 //! - [`lsn`]: PostgreSQL WAL positions, parsed and printed as PostgreSQL does.
 //!
 //! This crate must never depend on tokio, etcd-client or PostgreSQL: it is pure data.

@@ -25,7 +25,7 @@ pub struct HistoryEntry {
     pub timeline: u32,
     /// Where it left it.
     pub lsn: Lsn,
-    /// Why (bootstrap, failover, switchover, …).
+    /// Why: "failover from <member>", "restart of the former leader", …
     pub reason: String,
     /// When, as seconds since the Unix epoch.
     pub time_unix: u64,

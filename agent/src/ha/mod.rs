@@ -75,10 +75,30 @@ impl Core {
             (_, DataDir::Unusable { reason }) => {
                 Decision::refuse(format!("data directory unusable: {reason}"))
             }
-            (None, _) => Decision::act(
+            (None, DataDir::Empty) => Decision::act(
                 MemberState::Waiting,
                 "no cluster yet: racing to bootstrap it",
                 vec![Action::ClaimInitialize],
+            ),
+            // etcd lost the cluster (wiped, or a new etcd): only a former
+            // primary may re-register its system; a replica could be behind.
+            (
+                None,
+                DataDir::Initialized {
+                    system_id,
+                    was_primary: true,
+                },
+            ) => Decision::act(
+                MemberState::Waiting,
+                format!("etcd has no cluster: re-registering this former primary's system {system_id}"),
+                vec![Action::ClaimInitialize],
+            ),
+            (None, DataDir::Initialized { system_id, .. }) => Decision::wait(
+                MemberState::Waiting,
+                format!(
+                    "etcd has no cluster: waiting for a former primary to re-register it \
+                     (this replica's data directory is system {system_id})"
+                ),
             ),
             (Some(Initialize::InProgress { mine: false }), _) => Decision::wait(
                 MemberState::Waiting,
@@ -107,6 +127,14 @@ impl Core {
         }
     }
 
+    /// Becoming writable (start as primary, promote) needs a lease confirmed
+    /// beyond the demotion margin, or the new primary would be fenced at once.
+    fn lease_allows_writes(&self, observation: &Observation) -> bool {
+        observation
+            .lease
+            .is_valid_beyond(observation.now, demote_margin(&self.identity, observation))
+    }
+
     /// A primary must stop accepting writes before its lease can expire, and
     /// must never run without the leader key (DESIGN.md §3.1).
     fn fence_if_unsafe_primary(&self, observation: &Observation) -> Option<Decision> {
@@ -116,13 +144,7 @@ impl Core {
         if pg.role != PgRole::Primary {
             return None;
         }
-        let margin = observation
-            .dcs
-            .as_ref()
-            .map(|cluster| cluster.config.demote_margin())
-            .unwrap_or(self.identity.fallback_demote_margin);
-        let lease_ok = observation.lease.is_valid_beyond(observation.now, margin);
-        if !lease_ok {
+        if !self.lease_allows_writes(observation) {
             return Some(Decision::act(
                 MemberState::Stopped,
                 "demoting: leader lease not confirmed by etcd in time",
@@ -177,6 +199,9 @@ impl Core {
             unreachable!("finish_bootstrap needs an initialized data directory");
         };
         match (&observation.pg.process, &cluster.leader) {
+            (PgProcess::Stopped, _) if !self.lease_allows_writes(observation) => {
+                Decision::wait(MemberState::Stopped, LEASE_NOT_CONFIRMED)
+            }
             (PgProcess::Stopped, _) => Decision::act(
                 MemberState::Starting,
                 "bootstrap: starting the new primary",
@@ -256,6 +281,11 @@ impl Core {
                         None::<String>,
                         self.leader_duties(observation, cluster, pg),
                     ),
+                    (Some(leader), PgRole::Replica)
+                        if leader.mine && !self.lease_allows_writes(observation) =>
+                    {
+                        Decision::wait(MemberState::Running, LEASE_NOT_CONFIRMED)
+                    }
                     (Some(leader), PgRole::Replica) if leader.mine => Decision::act(
                         MemberState::Running,
                         "holding the leader key: promoting",
@@ -302,6 +332,9 @@ impl Core {
             );
         }
         let start_as = if was_primary {
+            if !self.lease_allows_writes(observation) {
+                return Decision::wait(MemberState::Stopped, LEASE_NOT_CONFIRMED);
+            }
             StartAs::Primary
         } else {
             StartAs::Replica { follow: None }
@@ -409,6 +442,18 @@ impl Core {
     }
 }
 
+const LEASE_NOT_CONFIRMED: &str =
+    "leader lease not confirmed beyond the demotion margin: not becoming writable";
+
+/// How long before its lease deadline a primary must have stopped writing.
+fn demote_margin(identity: &Identity, observation: &Observation) -> std::time::Duration {
+    observation
+        .dcs
+        .as_ref()
+        .map(|cluster| cluster.config.demote_margin())
+        .unwrap_or(identity.fallback_demote_margin)
+}
+
 /// Prefix of the replication slots the leader manages, one per member.
 pub const SLOT_PREFIX: &str = "jai_";
 
@@ -447,12 +492,15 @@ pub fn assert_safe(identity: &Identity, observation: &Observation, decision: &De
             Some(Initialize::InProgress { mine: true })
         )
     });
+    let lease_ok = observation
+        .lease
+        .is_valid_beyond(observation.now, demote_margin(identity, observation));
     for action in &decision.actions {
         let ok = match action {
-            // §3.2: promotion only with the key.
-            Action::Promote { .. } => holds_key,
+            // §3.2: promotion only with the key, and a lease that outlives the margin.
+            Action::Promote { .. } => holds_key && lease_ok,
             // A primary starts only for its own bootstrap or while holding the key.
-            Action::Start(StartAs::Primary) => holds_key || bootstrapping,
+            Action::Start(StartAs::Primary) => (holds_key || bootstrapping) && lease_ok,
             // Only the key holder manages slots and speaks for the leader.
             Action::CreateSlot(_) | Action::DropSlot(_) | Action::PublishLeaderStatus(_) => {
                 holds_key

@@ -543,3 +543,41 @@ fn after_a_restart_replicas_give_the_former_leader_time_to_return() {
         "grace is over"
     );
 }
+
+#[test]
+fn a_key_holder_without_a_confirmed_lease_does_not_become_writable() {
+    let mut view = cluster();
+    view.leader = leader("b", true);
+    let mut observation = observe(
+        PgProcess::Running(replica_at(100)),
+        data_dir(false),
+        Some(view.clone()),
+    );
+    observation.lease.valid_until = Some(NOW + 1_000);
+    let decision = decide("b", &observation);
+    assert!(decision.actions.is_empty(), "no promotion: {decision:?}");
+
+    let mut stopped = observe(PgProcess::Stopped, data_dir(true), Some(view));
+    stopped.lease.valid_until = Some(NOW + 1_000);
+    let decision = decide("b", &stopped);
+    assert!(
+        decision.actions.is_empty(),
+        "no start as primary: {decision:?}"
+    );
+}
+
+#[test]
+fn after_etcd_loses_the_cluster_only_a_former_primary_reregisters_it() {
+    let mut view = cluster();
+    view.initialize = None;
+    let primary = decide(
+        "a",
+        &observe(PgProcess::Stopped, data_dir(true), Some(view.clone())),
+    );
+    assert_eq!(primary.actions, vec![Action::ClaimInitialize]);
+    let replica = decide(
+        "b",
+        &observe(PgProcess::Stopped, data_dir(false), Some(view)),
+    );
+    assert!(replica.actions.is_empty(), "{replica:?}");
+}

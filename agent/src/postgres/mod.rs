@@ -100,9 +100,6 @@ impl Postgres {
             }
             None => None,
         };
-        if run_as.is_none() && nix::unistd::Uid::effective().is_root() {
-            bail!("postgresql.run_as: required when the agent runs as root (PostgreSQL refuses to run as root)");
-        }
         Ok(Self {
             member: config.name.clone(),
             bin_dir: pg.bin_dir.clone(),
@@ -137,10 +134,10 @@ impl Postgres {
 
     /// Creates the state directory, the socket directory and the passfile, owned
     /// by the PostgreSQL user, and adopts a postmaster left running.
-    pub fn prepare(&mut self, members_hint: &[(String, String)]) -> Result<()> {
+    pub fn prepare(&mut self) -> Result<()> {
         self.make_private_dir(&self.state_dir)?;
         self.make_private_dir(&self.socket_dir())?;
-        self.write_passfile(members_hint)?;
+        self.write_passfile()?;
         if let Some(pid) = self.running_postmaster_pid() {
             tracing::info!(
                 pid = pid.as_raw(),
@@ -182,7 +179,7 @@ impl Postgres {
 
     /// The passfile holds the replication password for every host (`*`), so a
     /// standby can follow any leader, and the superuser's for the local socket.
-    fn write_passfile(&self, _members: &[(String, String)]) -> Result<()> {
+    fn write_passfile(&self) -> Result<()> {
         let mut text = files::passfile_line(
             "*",
             "*",
@@ -671,11 +668,16 @@ impl Postgres {
         Ok(())
     }
 
-    /// Drops a physical replication slot (fails while a standby uses it).
+    /// Drops a physical replication slot unless a standby still streams through it
+    /// (its agent may be gone while its PostgreSQL runs on; the slot stays then).
     pub async fn drop_slot(&mut self, name: &str) -> Result<()> {
         let client = self.client().await?;
         client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND NOT active",
+                &[&name],
+            )
             .await
             .map_err(describe_pg_error)?;
         Ok(())
