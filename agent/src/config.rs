@@ -78,6 +78,10 @@ pub struct PostgresConfig {
     /// Extra `pg_hba.conf` lines, placed before the agent's defaults.
     #[serde(default)]
     pub pg_hba: Vec<String>,
+    /// When `pg_rewind` of a former primary fails, wipe its data directory and
+    /// clone from the leader instead of staying down for an operator.
+    #[serde(default)]
+    pub reclone_on_rewind_failure: bool,
     /// How long PostgreSQL may take to start or stop before the agent gives up on it.
     #[serde(default = "default_pg_timeout", with = "humantime_serde")]
     pub start_timeout: std::time::Duration,

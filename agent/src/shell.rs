@@ -8,7 +8,7 @@ use crate::dcs::LeaseTracker;
 use crate::dcs::{self, Dcs};
 use crate::ha::{
     Action, ClusterView, Core, DataDir, Decision, Identity, LeaseView, LocalPostgres, Millis,
-    Observation, PgProcess, PgRole, StartAs,
+    Observation, PgProcess, PgRole, RewindOutcome, StartAs,
 };
 use crate::postgres::Postgres;
 use anyhow::{anyhow, Context, Result};
@@ -72,6 +72,10 @@ struct Agent {
     snapshot: watch::Sender<NodeSnapshot>,
     /// What the fencing watchdog guards: the postmaster, while it is a primary.
     fence: Arc<FenceTarget>,
+    /// The outcome of the last `pg_rewind`, for the core.
+    last_rewind: Option<RewindOutcome>,
+    /// Asks peers for their WAL positions during an election.
+    http: reqwest::Client,
 }
 
 /// The primary the fencing watchdog must stop if the lease runs out.
@@ -82,6 +86,9 @@ struct FenceTarget {
     /// Demotion margin in milliseconds.
     margin_ms: AtomicU64,
 }
+
+/// How long a peer's API may take to report its WAL position in an election.
+const PEER_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// How often the watchdog compares the lease deadline with the clock.
 const FENCE_CHECK_EVERY: Duration = Duration::from_millis(50);
@@ -138,6 +145,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         cluster: config.cluster.clone(),
         tags: config.tags.clone(),
         fallback_demote_margin: dynamic.demote_margin(),
+        reclone_on_rewind_failure: config.postgresql.reclone_on_rewind_failure,
     };
     let (snapshot, snapshot_rx) = watch::channel(initial_snapshot(&config, &dynamic));
     let listener = tokio::net::TcpListener::bind(config.api.listen)
@@ -175,6 +183,12 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         last_errors: Default::default(),
         snapshot,
         fence,
+        last_rewind: None,
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .timeout(PEER_TIMEOUT)
+            .build()
+            .context("building the HTTP client")?,
         config,
     };
     agent.run_loop(&wake, &stop).await;
@@ -285,14 +299,48 @@ impl Agent {
                 Err(error) => self.note_error("cannot get a lease from etcd", &error),
             }
         }
+        if let (Some(view), PgProcess::Running(pg)) = (dcs.as_mut(), &process) {
+            if view.leader.is_none() && pg.role == PgRole::Replica {
+                self.refresh_peer_positions(view).await;
+            }
+        }
         self.view = dcs.clone();
         Observation {
             now: self.clock.now(),
-            pg: LocalPostgres { data_dir, process },
+            pg: LocalPostgres {
+                data_dir,
+                process,
+                last_rewind: self.last_rewind.clone(),
+            },
             dcs,
             lease: LeaseView {
                 valid_until: dcs::lease_deadline_millis(&self.dcs.lease(), &self.clock),
             },
+        }
+    }
+
+    /// During an election, positions in etcd can be a loop old: ask every peer's
+    /// API directly (all at once, `PEER_TIMEOUT` each) and keep what answers.
+    async fn refresh_peer_positions(&self, view: &mut ClusterView) {
+        let me = self.config.name.as_str();
+        let mut requests = tokio::task::JoinSet::new();
+        for member in view.members.iter().filter(|member| member.name != me) {
+            let url = format!("{}/status", member.api_url);
+            let http = self.http.clone();
+            requests.spawn(async move {
+                let response = http.get(url).send().await.ok()?;
+                response.json::<MemberStatus>().await.ok()
+            });
+        }
+        let fresh = requests.join_all().await;
+        for status in fresh.into_iter().flatten() {
+            if let Some(member) = view
+                .members
+                .iter_mut()
+                .find(|member| member.name == status.name)
+            {
+                *member = status;
+            }
         }
     }
 
@@ -489,6 +537,33 @@ impl Agent {
                 self.pg.stop(self.dynamic.retry_timeout).await?;
             }
             Action::Promote { reason } => self.promote(reason).await?,
+            Action::Rewind(leader) => {
+                let term = self
+                    .view
+                    .as_ref()
+                    .and_then(|view| view.leader.as_ref())
+                    .filter(|key| &key.name == leader)
+                    .map(|key| key.term)
+                    .ok_or_else(|| anyhow!("{leader} no longer holds the leader key"))?;
+                let address = self
+                    .address_of(leader)
+                    .ok_or_else(|| anyhow!("leader {leader} has no registered address"))?;
+                tracing::warn!(leader, address, "former primary: running pg_rewind");
+                let error = match self.pg.rewind_from(&address).await {
+                    Ok(()) => {
+                        tracing::info!(leader, "pg_rewind done");
+                        None
+                    }
+                    Err(error) => {
+                        tracing::error!("{error:#}");
+                        Some(format!("{error:#}"))
+                    }
+                };
+                self.last_rewind = Some(RewindOutcome {
+                    leader_term: term,
+                    error,
+                });
+            }
             Action::Follow(leader) => {
                 let follow = match leader {
                     Some(name) => {

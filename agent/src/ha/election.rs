@@ -27,6 +27,9 @@ pub fn judge(
     if identity.tags.nofailover {
         return Err("tagged nofailover".into());
     }
+    if pg.streaming {
+        return Err("still streaming from a running primary".into());
+    }
     let position = pg.wal_position();
     if let Some(last) = &cluster.last_leader {
         if pg.timeline < last.timeline {

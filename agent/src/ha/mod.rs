@@ -29,6 +29,10 @@ pub struct Core {
     primary_down_since: Option<Millis>,
     /// The first instant this core decided at: the agent's start.
     started_at: Option<Millis>,
+    /// This member's data last ran as a primary and has not been rewound
+    /// against the current leader since: it must not stream from anyone yet.
+    /// Survives a start as a replica without a leader (whole-cluster restart).
+    unrewound_former_primary: bool,
 }
 
 impl Core {
@@ -38,6 +42,7 @@ impl Core {
             identity,
             primary_down_since: None,
             started_at: None,
+            unrewound_former_primary: false,
         }
     }
 
@@ -229,10 +234,7 @@ impl Core {
         let Some(leader) = &cluster.leader else {
             return Decision::wait(MemberState::Waiting, "no leader to clone from yet");
         };
-        let leader_ready = cluster.member(&leader.name).is_some_and(|member| {
-            member.role == jai_proto::MemberRole::Primary && member.state == MemberState::Running
-        });
-        if !leader_ready {
+        if !leader_runs_primary(cluster, &leader.name) {
             return Decision::wait(
                 MemberState::Waiting,
                 format!(
@@ -258,17 +260,23 @@ impl Core {
         if !leader_mine {
             self.primary_down_since = None;
         }
+        self.track_former_primary(observation, cluster, was_primary);
         match &observation.pg.process {
             PgProcess::Stopped if leader_mine => {
                 self.restart_primary_in_place(observation, cluster, was_primary)
             }
-            PgProcess::Stopped => Decision::act(
-                MemberState::Starting,
-                "starting PostgreSQL as a replica",
-                vec![Action::Start(StartAs::Replica {
-                    follow: cluster.leader.as_ref().map(|leader| leader.name.clone()),
-                })],
-            ),
+            PgProcess::Stopped => match &cluster.leader {
+                Some(leader) if self.unrewound_former_primary => {
+                    self.rejoin_former_primary(observation, cluster, leader)
+                }
+                _ => Decision::act(
+                    MemberState::Starting,
+                    "starting PostgreSQL as a replica",
+                    vec![Action::Start(StartAs::Replica {
+                        follow: cluster.leader.as_ref().map(|leader| leader.name.clone()),
+                    })],
+                ),
+            },
             PgProcess::Unresponsive => Decision::wait(
                 MemberState::Starting,
                 "waiting for PostgreSQL to accept connections",
@@ -293,6 +301,18 @@ impl Core {
                             reason: promotion_reason(&self.identity.name, cluster),
                         }],
                     ),
+                    (Some(leader), PgRole::Replica) if self.unrewound_former_primary => {
+                        Decision::act(
+                            MemberState::Stopped,
+                            format!(
+                                "former primary: stopping to rewind against {} before following it",
+                                leader.name
+                            ),
+                            vec![Action::Stop {
+                                reason: format!("must rewind against {} first", leader.name),
+                            }],
+                        )
+                    }
                     (Some(leader), PgRole::Replica) => {
                         if pg.following.as_deref() == Some(leader.name.as_str()) {
                             Decision::act(MemberState::Running, None::<String>, vec![])
@@ -310,6 +330,93 @@ impl Core {
                     }
                 }
             }
+        }
+    }
+
+    /// Keeps `unrewound_former_primary` true from the moment this member's data
+    /// is seen as a stopped former primary under another leader (or none) until
+    /// it leads again or a rewind against the current leader succeeded.
+    fn track_former_primary(
+        &mut self,
+        observation: &Observation,
+        cluster: &ClusterView,
+        was_primary: bool,
+    ) {
+        let leader = cluster.leader.as_ref();
+        if leader.is_some_and(|leader| leader.mine) {
+            self.unrewound_former_primary = false;
+            return;
+        }
+        if was_primary && observation.pg.process == PgProcess::Stopped {
+            self.unrewound_former_primary = true;
+        }
+        let rewound = leader.is_some_and(|leader| {
+            observation.pg.last_rewind.as_ref().is_some_and(|outcome| {
+                outcome.leader_term == leader.term && outcome.error.is_none()
+            })
+        });
+        if rewound {
+            self.unrewound_former_primary = false;
+        }
+    }
+
+    /// A former primary may hold WAL the new leader never had: it follows only
+    /// after `pg_rewind` against that leader (DESIGN.md §3.5). If the rewind
+    /// fails it re-clones when allowed, else stays down and says why.
+    fn rejoin_former_primary(
+        &self,
+        observation: &Observation,
+        cluster: &ClusterView,
+        leader: &LeaderKey,
+    ) -> Decision {
+        let outcome = observation
+            .pg
+            .last_rewind
+            .as_ref()
+            .filter(|outcome| outcome.leader_term == leader.term);
+        match outcome {
+            Some(RewindOutcome { error: None, .. }) => Decision::act(
+                MemberState::Starting,
+                format!("rewound against {}: starting as its replica", leader.name),
+                vec![Action::Start(StartAs::Replica {
+                    follow: Some(leader.name.clone()),
+                })],
+            ),
+            Some(RewindOutcome {
+                error: Some(error), ..
+            }) => {
+                if self.identity.reclone_on_rewind_failure {
+                    Decision::act(
+                        MemberState::Cloning,
+                        format!(
+                            "pg_rewind against {} failed ({error}): re-cloning",
+                            leader.name
+                        ),
+                        vec![Action::CloneFrom(leader.name.clone())],
+                    )
+                } else {
+                    Decision::refuse(format!(
+                        "pg_rewind against {} failed: {error}. Set postgresql.reclone_on_rewind_failure: true, \
+                         or move the data directory aside to re-clone this member",
+                        leader.name
+                    ))
+                }
+            }
+            None if leader_runs_primary(cluster, &leader.name) => Decision::act(
+                MemberState::Starting,
+                format!(
+                    "former primary: rewinding against new leader {} before following it",
+                    leader.name
+                ),
+                vec![Action::Rewind(leader.name.clone())],
+            ),
+            None => Decision::wait(
+                MemberState::Stopped,
+                format!(
+                    "former primary: waiting for leader {} to run before rewinding",
+                    leader.name
+                ),
+            ),
         }
     }
 
@@ -440,6 +547,13 @@ impl Core {
         }
         actions
     }
+}
+
+/// The member says it runs PostgreSQL as a primary.
+fn leader_runs_primary(cluster: &ClusterView, name: &str) -> bool {
+    cluster.member(name).is_some_and(|member| {
+        member.role == jai_proto::MemberRole::Primary && member.state == MemberState::Running
+    })
 }
 
 const LEASE_NOT_CONFIRMED: &str =

@@ -18,6 +18,8 @@ pub struct Identity {
     pub tags: Tags,
     /// Demotion margin to use while etcd cannot tell us the cluster's config.
     pub fallback_demote_margin: Duration,
+    /// When `pg_rewind` fails, wipe the data directory and clone from the leader.
+    pub reclone_on_rewind_failure: bool,
 }
 
 /// Everything the shell saw, at one instant.
@@ -40,6 +42,18 @@ pub struct LocalPostgres {
     pub data_dir: DataDir,
     /// Whether the server runs and what it reports.
     pub process: PgProcess,
+    /// The last `pg_rewind` the shell ran, if any.
+    pub last_rewind: Option<RewindOutcome>,
+}
+
+/// How the last `pg_rewind` went. The core decides to rewind once per leader
+/// term and reads the outcome here, since it cannot see action results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewindOutcome {
+    /// The term of the leader it rewound against.
+    pub leader_term: i64,
+    /// `None` on success (including "no rewind required"), else why it failed.
+    pub error: Option<String>,
 }
 
 /// What the data directory holds.
@@ -96,6 +110,8 @@ pub struct RunningPostgres {
     pub replay_lsn: Option<Lsn>,
     /// The member a standby is configured to stream from.
     pub following: Option<String>,
+    /// A standby's WAL receiver is streaming: some primary is alive and serving it.
+    pub streaming: bool,
     /// Physical replication slots present on this server.
     pub slots: Vec<String>,
 }
@@ -209,6 +225,9 @@ pub enum Action {
         /// Why, for `history` and the log.
         reason: String,
     },
+    /// Make the stopped former primary's data directory a valid standby of the
+    /// named leader (`pg_rewind`), recording the outcome for the next decision.
+    Rewind(String),
     /// Point the local standby at another member (or at none) and reload.
     Follow(Option<String>),
     /// Create `leader` on this member's lease if nobody holds it.

@@ -12,6 +12,7 @@ fn identity(name: &str) -> Identity {
         cluster: "votes".into(),
         tags: Tags::default(),
         fallback_demote_margin: Duration::from_secs(2),
+        reclone_on_rewind_failure: false,
     }
 }
 
@@ -48,6 +49,7 @@ fn replica_at(lsn: u64) -> RunningPostgres {
         receive_lsn: Some(Lsn(lsn)),
         replay_lsn: Some(Lsn(lsn)),
         following: None,
+        streaming: false,
         slots: vec![],
     }
 }
@@ -60,6 +62,7 @@ fn primary_at(lsn: u64) -> RunningPostgres {
         receive_lsn: None,
         replay_lsn: None,
         following: None,
+        streaming: false,
         slots: vec![],
     }
 }
@@ -96,6 +99,7 @@ fn observe(process: PgProcess, data: DataDir, dcs: Option<ClusterView>) -> Obser
         pg: LocalPostgres {
             data_dir: data,
             process,
+            last_rewind: None,
         },
         dcs,
         lease: valid_lease(),
@@ -580,4 +584,115 @@ fn after_etcd_loses_the_cluster_only_a_former_primary_reregisters_it() {
         &observe(PgProcess::Stopped, data_dir(false), Some(view)),
     );
     assert!(replica.actions.is_empty(), "{replica:?}");
+}
+
+#[test]
+fn a_replica_still_streaming_from_a_primary_does_not_race() {
+    let mut pg = replica_at(100);
+    pg.streaming = true;
+    let decision = decide(
+        "b",
+        &observe(PgProcess::Running(pg), data_dir(false), Some(cluster())),
+    );
+    assert!(decision.actions.is_empty(), "{decision:?}");
+    assert!(decision.reason.unwrap().contains("streaming"));
+}
+
+fn former_primary_view() -> ClusterView {
+    let mut view = cluster();
+    view.leader = leader("b", false);
+    view.members = vec![member("b", MemberRole::Primary, 500)];
+    view
+}
+
+#[test]
+fn a_former_primary_rewinds_before_following_the_new_leader() {
+    let observation = observe(
+        PgProcess::Stopped,
+        data_dir(true),
+        Some(former_primary_view()),
+    );
+    assert_eq!(
+        decide("a", &observation).actions,
+        vec![Action::Rewind("b".into())]
+    );
+
+    let mut rewound = observation.clone();
+    rewound.pg.last_rewind = Some(RewindOutcome {
+        leader_term: 7,
+        error: None,
+    });
+    assert_eq!(
+        decide("a", &rewound).actions,
+        vec![Action::Start(StartAs::Replica {
+            follow: Some("b".into())
+        })]
+    );
+
+    let mut older_term = observation;
+    older_term.pg.last_rewind = Some(RewindOutcome {
+        leader_term: 3,
+        error: None,
+    });
+    assert_eq!(
+        decide("a", &older_term).actions,
+        vec![Action::Rewind("b".into())],
+        "a rewind against an earlier leader does not count"
+    );
+}
+
+#[test]
+fn a_failed_rewind_re_clones_only_when_allowed() {
+    let mut observation = observe(
+        PgProcess::Stopped,
+        data_dir(true),
+        Some(former_primary_view()),
+    );
+    observation.pg.last_rewind = Some(RewindOutcome {
+        leader_term: 7,
+        error: Some("could not find common ancestor".into()),
+    });
+    let refused = decide("a", &observation);
+    assert_eq!(refused.state, MemberState::Refused);
+    assert!(refused
+        .reason
+        .unwrap()
+        .contains("could not find common ancestor"));
+
+    let mut core = Core::new(Identity {
+        reclone_on_rewind_failure: true,
+        ..identity("a")
+    });
+    assert_eq!(
+        core.decide(&observation).actions,
+        vec![Action::CloneFrom("b".into())]
+    );
+}
+
+#[test]
+fn a_former_primary_started_without_a_leader_rewinds_once_one_appears() {
+    let mut core = Core::new(identity("a"));
+    let mut view = cluster();
+    let stopped = observe(PgProcess::Stopped, data_dir(true), Some(view.clone()));
+    assert_eq!(
+        core.decide(&stopped).actions,
+        vec![Action::Start(StartAs::Replica { follow: None })]
+    );
+    // Running as a standby now, so the control file no longer says primary.
+    view = former_primary_view();
+    let running = observe(
+        PgProcess::Running(replica_at(90)),
+        data_dir(false),
+        Some(view.clone()),
+    );
+    assert!(
+        matches!(core.decide(&running).actions[..], [Action::Stop { .. }]),
+        "must not stream from {:?} before a rewind",
+        view.leader
+    );
+    let stopped_again = observe(PgProcess::Stopped, data_dir(false), Some(view));
+    assert_eq!(
+        core.decide(&stopped_again).actions,
+        vec![Action::Rewind("b".into())]
+    );
 }

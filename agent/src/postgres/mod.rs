@@ -325,7 +325,8 @@ impl Postgres {
                               (SELECT timeline_id FROM pg_control_checkpoint())) \
                 ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
             (SELECT system_identifier FROM pg_control_system())::text, \
-            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical')";
+            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'), \
+            COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
         let following = self.following.clone();
         let client = self.client().await?;
         let row = tokio::time::timeout(Duration::from_secs(3), client.query_one(STATE, &[]))
@@ -350,6 +351,7 @@ impl Postgres {
             receive_lsn: lsn(2)?,
             replay_lsn: lsn(3)?,
             following: if in_recovery { following } else { None },
+            streaming: row.get(7),
             slots: row.get(6),
         };
         Ok((running, row.get(5)))
@@ -417,6 +419,32 @@ impl Postgres {
         .await
         .with_context(|| format!("cloning from {address}"))?;
         self.end_incomplete()
+    }
+
+    /// Rewinds the stopped data directory of a former primary to the history of
+    /// the leader at `address` (`pg_rewind`; it runs crash recovery first when
+    /// the server was not shut down cleanly).
+    pub async fn rewind_from(&mut self, address: &str) -> Result<()> {
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow!("leader address {address:?} is not host:port"))?;
+        let source = format!(
+            "host={} port={} user={} dbname=postgres connect_timeout=3",
+            files::conninfo_value(host),
+            files::conninfo_value(port),
+            files::conninfo_value(&self.superuser),
+        );
+        self.run_as_postgres(
+            "pg_rewind",
+            &[
+                "-D".as_ref(),
+                self.data_dir.as_os_str(),
+                "--source-server".as_ref(),
+                source.as_ref(),
+            ],
+        )
+        .await
+        .with_context(|| format!("pg_rewind against {address}"))
     }
 
     /// Marks the data directory as being written, after wiping what an earlier
