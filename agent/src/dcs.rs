@@ -170,7 +170,18 @@ impl Dcs {
     ) -> Result<T> {
         let timeout = self.timeout();
         match tokio::time::timeout(timeout, request).await {
-            Ok(result) => result.map_err(|error| anyhow!("etcd {what}: {}", describe(&error))),
+            Ok(result) => result.map_err(|error| {
+                let text = describe(&error);
+                if is_lease_gone(&text) {
+                    // etcd expired our lease (we were cut off longer than the TTL):
+                    // forget it so the next round registers with a new one.
+                    if let Some(id) = self.lease.id() {
+                        tracing::warn!(lease = id, "etcd says our lease is gone: re-registering");
+                        self.lease.forget(id);
+                    }
+                }
+                anyhow!("etcd {what}: {text}")
+            }),
             Err(_) => Err(anyhow!(
                 "etcd {what}: no answer within {}",
                 humantime::format_duration(timeout)
@@ -272,6 +283,15 @@ impl Dcs {
                             tracing::warn!(
                                 lease = id,
                                 "etcd says our lease expired: re-registering"
+                            );
+                            self.lease.forget(id);
+                            stream_for = None;
+                            lost.notify_one();
+                        }
+                        Ok(Err(error)) if is_lease_gone(&describe(&error)) => {
+                            tracing::warn!(
+                                lease = id,
+                                "etcd says our lease is gone: re-registering"
                             );
                             self.lease.forget(id);
                             stream_for = None;
@@ -551,6 +571,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// etcd's answer when a lease expired or was revoked.
+fn is_lease_gone(error: &str) -> bool {
+    error.contains("lease not found")
 }
 
 /// etcd-client's errors print the whole gRPC status; operators need the gist.

@@ -7,6 +7,7 @@ use crate::wait;
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
@@ -37,6 +38,10 @@ pub struct LabSpec {
     pub node_prefix: String,
     /// Reuse the database passwords of the lab in this directory (to join its cluster).
     pub secrets_from: Option<PathBuf>,
+    /// The cluster config the bootstrapping member seeds (`bootstrap.dcs`).
+    pub dcs: Option<jai_proto::DynamicConfig>,
+    /// Tags per node name.
+    pub tags: BTreeMap<String, jai_proto::Tags>,
 }
 
 impl LabSpec {
@@ -53,6 +58,8 @@ impl LabSpec {
             bin_dir: None,
             node_prefix: "pg".into(),
             secrets_from: None,
+            dcs: None,
+            tags: BTreeMap::new(),
         }
     }
 }
@@ -76,6 +83,9 @@ pub struct LabDescription {
     pub haproxy: HaproxyInfo,
     /// The PostgreSQL nodes.
     pub nodes: Vec<NodeInfo>,
+    /// The iptables chain the lab created to cut nodes off etcd, if any.
+    #[serde(default)]
+    pub firewall_chain: Option<String>,
 }
 
 /// One etcd member started by the lab.
@@ -91,6 +101,10 @@ pub struct EtcdMember {
     pub pid: Option<i32>,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// An extra client URL per node: node NAME's agent talks to this member
+    /// only through it, so a firewall rule on its port cuts that node off.
+    #[serde(default)]
+    pub node_urls: BTreeMap<String, String>,
 }
 
 /// Credentials of the application role, and where the superuser's live.
@@ -143,6 +157,9 @@ pub struct NodeInfo {
     /// The agent is frozen by SIGSTOP.
     #[serde(default)]
     pub frozen: bool,
+    /// The etcd endpoints its agent uses.
+    #[serde(default)]
+    pub etcd: Vec<String>,
 }
 
 /// How `stop-node` stops a node.
@@ -154,6 +171,10 @@ pub enum StopSignal {
     Term,
     /// The agent is frozen; PostgreSQL keeps running. `start-node` thaws it.
     Stop,
+    /// Only the agent dies (SIGKILL); PostgreSQL keeps running.
+    KillAgent,
+    /// Only the postmaster dies (SIGKILL): a PostgreSQL crash under a live agent.
+    KillPostgres,
 }
 
 impl std::str::FromStr for StopSignal {
@@ -163,7 +184,11 @@ impl std::str::FromStr for StopSignal {
             "KILL" => Ok(Self::Kill),
             "TERM" => Ok(Self::Term),
             "STOP" => Ok(Self::Stop),
-            _ => Err(format!("{text:?}: expected KILL, TERM or STOP")),
+            "KILL-AGENT" => Ok(Self::KillAgent),
+            "KILL-PG" => Ok(Self::KillPostgres),
+            _ => Err(format!(
+                "{text:?}: expected KILL, TERM, STOP, KILL-AGENT or KILL-PG"
+            )),
         }
     }
 }
@@ -282,7 +307,11 @@ impl Lab {
         }
         let app_password = random_password();
 
-        let mut ports = free_ports(host, spec.etcd_members * 2 + spec.nodes * 2 + 2)?.into_iter();
+        let node_names: Vec<String> = (1..=spec.nodes)
+            .map(|index| format!("{}{index}", spec.node_prefix))
+            .collect();
+        let port_count = spec.etcd_members * (2 + spec.nodes) + spec.nodes * 2 + 2;
+        let mut ports = free_ports(host, port_count)?.into_iter();
         let mut next_port = || ports.next().expect("enough ports allocated");
 
         let etcd_members: Vec<EtcdMember> = if spec.external_etcd.is_some() {
@@ -297,6 +326,10 @@ impl Lab {
                         data_dir: dir.join("etcd").join(&name),
                         name,
                         pid: None,
+                        node_urls: node_names
+                            .iter()
+                            .map(|node| (node.clone(), format!("http://{host}:{}", next_port())))
+                            .collect(),
                     }
                 })
                 .collect()
@@ -308,11 +341,20 @@ impl Lab {
                 .map(|member| member.client_url.clone())
                 .collect(),
         };
-        let nodes: Vec<NodeInfo> = (1..=spec.nodes)
-            .map(|index| {
-                let name = format!("{}{index}", spec.node_prefix);
+        let nodes: Vec<NodeInfo> = node_names
+            .into_iter()
+            .map(|name| {
                 let node_dir = dir.join("nodes").join(&name);
+                let node_etcd = if etcd_members.is_empty() {
+                    etcd.clone()
+                } else {
+                    etcd_members
+                        .iter()
+                        .map(|member| member.node_urls[&name].clone())
+                        .collect()
+                };
                 NodeInfo {
+                    etcd: node_etcd,
                     pg: format!("{host}:{}", next_port()),
                     api: format!("http://{host}:{}", next_port()),
                     data_dir: node_dir.join("data"),
@@ -347,6 +389,7 @@ impl Lab {
                 },
                 haproxy,
                 nodes,
+                firewall_chain: None,
             },
             owned: true,
             http: http_client(),
@@ -360,7 +403,15 @@ impl Lab {
             if run_as.is_some() {
                 std::fs::set_permissions(node_dir, std::fs::Permissions::from_mode(0o755))?;
             }
-            let yaml = agent_yaml(&lab.desc, node, run_as, &superuser_file, &replication_file);
+            let yaml = agent_yaml(
+                &lab.desc,
+                node,
+                run_as,
+                &superuser_file,
+                &replication_file,
+                spec.tags.get(&node.name),
+                spec.dcs.as_ref(),
+            );
             std::fs::write(&node.config, yaml)
                 .with_context(|| format!("writing {}", node.config.display()))?;
         }
@@ -397,7 +448,13 @@ impl Lab {
                 .arg("--data-dir")
                 .arg(&member.data_dir)
                 .arg("--listen-client-urls")
-                .arg(&member.client_url)
+                .arg(
+                    std::iter::once(&member.client_url)
+                        .chain(member.node_urls.values())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
                 .arg("--advertise-client-urls")
                 .arg(&member.client_url)
                 .arg("--listen-peer-urls")
@@ -528,6 +585,21 @@ impl Lab {
                     node.agent_pid = None;
                     node.frozen = false;
                 }
+                StopSignal::KillAgent => {
+                    if let Some(pid) = agent {
+                        process::signal(pid, Signal::SIGCONT);
+                        process::signal(pid, Signal::SIGKILL);
+                        to_wait.push(pid);
+                    }
+                    node.agent_pid = None;
+                    node.frozen = false;
+                }
+                StopSignal::KillPostgres => {
+                    let pid = process::postmaster_pid(&node.data_dir)
+                        .ok_or_else(|| anyhow!("node {}: PostgreSQL is not running", node.name))?;
+                    process::signal(pid, Signal::SIGKILL);
+                    to_wait.push(pid);
+                }
                 StopSignal::Stop => {
                     let pid =
                         agent.ok_or_else(|| anyhow!("node {}: agent is not running", node.name))?;
@@ -558,6 +630,89 @@ impl Lab {
         self.save()
     }
 
+    /// Cuts node `name` off etcd with firewall rules (iptables DROP on the etcd
+    /// ports only its agent uses): a real network partition, not a process kill.
+    /// PostgreSQL replication and the node's API stay reachable.
+    pub fn cut_from_etcd(&mut self, name: &str) -> Result<()> {
+        let ports = self.etcd_ports_of(name)?;
+        let chain = self.ensure_firewall_chain()?;
+        for port in ports {
+            iptables(&[
+                "-A",
+                &chain,
+                "-p",
+                "tcp",
+                "-d",
+                &self.desc.host,
+                "--dport",
+                &port,
+                "-j",
+                "DROP",
+            ])?;
+        }
+        self.save()
+    }
+
+    /// Removes the rules of [`Lab::cut_from_etcd`] for node `name`.
+    pub fn heal_etcd(&mut self, name: &str) -> Result<()> {
+        let ports = self.etcd_ports_of(name)?;
+        let Some(chain) = self.desc.firewall_chain.clone() else {
+            return Ok(());
+        };
+        for port in ports {
+            // Absent rules (never cut) are fine: healing is idempotent.
+            let _ = iptables(&[
+                "-D",
+                &chain,
+                "-p",
+                "tcp",
+                "-d",
+                &self.desc.host,
+                "--dport",
+                &port,
+                "-j",
+                "DROP",
+            ]);
+        }
+        Ok(())
+    }
+
+    fn etcd_ports_of(&self, name: &str) -> Result<Vec<String>> {
+        self.node(name)?;
+        let ports: Vec<String> = self
+            .desc
+            .etcd_members
+            .iter()
+            .filter_map(|member| member.node_urls.get(name))
+            .filter_map(|url| url.rsplit(':').next().map(str::to_owned))
+            .collect();
+        anyhow::ensure!(
+            !ports.is_empty(),
+            "node {name} has no etcd ports of its own (the lab joined an external etcd)"
+        );
+        Ok(ports)
+    }
+
+    fn ensure_firewall_chain(&mut self) -> Result<String> {
+        if let Some(chain) = &self.desc.firewall_chain {
+            return Ok(chain.clone());
+        }
+        let chain = format!("JAI-{}", self.desc.host.replace('.', "-"));
+        iptables(&["-N", &chain]).context("cutting nodes off etcd needs root and iptables")?;
+        iptables(&["-I", "INPUT", "-j", &chain])?;
+        self.desc.firewall_chain = Some(chain.clone());
+        self.save()?;
+        Ok(chain)
+    }
+
+    fn remove_firewall_chain(&mut self) {
+        if let Some(chain) = self.desc.firewall_chain.take() {
+            let _ = iptables(&["-D", "INPUT", "-j", &chain]);
+            let _ = iptables(&["-F", &chain]);
+            let _ = iptables(&["-X", &chain]);
+        }
+    }
+
     /// Stops everything the lab started: agents gracefully, then whatever is left.
     pub fn down(&mut self) -> Result<()> {
         let agents: Vec<i32> = self
@@ -578,6 +733,7 @@ impl Lab {
     }
 
     fn kill_everything(&mut self) {
+        self.remove_firewall_chain();
         for node in &mut self.desc.nodes {
             if let Some(pid) = node.agent_pid.take() {
                 process::signal(pid, Signal::SIGCONT);
@@ -917,6 +1073,22 @@ pub async fn connect(
     Ok(client)
 }
 
+/// Runs `iptables -w ARGS`, failing with its message.
+fn iptables(args: &[&str]) -> Result<()> {
+    let output = Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .output()
+        .context("running iptables")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "iptables {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -1021,6 +1193,8 @@ fn agent_yaml(
     run_as: Option<&str>,
     superuser_file: &Path,
     replication_file: &Path,
+    tags: Option<&jai_proto::Tags>,
+    dcs: Option<&jai_proto::DynamicConfig>,
 ) -> String {
     let node_dir = node.config.parent().expect("config lives in the node dir");
     let api_listen = node.api.trim_start_matches("http://");
@@ -1035,7 +1209,7 @@ fn agent_yaml(
         name = node.name,
         cluster = desc.cluster,
         state = node_dir.join("state").display(),
-        endpoints = desc.etcd.join(", "),
+        endpoints = node.etcd.join(", "),
         data = node.data_dir.display(),
         pg = node.pg,
     );
@@ -1049,6 +1223,20 @@ fn agent_yaml(
         superuser_file.display(),
         replication_file.display()
     );
+    if let Some(tags) = tags {
+        let _ = writeln!(
+            yaml,
+            "tags: {}",
+            serde_json::to_string(tags).expect("tags serialise")
+        );
+    }
+    if let Some(dcs) = dcs {
+        let _ = writeln!(
+            yaml,
+            "bootstrap:\n  dcs: {}",
+            serde_json::to_string(dcs).expect("config serialises")
+        );
+    }
     yaml
 }
 

@@ -47,19 +47,36 @@ enum Verb {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Stop one node: KILL (agent and PostgreSQL die at once), TERM (graceful), STOP (freeze the agent).
+    /// Stop one node: KILL (agent and PostgreSQL die at once), TERM (graceful),
+    /// STOP (freeze the agent), KILL-AGENT (agent only), KILL-PG (PostgreSQL only).
     StopNode {
         /// Node name, e.g. pg1.
         name: String,
         /// Lab directory.
         #[arg(long)]
         dir: PathBuf,
-        /// KILL, TERM or STOP.
+        /// KILL, TERM, STOP, KILL-AGENT or KILL-PG.
         #[arg(long, default_value = "TERM")]
         signal: StopSignal,
     },
     /// Start a stopped node's agent again (or thaw a frozen one).
     StartNode {
+        /// Node name, e.g. pg1.
+        name: String,
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Cut a node off etcd with firewall rules (needs root and iptables).
+    CutEtcd {
+        /// Node name, e.g. pg1.
+        name: String,
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Undo `cut-etcd` for a node.
+    HealEtcd {
         /// Node name, e.g. pg1.
         name: String,
         /// Lab directory.
@@ -130,6 +147,14 @@ async fn run(verb: Verb) -> Result<()> {
         Verb::StartNode { name, dir } => {
             Lab::open(&dir)?.start_node(&name)?;
             println!("{name} started");
+        }
+        Verb::CutEtcd { name, dir } => {
+            Lab::open(&dir)?.cut_from_etcd(&name)?;
+            println!("{name} cut off etcd");
+        }
+        Verb::HealEtcd { name, dir } => {
+            Lab::open(&dir)?.heal_etcd(&name)?;
+            println!("{name} reconnected to etcd");
         }
         Verb::Status { dir } => print!("{}", Lab::open(&dir)?.status_table().await),
     }

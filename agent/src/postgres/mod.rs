@@ -249,7 +249,20 @@ impl Postgres {
             .await;
         match output {
             Ok(output) if output.status.success() => {
-                control::parse_controldata(&String::from_utf8_lossy(&output.stdout))
+                let parsed = control::parse_controldata(&String::from_utf8_lossy(&output.stdout));
+                // A base backup (or a rewound directory) carries its source's
+                // "in production" state, but it never ran: it is no former primary.
+                match parsed {
+                    DataDir::Initialized { system_id, .. }
+                        if self.data_dir.join("backup_label").exists() =>
+                    {
+                        DataDir::Initialized {
+                            system_id,
+                            was_primary: false,
+                        }
+                    }
+                    other => other,
+                }
             }
             Ok(output) => DataDir::Unusable {
                 reason: format!(
