@@ -210,6 +210,7 @@ fn initial_snapshot(config: &AgentConfig, dynamic: &DynamicConfig) -> NodeSnapsh
             receive_lsn: None,
             replay_lsn: None,
             tags: config.tags.clone(),
+            standing_down: false,
             version: env!("CARGO_PKG_VERSION").into(),
         },
         leader: None,
@@ -447,6 +448,7 @@ impl Agent {
             receive_lsn: running.and_then(|pg| pg.receive_lsn),
             replay_lsn: running.and_then(|pg| pg.replay_lsn),
             tags: self.config.tags.clone(),
+            standing_down: self.core.is_standing_down(observation.now),
             version: env!("CARGO_PKG_VERSION").into(),
         }
     }
@@ -634,6 +636,9 @@ impl Agent {
             tracing::warn!("history not appended: the leader key changed meanwhile");
         }
         tracing::warn!("promoted: now the primary");
+        if let Err(error) = self.pg.checkpoint().await {
+            tracing::warn!("checkpoint after promotion failed: {error:#}");
+        }
         Ok(())
     }
 

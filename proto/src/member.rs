@@ -84,6 +84,10 @@ pub struct MemberStatus {
     /// Tags from the member's configuration.
     #[serde(default)]
     pub tags: Tags,
+    /// The member gave leadership up (its PostgreSQL would not restart) and
+    /// asks the others not to count it as a candidate for a while.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standing_down: bool,
     /// Version of the agent that wrote this value.
     pub version: String,
 }
@@ -116,6 +120,7 @@ mod tests {
             receive_lsn: Some(Lsn(300)),
             replay_lsn: Some(Lsn(200)),
             tags: Tags::default(),
+            standing_down: false,
             version: "0.1.0".into(),
         }
     }

@@ -968,6 +968,31 @@ impl Lab {
         ))
     }
 
+    /// The leader key: the leader's name and its term (the key's create revision).
+    pub async fn leader_key(&self) -> Result<Option<(String, i64)>> {
+        let mut client = self.etcd().await?;
+        let key = jai_proto::ClusterKeys::new(&self.desc.cluster).leader();
+        let response =
+            tokio::time::timeout(Duration::from_secs(3), client.get(key, None)).await??;
+        Ok(response.kvs().first().map(|kv| {
+            (
+                kv.value_str().unwrap_or_default().to_owned(),
+                kv.create_revision(),
+            )
+        }))
+    }
+
+    /// The running nodes whose `/primary` answers 200 now.
+    pub async fn primaries(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for node in self.running_nodes() {
+            if self.api_code(node, "/primary").await.ok() == Some(200) {
+                names.push(node.name.clone());
+            }
+        }
+        names
+    }
+
     /// A table of the nodes for `jai-lab status`.
     pub async fn status_table(&self) -> String {
         let mut text = format!(

@@ -27,9 +27,6 @@ pub fn judge(
     if identity.tags.nofailover {
         return Err("tagged nofailover".into());
     }
-    if pg.streaming {
-        return Err("still streaming from a running primary".into());
-    }
     let position = pg.wal_position();
     if let Some(last) = &cluster.last_leader {
         if pg.timeline < last.timeline {
@@ -73,12 +70,18 @@ pub fn judge(
     Ok(())
 }
 
+/// Whether another member could be promoted now: a running replica that is
+/// neither tagged `nofailover` nor standing down.
+pub fn is_candidate(member: &MemberStatus) -> bool {
+    !member.tags.nofailover
+        && !member.standing_down
+        && member.role == MemberRole::Replica
+        && member.state == MemberState::Running
+}
+
 /// The rank of another member, or `None` when it cannot be promoted.
 fn candidate_rank<'a>(member: &'a MemberStatus, former_leader: Option<&str>) -> Option<Rank<'a>> {
-    if member.tags.nofailover
-        || member.role != MemberRole::Replica
-        || member.state != MemberState::Running
-    {
+    if !is_candidate(member) {
         return None;
     }
     Some((

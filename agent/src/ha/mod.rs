@@ -33,6 +33,9 @@ pub struct Core {
     /// against the current leader since: it must not stream from anyone yet.
     /// Survives a start as a replica without a leader (whole-cluster restart).
     unrewound_former_primary: bool,
+    /// Until when this member stands down after giving the leader key up
+    /// because its PostgreSQL would not come back: the others take over first.
+    standing_down_until: Option<Millis>,
 }
 
 impl Core {
@@ -43,7 +46,14 @@ impl Core {
             primary_down_since: None,
             started_at: None,
             unrewound_former_primary: false,
+            standing_down_until: None,
         }
+    }
+
+    /// This member gave leadership up and does not run for it until the
+    /// others had their chance; published in its member status.
+    pub fn is_standing_down(&self, now: Millis) -> bool {
+        self.standing_down_until.is_some_and(|until| now < until)
     }
 
     /// Who this core decides for.
@@ -80,6 +90,10 @@ impl Core {
             (_, DataDir::Unusable { reason }) => {
                 Decision::refuse(format!("data directory unusable: {reason}"))
             }
+            (None, _) if self.identity.tags.nofailover => Decision::wait(
+                MemberState::Waiting,
+                "tagged nofailover: waiting for another member to bootstrap the cluster",
+            ),
             (None, DataDir::Empty) => Decision::act(
                 MemberState::Waiting,
                 "no cluster yet: racing to bootstrap it",
@@ -432,6 +446,8 @@ impl Core {
         let timeout = cluster.config.primary_start_timeout.as_millis() as Millis;
         if observation.now.saturating_sub(since) >= timeout {
             self.primary_down_since = None;
+            self.standing_down_until =
+                Some(observation.now + cluster.config.ttl.as_millis() as Millis);
             return Decision::act(
                 MemberState::Stopped,
                 "PostgreSQL did not come back within primary_start_timeout: releasing the leader key",
@@ -464,6 +480,12 @@ impl Core {
         if let Some(wait) = self.wait_for_former_leader(observation, cluster) {
             return wait;
         }
+        if self.is_standing_down(observation.now) {
+            return Decision::wait(
+                MemberState::Running,
+                "no leader; gave the key up after a PostgreSQL crash: letting another member take over first",
+            );
+        }
         match election::judge(&self.identity, pg, cluster) {
             Ok(()) => Decision::act(
                 MemberState::Running,
@@ -493,9 +515,11 @@ impl Core {
         if former == self.identity.name {
             return None;
         }
-        let former_is_candidate = cluster.member(former).is_some_and(|member| {
-            member.state == MemberState::Running && member.role == jai_proto::MemberRole::Replica
-        });
+        let former_member = cluster.member(former);
+        if former_member.is_some_and(|member| member.standing_down) {
+            return None;
+        }
+        let former_is_candidate = former_member.is_some_and(election::is_candidate);
         let grace = cluster.config.ttl.as_millis() as Millis;
         let started_at = self.started_at.unwrap_or(observation.now);
         let within_grace = observation.now.saturating_sub(started_at) < grace;

@@ -81,6 +81,7 @@ fn member(name: &str, role: MemberRole, lsn: u64) -> MemberStatus {
         receive_lsn: (role == MemberRole::Replica).then_some(Lsn(lsn)),
         replay_lsn: (role == MemberRole::Replica).then_some(Lsn(lsn)),
         tags: Tags::default(),
+        standing_down: false,
         version: "test".into(),
     }
 }
@@ -586,18 +587,6 @@ fn after_etcd_loses_the_cluster_only_a_former_primary_reregisters_it() {
     assert!(replica.actions.is_empty(), "{replica:?}");
 }
 
-#[test]
-fn a_replica_still_streaming_from_a_primary_does_not_race() {
-    let mut pg = replica_at(100);
-    pg.streaming = true;
-    let decision = decide(
-        "b",
-        &observe(PgProcess::Running(pg), data_dir(false), Some(cluster())),
-    );
-    assert!(decision.actions.is_empty(), "{decision:?}");
-    assert!(decision.reason.unwrap().contains("streaming"));
-}
-
 fn former_primary_view() -> ClusterView {
     let mut view = cluster();
     view.leader = leader("b", false);
@@ -694,5 +683,59 @@ fn a_former_primary_started_without_a_leader_rewinds_once_one_appears() {
     assert_eq!(
         core.decide(&stopped_again).actions,
         vec![Action::Rewind("b".into())]
+    );
+}
+
+#[test]
+fn a_leader_that_gave_up_after_a_crash_lets_others_race_first() {
+    let mut view = cluster();
+    view.leader = leader("a", true);
+    view.config.primary_start_timeout = Duration::ZERO;
+    let mut core = Core::new(identity("a"));
+    let crashed = observe(PgProcess::Stopped, data_dir(true), Some(view.clone()));
+    assert_eq!(core.decide(&crashed).actions, vec![Action::ReleaseLeader]);
+
+    view.leader = None;
+    let mut restarted = observe(
+        PgProcess::Running(replica_at(100)),
+        data_dir(false),
+        Some(view),
+    );
+    assert!(
+        core.decide(&restarted).actions.is_empty(),
+        "not racing right away"
+    );
+    restarted.now += 5_000;
+    restarted.lease.valid_until = Some(restarted.now + 5_000);
+    assert_eq!(
+        core.decide(&restarted).actions,
+        vec![Action::AcquireLeader],
+        "but after one ttl"
+    );
+}
+
+#[test]
+fn a_member_standing_down_is_no_candidate_even_if_more_advanced() {
+    let mut view = cluster();
+    let mut stepping_down = member("a", MemberRole::Replica, 900);
+    stepping_down.standing_down = true;
+    view.members = vec![stepping_down];
+    view.last_leader = Some(LeaderStatus {
+        leader: "a".into(),
+        timeline: 1,
+        optime: Lsn(100),
+    });
+    let decision = decide(
+        "b",
+        &observe(
+            PgProcess::Running(replica_at(100)),
+            data_dir(false),
+            Some(view),
+        ),
+    );
+    assert_eq!(
+        decision.actions,
+        vec![Action::AcquireLeader],
+        "{decision:?}"
     );
 }

@@ -441,6 +441,10 @@ impl Postgres {
         let (host, port) = address
             .rsplit_once(':')
             .ok_or_else(|| anyhow!("leader address {address:?} is not host:port"))?;
+        // pg_rewind reads the source's timeline from its control file, which a
+        // just-promoted leader updates only at its next checkpoint: without one
+        // it would see no fork and rewind nothing.
+        self.checkpoint_remote(host, port).await?;
         let source = format!(
             "host={} port={} user={} dbname=postgres connect_timeout=3",
             files::conninfo_value(host),
@@ -458,6 +462,31 @@ impl Postgres {
         )
         .await
         .with_context(|| format!("pg_rewind against {address}"))
+    }
+
+    async fn checkpoint_remote(&self, host: &str, port: &str) -> Result<()> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host)
+            .port(port.parse().context("leader port")?)
+            .user(&self.superuser)
+            .password(&self.superuser_password)
+            .dbname("postgres")
+            .application_name("jai-agent")
+            .connect_timeout(Duration::from_secs(3));
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(describe_pg_error)
+            .with_context(|| format!("connecting to the leader at {host}:{port}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(describe_pg_error)
+            .context("CHECKPOINT on the leader")
     }
 
     /// Marks the data directory as being written, after wiping what an earlier
@@ -676,6 +705,17 @@ impl Postgres {
             .get(0);
         anyhow::ensure!(promoted, "pg_promote did not complete within 60 s");
         self.following = None;
+        Ok(())
+    }
+
+    /// Writes a checkpoint, so the control file shows a new timeline at once
+    /// (pg_rewind of the former primary depends on it).
+    pub async fn checkpoint(&mut self) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(describe_pg_error)?;
         Ok(())
     }
 

@@ -1,0 +1,526 @@
+//! Failover on real etcd, PostgreSQL and HAProxy: crashes, network cuts,
+//! frozen agents, and the cases that must *not* fail over.
+
+use anyhow::{bail, Context, Result};
+use jai_lab::{wait, Lab, LabSpec, StopSignal};
+use jai_proto::{DynamicConfig, Tags};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WITHIN: Duration = Duration::from_secs(60);
+/// The shipped ttl: a dead leader is replaced within a few of these.
+const TTL: Duration = Duration::from_secs(5);
+
+/// A fresh lab directory under /tmp, removed afterwards unless `JAI_KEEP_LAB`
+/// is set (then its logs stay for a post-mortem).
+fn lab_dir() -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix("jai-failover-")
+        .disable_cleanup(std::env::var_os("JAI_KEEP_LAB").is_some())
+        .tempdir_in("/tmp")?)
+}
+
+fn spec(dir: &tempfile::TempDir, nodes: usize) -> LabSpec {
+    LabSpec {
+        etcd_members: 1,
+        timeout: Duration::from_secs(120),
+        ..LabSpec::new(dir.path(), nodes)
+    }
+}
+
+async fn insert(lab: &Lab, note: &str) -> Result<()> {
+    let client = lab.connect_app(&lab.desc.haproxy.write).await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS probe (id serial PRIMARY KEY, note text NOT NULL)",
+        )
+        .await?;
+    client
+        .execute("INSERT INTO probe (note) VALUES ($1)", &[&note])
+        .await?;
+    Ok(())
+}
+
+async fn has_row(lab: &Lab, address: &str, note: &str) -> Result<bool> {
+    let client = lab.connect_app(address).await?;
+    Ok(client
+        .query_opt("SELECT 1 FROM probe WHERE note = $1", &[&note])
+        .await?
+        .is_some())
+}
+
+async fn wait_replicated(lab: &Lab, note: &str) -> Result<()> {
+    for node in lab.running_nodes() {
+        wait::until(&format!("{note:?} on {}", node.name), WITHIN, || async {
+            Ok(has_row(lab, &node.pg, note).await?.then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Waits until exactly one node other than `old` passes `/primary` and HAProxy's
+/// write port reaches it; returns its name.
+async fn wait_new_primary(lab: &Lab, old: &str) -> Result<String> {
+    wait::until(&format!("a primary other than {old}"), WITHIN, || async {
+        let primaries = lab.primaries().await;
+        let [primary] = primaries.as_slice() else {
+            return Ok(None);
+        };
+        if primary == old {
+            return Ok(None);
+        }
+        let client = lab
+            .connect_superuser(&lab.desc.haproxy.write, "postgres")
+            .await?;
+        let name: String = client
+            .query_one("SELECT current_setting('cluster_name')", &[])
+            .await?
+            .get(0);
+        Ok((&name == primary).then(|| name.clone()))
+    })
+    .await
+}
+
+/// Watches for `window` that nothing moves: same leader and term, the same
+/// postmaster on the primary. Returns how many `/primary` polls were not 200.
+async fn assert_primary_stays(
+    lab: &Lab,
+    primary: &str,
+    before: (String, i64),
+    window: Duration,
+) -> Result<usize> {
+    let node = lab.node(primary)?.clone();
+    let postmaster = jai_lab::process::postmaster_pid(&node.data_dir);
+    let deadline = Instant::now() + window;
+    let mut not_ok = 0;
+    while Instant::now() < deadline {
+        if lab.api_code(&node, "/primary").await.ok() != Some(200) {
+            not_ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = wait::until("etcd to answer", WITHIN, || async {
+        Ok(Some(lab.leader_key().await?))
+    })
+    .await?;
+    assert_eq!(after, Some(before), "the leader key changed hands");
+    assert_eq!(
+        jai_lab::process::postmaster_pid(&node.data_dir),
+        postmaster,
+        "{primary}'s PostgreSQL was restarted or fenced"
+    );
+    Ok(not_ok)
+}
+
+/// Watches for `window` that no leader appears (a failover that must not happen).
+async fn assert_no_leader_for(lab: &Lab, window: Duration) -> Result<()> {
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline {
+        if let Some((leader, _)) = lab.leader_key().await? {
+            bail!("{leader} took the leader key");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+async fn reason_of(lab: &Lab, name: &str) -> Result<String> {
+    let status = lab.api_status(lab.node(name)?).await?;
+    Ok(status["reason"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_primary_fails_over_and_the_old_primary_rejoins() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(spec(&dir, 3)).await?;
+    let old = lab.wait_healthy(WITHIN).await?;
+    insert(&lab, "before the crash").await?;
+    wait_replicated(&lab, "before the crash").await?;
+
+    lab.stop_node(&old, StopSignal::Kill)?;
+    let new = lab.wait_healthy(WITHIN).await?;
+    assert_ne!(new, old);
+    assert!(has_row(&lab, &lab.desc.haproxy.write, "before the crash").await?);
+    insert(&lab, "after the crash").await?;
+    let history: Vec<serde_json::Value> =
+        serde_json::from_str(&lab.etcd_value("history").await?.context("no history")?)?;
+    let last = history.last().context("empty history")?;
+    assert_eq!(last["new_leader"], new.as_str());
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failover"),
+        "{last}"
+    );
+
+    lab.start_node(&old)?;
+    assert_eq!(
+        lab.wait_healthy(WITHIN).await?,
+        new,
+        "the old primary rejoins as a replica"
+    );
+    wait_replicated(&lab, "after the crash").await?;
+    Ok(())
+}
+
+/// Probes every member directly every 40 ms with a write and records which
+/// accepted it, so that two writers at one moment cannot go unnoticed.
+struct OneWriterChecker {
+    rounds: Arc<Mutex<Vec<Vec<String>>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OneWriterChecker {
+    async fn start(lab: &Lab) -> Result<Self> {
+        let admin = lab
+            .connect_superuser(&lab.desc.haproxy.write, "postgres")
+            .await?;
+        admin
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS one_writer (node text, at timestamptz DEFAULT now())",
+            )
+            .await?;
+        let password = lab.superuser_password()?;
+        let user = lab.desc.postgres.superuser.clone();
+        let nodes: Vec<(String, String)> = lab
+            .desc
+            .nodes
+            .iter()
+            .map(|node| (node.name.clone(), node.pg.clone()))
+            .collect();
+        let rounds = Arc::new(Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (record, halt) = (rounds.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut clients: BTreeMap<String, tokio_postgres::Client> = BTreeMap::new();
+            // Bounded: at most 10 minutes of rounds.
+            for _ in 0..15_000 {
+                if halt.is_cancelled() {
+                    return;
+                }
+                let mut writers = Vec::new();
+                for (name, address) in &nodes {
+                    if probe_write(&mut clients, name, address, &user, &password).await {
+                        writers.push(name.clone());
+                    }
+                }
+                record.lock().unwrap().push(writers);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        });
+        Ok(Self { rounds, stop, task })
+    }
+
+    /// Stops probing; returns the sequence of writers seen, one per round.
+    async fn finish(self) -> Result<Vec<Vec<String>>> {
+        self.stop.cancel();
+        self.task.await?;
+        let rounds = self.rounds.lock().unwrap().clone();
+        Ok(rounds)
+    }
+}
+
+async fn probe_write(
+    clients: &mut BTreeMap<String, tokio_postgres::Client>,
+    name: &str,
+    address: &str,
+    user: &str,
+    password: &str,
+) -> bool {
+    if clients.get(name).is_none_or(|client| client.is_closed()) {
+        let connected = tokio::time::timeout(
+            Duration::from_millis(300),
+            jai_lab::lab::connect(address, user, password, "postgres"),
+        )
+        .await;
+        match connected {
+            Ok(Ok(client)) => {
+                let _ = client
+                    .batch_execute("SET statement_timeout = '300ms'")
+                    .await;
+                clients.insert(name.to_owned(), client);
+            }
+            _ => return false,
+        }
+    }
+    let client = &clients[name];
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
+    let write = client.execute("INSERT INTO one_writer (node) VALUES ($1)", &params);
+    matches!(
+        tokio::time::timeout(Duration::from_millis(400), write).await,
+        Ok(Ok(1))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_etcd_demotes_before_a_replica_promotes() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(spec(&dir, 3)).await?;
+    let old = lab.wait_healthy(WITHIN).await?;
+    let checker = OneWriterChecker::start(&lab).await?;
+
+    lab.cut_from_etcd(&old)?;
+    let new = wait_new_primary(&lab, &old).await?;
+    lab.heal_etcd(&old)?;
+    assert_eq!(
+        lab.wait_healthy(WITHIN).await?,
+        new,
+        "the old primary rejoins as a replica"
+    );
+    let rounds = checker.finish().await?;
+
+    let two_writers: Vec<_> = rounds.iter().filter(|writers| writers.len() > 1).collect();
+    assert!(
+        two_writers.is_empty(),
+        "two members accepted writes at once: {two_writers:?}"
+    );
+    let writers: Vec<&str> = rounds
+        .iter()
+        .filter_map(|w| w.first().map(String::as_str))
+        .collect();
+    assert!(
+        writers.contains(&old.as_str()) && writers.contains(&new.as_str()),
+        "checker saw no switch"
+    );
+    let first_new = writers.iter().position(|w| *w == new).unwrap();
+    assert!(
+        writers[first_new..].iter().all(|w| *w == new),
+        "the old primary accepted writes after the new one: {writers:?}"
+    );
+    let gap = rounds.iter().filter(|writers| writers.is_empty()).count();
+    println!(
+        "one-writer checker: {} rounds, {gap} without any writer",
+        rounds.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_agent_is_replaced_and_cannot_keep_the_writes() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(spec(&dir, 3)).await?;
+    let old = lab.wait_healthy(WITHIN).await?;
+
+    lab.stop_node(&old, StopSignal::Stop)?;
+    let new = wait_new_primary(&lab, &old).await?;
+    // The frozen agent cannot answer HAProxy's checks: writes go to the new primary.
+    let client = lab
+        .connect_superuser(&lab.desc.haproxy.write, "postgres")
+        .await?;
+    let reached: String = client
+        .query_one("SELECT current_setting('cluster_name')", &[])
+        .await?
+        .get(0);
+    assert_eq!(reached, new);
+
+    lab.start_node(&old)?;
+    assert_eq!(
+        lab.wait_healthy(WITHIN).await?,
+        new,
+        "the thawed agent fences and follows"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_crash_on_the_primary_is_restarted_in_place() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(spec(&dir, 2)).await?;
+    let primary = lab.wait_healthy(WITHIN).await?;
+    let term = lab.leader_key().await?;
+
+    lab.stop_node(&primary, StopSignal::KillPostgres)?;
+    assert_eq!(lab.wait_healthy(WITHIN).await?, primary);
+    assert_eq!(
+        lab.leader_key().await?,
+        term,
+        "no failover: same leader, same term"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_crash_with_no_start_timeout_fails_over() -> Result<()> {
+    let dir = lab_dir()?;
+    let dcs = DynamicConfig {
+        primary_start_timeout: Duration::ZERO,
+        ..DynamicConfig::default()
+    };
+    let mut lab = Lab::up(LabSpec {
+        dcs: Some(dcs),
+        ..spec(&dir, 2)
+    })
+    .await?;
+    let old = lab.wait_healthy(WITHIN).await?;
+    insert(&lab, "before the crash").await?;
+    wait_replicated(&lab, "before the crash").await?;
+
+    lab.stop_node(&old, StopSignal::KillPostgres)?;
+    let new = wait_new_primary(&lab, &old).await?;
+    assert_eq!(
+        lab.wait_healthy(WITHIN).await?,
+        new,
+        "the old primary rejoins as a replica"
+    );
+    assert!(has_row(&lab, &lab.desc.haproxy.write, "before the crash").await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_a_healthy_primary_agent_causes_no_failover() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(spec(&dir, 2)).await?;
+    let primary = lab.wait_healthy(WITHIN).await?;
+    let term = lab.leader_key().await?;
+    let postmaster = jai_lab::process::postmaster_pid(&lab.node(&primary)?.data_dir);
+
+    lab.stop_node(&primary, StopSignal::KillAgent)?;
+    lab.start_node(&primary)?;
+    assert_eq!(lab.wait_healthy(WITHIN).await?, primary);
+    assert_eq!(lab.leader_key().await?, term, "same leader, same term");
+    assert_eq!(
+        jai_lab::process::postmaster_pid(&lab.node(&primary)?.data_dir),
+        postmaster,
+        "PostgreSQL kept running"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nofailover_member_never_promotes() -> Result<()> {
+    let dir = lab_dir()?;
+    let tags = BTreeMap::from([(
+        "pg2".to_owned(),
+        Tags {
+            nofailover: true,
+            ..Tags::default()
+        },
+    )]);
+    let mut lab = Lab::up(LabSpec {
+        tags,
+        ..spec(&dir, 2)
+    })
+    .await?;
+    assert_eq!(
+        lab.wait_healthy(WITHIN).await?,
+        "pg1",
+        "a nofailover member does not bootstrap"
+    );
+
+    lab.stop_node("pg1", StopSignal::Kill)?;
+    wait::until("pg1's key to expire", WITHIN, || async {
+        Ok(lab.leader_key().await?.is_none().then_some(()))
+    })
+    .await?;
+    assert_no_leader_for(&lab, 3 * TTL).await?;
+    assert!(reason_of(&lab, "pg2").await?.contains("nofailover"));
+
+    lab.start_node("pg1")?;
+    assert_eq!(lab.wait_healthy(WITHIN).await?, "pg1");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_maximum_lag_on_failover_never_promotes() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(spec(&dir, 2)).await?;
+    let primary = lab.wait_healthy(WITHIN).await?;
+    let replica = lab
+        .node_names()
+        .into_iter()
+        .find(|name| *name != primary)
+        .context("no replica")?;
+
+    // Cut the replica's replication, then write well past maximum_lag_on_failover (1 MiB).
+    let standby = lab
+        .connect_superuser(&lab.node(&replica)?.pg, "postgres")
+        .await?;
+    standby
+        .batch_execute("ALTER SYSTEM SET primary_conninfo = ''")
+        .await?;
+    standby.batch_execute("SELECT pg_reload_conf()").await?;
+    let leader = lab
+        .connect_superuser(&lab.node(&primary)?.pg, "postgres")
+        .await?;
+    leader
+        .batch_execute(
+            "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 8000) g",
+        )
+        .await?;
+    let written: String = leader
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let written: jai_proto::Lsn = written.parse()?;
+    wait::until("the leader to publish its new position", WITHIN, || async {
+        let status: jai_proto::LeaderStatus =
+            serde_json::from_str(&lab.etcd_value("status").await?.unwrap_or_default())?;
+        Ok((status.optime >= written).then_some(()))
+    })
+    .await?;
+
+    lab.stop_node(&primary, StopSignal::Kill)?;
+    wait::until("the dead leader's key to expire", WITHIN, || async {
+        Ok(lab.leader_key().await?.is_none().then_some(()))
+    })
+    .await?;
+    assert_no_leader_for(&lab, 3 * TTL).await?;
+    let reason = reason_of(&lab, &replica).await?;
+    assert!(reason.contains("maximum_lag_on_failover"), "{reason}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_leader_change_leaves_the_primary_in_place() -> Result<()> {
+    let dir = lab_dir()?;
+    let lab = Lab::up(LabSpec {
+        etcd_members: 3,
+        ..spec(&dir, 2)
+    })
+    .await?;
+    let primary = lab.wait_healthy(WITHIN).await?;
+    let key = lab.leader_key().await?.context("no leader key")?;
+
+    // Find etcd's leader and kill it: the other two elect a new one.
+    let etcd_leader = wait::until("etcd to report its leader", WITHIN, || async {
+        for member in &lab.desc.etcd_members {
+            let mut client =
+                etcd_client::Client::connect([member.client_url.as_str()], None).await?;
+            let status = client.status().await?;
+            let me = status.header().context("no header")?.member_id();
+            if status.leader() == me {
+                return Ok(Some(member.clone()));
+            }
+        }
+        Ok(None)
+    })
+    .await?;
+    jai_lab::process::signal(
+        etcd_leader.pid.context("no pid")?,
+        nix::sys::signal::Signal::SIGKILL,
+    );
+
+    let blips = assert_primary_stays(&lab, &primary, key, 3 * TTL).await?;
+    println!("etcd leader change: /primary answered non-200 {blips} times in 150 polls");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_second_network_hiccup_leaves_the_primary_in_place() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(spec(&dir, 2)).await?;
+    let primary = lab.wait_healthy(WITHIN).await?;
+    let key = lab.leader_key().await?.context("no leader key")?;
+
+    lab.cut_from_etcd(&primary)?;
+    tokio::time::sleep(Duration::from_secs(1)).await; // the fault itself, not a wait
+    lab.heal_etcd(&primary)?;
+
+    let blips = assert_primary_stays(&lab, &primary, key, 3 * TTL).await?;
+    println!("1 s hiccup: /primary answered non-200 {blips} times in 150 polls");
+    Ok(())
+}
