@@ -9,6 +9,8 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client-15)
+# The tests cut nodes off etcd with firewall rules on loopback.
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2
