@@ -254,6 +254,9 @@ impl Dcs {
             etcd_client::LeaseKeepAliveStream,
         )> = None;
         loop {
+            // After a failed renewal, retry quickly: an etcd leader election
+            // takes a second or two and the deadline is only ttl away.
+            let mut next_in = self.keepalive_every();
             if let Some(id) = self.lease.id() {
                 if stream_for.as_ref().map(|(stream_id, ..)| *stream_id) != Some(id) {
                     let mut client = self.client.clone();
@@ -264,6 +267,7 @@ impl Dcs {
                         Ok((keeper, stream)) => Some((id, keeper, stream)),
                         Err(error) => {
                             tracing::debug!("{error:#}");
+                            next_in = KEEPALIVE_RETRY;
                             None
                         }
                     };
@@ -298,6 +302,7 @@ impl Dcs {
                             lost.notify_one();
                         }
                         Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                            next_in = KEEPALIVE_RETRY;
                             tracing::debug!(lease = id, "lease keepalive failed; retrying");
                             stream_for = None;
                         }
@@ -306,7 +311,7 @@ impl Dcs {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(self.keepalive_every()) => {}
+                _ = tokio::time::sleep(next_in) => {}
             }
         }
     }
@@ -572,6 +577,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// Pause before retrying a failed lease renewal.
+const KEEPALIVE_RETRY: Duration = Duration::from_millis(100);
 
 /// etcd's answer when a lease expired or was revoked.
 fn is_lease_gone(error: &str) -> bool {

@@ -552,8 +552,9 @@ impl Agent {
                     .ok_or_else(|| anyhow!("leader {leader} has no registered address"))?;
                 tracing::warn!(leader, address, "former primary: running pg_rewind");
                 let error = match self.pg.rewind_from(&address).await {
-                    Ok(()) => {
-                        tracing::info!(leader, "pg_rewind done");
+                    Ok(printed) => {
+                        let last_line = printed.lines().last().unwrap_or_default();
+                        tracing::info!(leader, "pg_rewind: {last_line}");
                         None
                     }
                     Err(error) => {

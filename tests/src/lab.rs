@@ -569,8 +569,12 @@ impl Lab {
             match signal {
                 StopSignal::Kill => {
                     let postmaster = process::postmaster_pid(&node.data_dir);
-                    for pid in agent.into_iter().chain(postmaster) {
+                    if let Some(pid) = agent {
                         process::signal(pid, Signal::SIGKILL);
+                        to_wait.push(pid);
+                    }
+                    if let Some(pid) = postmaster {
+                        process::signal_group(pid, Signal::SIGKILL);
                         to_wait.push(pid);
                     }
                     node.agent_pid = None;
@@ -597,7 +601,7 @@ impl Lab {
                 StopSignal::KillPostgres => {
                     let pid = process::postmaster_pid(&node.data_dir)
                         .ok_or_else(|| anyhow!("node {}: PostgreSQL is not running", node.name))?;
-                    process::signal(pid, Signal::SIGKILL);
+                    process::signal_group(pid, Signal::SIGKILL);
                     to_wait.push(pid);
                 }
                 StopSignal::Stop => {

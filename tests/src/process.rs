@@ -56,6 +56,12 @@ pub fn signal(pid: i32, signal: Signal) {
     let _ = kill(Pid::from_raw(pid), signal);
 }
 
+/// Sends `signal` to the process group led by `pid` (the postmaster leads its
+/// own group: signalling it reaches every backend too, as a machine death would).
+pub fn signal_group(pid: i32, signal: Signal) {
+    let _ = kill(Pid::from_raw(-pid), signal);
+}
+
 /// Waits until `pid` is gone, for at most `within`. Returns whether it is gone.
 pub fn wait_gone(pid: i32, within: Duration) -> bool {
     let deadline = Instant::now() + within;

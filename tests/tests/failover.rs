@@ -163,6 +163,13 @@ async fn sigkill_of_the_primary_fails_over_and_the_old_primary_rejoins() -> Resu
         "the old primary rejoins as a replica"
     );
     wait_replicated(&lab, "after the crash").await?;
+
+    // A second failover, from the new timeline: the replicas must know they
+    // are on it (their last restartpoint is still on the old one).
+    lab.stop_node(&new, StopSignal::Kill)?;
+    let third = lab.wait_healthy(WITHIN).await?;
+    assert_ne!(third, new);
+    assert!(has_row(&lab, &lab.desc.haproxy.write, "after the crash").await?);
     Ok(())
 }
 

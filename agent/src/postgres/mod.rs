@@ -334,8 +334,10 @@ impl Postgres {
             CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
             pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, \
             CASE WHEN pg_is_in_recovery() \
-                THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), \
-                              (SELECT timeline_id FROM pg_control_checkpoint())) \
+                THEN GREATEST((SELECT received_tli FROM pg_stat_wal_receiver), \
+                              (SELECT timeline_id FROM pg_control_checkpoint()), \
+                              (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) FROM pg_ls_waldir() \
+                               WHERE name ~ '^[0-9A-F]{8}\\.history$')) \
                 ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
             (SELECT system_identifier FROM pg_control_system())::text, \
             ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'), \
@@ -437,7 +439,8 @@ impl Postgres {
     /// Rewinds the stopped data directory of a former primary to the history of
     /// the leader at `address` (`pg_rewind`; it runs crash recovery first when
     /// the server was not shut down cleanly).
-    pub async fn rewind_from(&mut self, address: &str) -> Result<()> {
+    /// Returns what pg_rewind printed (e.g. "no rewind required" or "Done!").
+    pub async fn rewind_from(&mut self, address: &str) -> Result<String> {
         let (host, port) = address
             .rsplit_once(':')
             .ok_or_else(|| anyhow!("leader address {address:?} is not host:port"))?;
@@ -513,7 +516,8 @@ impl Postgres {
             .context("removing the incomplete-data-dir marker")
     }
 
-    async fn run_as_postgres(&self, program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+    /// Runs a PostgreSQL program as the PostgreSQL user; returns what it printed.
+    async fn run_as_postgres(&self, program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
         let mut command = Command::new(self.bin_dir.join(program));
         command
             .args(args)
@@ -536,7 +540,9 @@ impl Postgres {
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
-        Ok(())
+        let printed = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        Ok(printed.trim().to_owned())
     }
 
     /// Writes the configuration files for the given role.
