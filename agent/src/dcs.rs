@@ -278,7 +278,9 @@ impl Dcs {
                         keeper.keep_alive().await?;
                         stream.message().await
                     };
-                    match tokio::time::timeout(self.timeout(), renewed).await {
+                    // Half the request timeout: an attempt stuck on an etcd
+                    // member without a leader is abandoned early and retried.
+                    match tokio::time::timeout(self.timeout() / 2, renewed).await {
                         Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
                             self.lease
                                 .confirm(id, sent + Duration::from_secs(answer.ttl() as u64));

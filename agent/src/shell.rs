@@ -389,20 +389,29 @@ impl Agent {
                 self.note_error("cannot publish member status", &error);
             }
         }
-        let leader = observation
-            .dcs
-            .as_ref()
-            .and_then(|view| view.leader.as_ref());
-        let lag_bytes = observation
-            .dcs
-            .as_ref()
-            .and_then(|view| view.last_leader.as_ref())
-            .zip(member.wal_position())
-            .filter(|_| member.role == MemberRole::Replica)
-            .map(|(last, position)| last.optime.bytes_since(position));
+        // While etcd does not answer, keep what it last said about the leader
+        // and lag: the lease, checked at request time, decides whether this
+        // primary may still take writes (DESIGN.md §3.1, §3.4).
+        let previous = self.snapshot.borrow().clone();
+        let (leader, holds_leader_key, lag_bytes) = match &observation.dcs {
+            Some(view) => (
+                view.leader.as_ref().map(|leader| leader.name.clone()),
+                view.leader.as_ref().is_some_and(|leader| leader.mine),
+                view.last_leader
+                    .as_ref()
+                    .zip(member.wal_position())
+                    .filter(|_| member.role == MemberRole::Replica)
+                    .map(|(last, position)| last.optime.bytes_since(position)),
+            ),
+            None => (
+                previous.leader,
+                previous.holds_leader_key,
+                previous.lag_bytes,
+            ),
+        };
         let snapshot = NodeSnapshot {
-            leader: leader.map(|leader| leader.name.clone()),
-            holds_leader_key: leader.is_some_and(|leader| leader.mine),
+            leader,
+            holds_leader_key,
             demoting: decision
                 .actions
                 .iter()
@@ -514,6 +523,8 @@ impl Agent {
                     .ok_or_else(|| anyhow!("leader {leader} has no registered address"))?;
                 tracing::info!(leader, address, "cloning with pg_basebackup");
                 self.pg.clone_from(&address).await?;
+                // A fresh copy of the leader: any earlier rewind verdict is moot.
+                self.last_rewind = None;
                 tracing::info!("clone complete");
             }
             Action::Start(start_as) => {
@@ -550,6 +561,9 @@ impl Agent {
                 let address = self
                     .address_of(leader)
                     .ok_or_else(|| anyhow!("leader {leader} has no registered address"))?;
+                // A failure to reach the leader is no verdict on the rewind:
+                // it fails the action, and the next round tries again.
+                self.pg.checkpoint_at(&address).await?;
                 tracing::warn!(leader, address, "former primary: running pg_rewind");
                 let error = match self.pg.rewind_from(&address).await {
                     Ok(printed) => {
@@ -637,9 +651,7 @@ impl Agent {
             tracing::warn!("history not appended: the leader key changed meanwhile");
         }
         tracing::warn!("promoted: now the primary");
-        if let Err(error) = self.pg.checkpoint().await {
-            tracing::warn!("checkpoint after promotion failed: {error:#}");
-        }
+        self.pg.spawn_checkpoint();
         Ok(())
     }
 

@@ -253,7 +253,7 @@ impl Lab {
         );
         let dir = absolute(&spec.dir)?;
         if dir.join("lab.json").exists() {
-            let existing = Lab::open(&dir)?;
+            let mut existing = Lab::open(&dir)?;
             if existing.any_alive() {
                 bail!(
                     "a lab is already running in {}: run `jai-lab down --dir {}` first",
@@ -261,7 +261,9 @@ impl Lab {
                     dir.display()
                 );
             }
-            // A stopped lab is replaced by a fresh one: remove what it wrote.
+            // A stopped lab is replaced by a fresh one: remove what it wrote,
+            // firewall rules included.
+            existing.remove_firewall_chain();
             for sub in LAB_SUBDIRS {
                 let path = dir.join(sub);
                 if path.exists() {

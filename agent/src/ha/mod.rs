@@ -80,6 +80,10 @@ impl Core {
                 "etcd unreachable: taking no action until it answers",
             );
         };
+        if observation.pg.data_dir == DataDir::Empty {
+            // Nothing left to rewind: the next data directory is a fresh clone.
+            self.unrewound_former_primary = false;
+        }
         if observation.lease.valid_until.is_none() {
             return Decision::wait(
                 current_state(observation),
@@ -378,7 +382,7 @@ impl Core {
     /// after `pg_rewind` against that leader (DESIGN.md §3.5). If the rewind
     /// fails it re-clones when allowed, else stays down and says why.
     fn rejoin_former_primary(
-        &self,
+        &mut self,
         observation: &Observation,
         cluster: &ClusterView,
         leader: &LeaderKey,
@@ -400,6 +404,8 @@ impl Core {
                 error: Some(error), ..
             }) => {
                 if self.identity.reclone_on_rewind_failure {
+                    // The clone replaces the diverged data: nothing to rewind after it.
+                    self.unrewound_former_primary = false;
                     Decision::act(
                         MemberState::Cloning,
                         format!(

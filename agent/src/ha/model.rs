@@ -110,8 +110,6 @@ pub struct RunningPostgres {
     pub replay_lsn: Option<Lsn>,
     /// The member a standby is configured to stream from.
     pub following: Option<String>,
-    /// A standby's WAL receiver is streaming: some primary is alive and serving it.
-    pub streaming: bool,
     /// Physical replication slots present on this server.
     pub slots: Vec<String>,
 }

@@ -49,7 +49,6 @@ fn replica_at(lsn: u64) -> RunningPostgres {
         receive_lsn: Some(Lsn(lsn)),
         replay_lsn: Some(Lsn(lsn)),
         following: None,
-        streaming: false,
         slots: vec![],
     }
 }
@@ -62,7 +61,6 @@ fn primary_at(lsn: u64) -> RunningPostgres {
         receive_lsn: None,
         replay_lsn: None,
         following: None,
-        streaming: false,
         slots: vec![],
     }
 }
@@ -737,5 +735,38 @@ fn a_member_standing_down_is_no_candidate_even_if_more_advanced() {
         decision.actions,
         vec![Action::AcquireLeader],
         "{decision:?}"
+    );
+}
+
+#[test]
+fn a_re_clone_is_followed_by_a_plain_start_not_another_clone() {
+    let mut core = Core::new(Identity {
+        reclone_on_rewind_failure: true,
+        ..identity("a")
+    });
+    let mut failed = observe(
+        PgProcess::Stopped,
+        data_dir(true),
+        Some(former_primary_view()),
+    );
+    failed.pg.last_rewind = Some(RewindOutcome {
+        leader_term: 7,
+        error: Some("could not find common ancestor".into()),
+    });
+    assert_eq!(
+        core.decide(&failed).actions,
+        vec![Action::CloneFrom("b".into())]
+    );
+
+    let cloned = observe(
+        PgProcess::Stopped,
+        data_dir(false),
+        Some(former_primary_view()),
+    );
+    assert_eq!(
+        core.decide(&cloned).actions,
+        vec![Action::Start(StartAs::Replica {
+            follow: Some("b".into())
+        })]
     );
 }

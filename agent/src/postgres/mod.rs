@@ -177,8 +177,8 @@ impl Postgres {
         self.chown(path)
     }
 
-    /// The passfile holds the replication password for every host (`*`), so a
-    /// standby can follow any leader, and the superuser's for the local socket.
+    /// The passfile holds the replication and superuser passwords for every host
+    /// (`*`): a standby follows any leader, and pg_rewind reads from any leader.
     fn write_passfile(&self) -> Result<()> {
         let mut text = files::passfile_line(
             "*",
@@ -340,8 +340,7 @@ impl Postgres {
                                WHERE name ~ '^[0-9A-F]{8}\\.history$')) \
                 ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
             (SELECT system_identifier FROM pg_control_system())::text, \
-            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'), \
-            COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
+            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical')";
         let following = self.following.clone();
         let client = self.client().await?;
         let row = tokio::time::timeout(Duration::from_secs(3), client.query_one(STATE, &[]))
@@ -366,7 +365,6 @@ impl Postgres {
             receive_lsn: lsn(2)?,
             replay_lsn: lsn(3)?,
             following: if in_recovery { following } else { None },
-            streaming: row.get(7),
             slots: row.get(6),
         };
         Ok((running, row.get(5)))
@@ -444,10 +442,6 @@ impl Postgres {
         let (host, port) = address
             .rsplit_once(':')
             .ok_or_else(|| anyhow!("leader address {address:?} is not host:port"))?;
-        // pg_rewind reads the source's timeline from its control file, which a
-        // just-promoted leader updates only at its next checkpoint: without one
-        // it would see no fork and rewind nothing.
-        self.checkpoint_remote(host, port).await?;
         let source = format!(
             "host={} port={} user={} dbname=postgres connect_timeout=3",
             files::conninfo_value(host),
@@ -467,29 +461,26 @@ impl Postgres {
         .with_context(|| format!("pg_rewind against {address}"))
     }
 
-    async fn checkpoint_remote(&self, host: &str, port: &str) -> Result<()> {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(host)
-            .port(port.parse().context("leader port")?)
-            .user(&self.superuser)
-            .password(&self.superuser_password)
-            .dbname("postgres")
-            .application_name("jai-agent")
-            .connect_timeout(Duration::from_secs(3));
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(describe_pg_error)
-            .with_context(|| format!("connecting to the leader at {host}:{port}"))?;
+    /// Runs CHECKPOINT on the server at `address`. pg_rewind reads the source's
+    /// timeline from its control file, which a just-promoted leader updates
+    /// only at its next checkpoint: without one it sees no fork, rewinds nothing.
+    pub async fn checkpoint_at(&self, address: &str) -> Result<()> {
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow!("address {address:?} is not host:port"))?;
+        checkpoint(host, port, &self.superuser, &self.superuser_password).await
+    }
+
+    /// Checkpoints this server in the background over its own connection, so
+    /// that a just-promoted primary is routable before the checkpoint ends.
+    pub fn spawn_checkpoint(&self) {
+        let (host, port) = (self.listen.ip().to_string(), self.listen.port().to_string());
+        let (user, password) = (self.superuser.clone(), self.superuser_password.clone());
         tokio::spawn(async move {
-            let _ = connection.await;
+            if let Err(error) = checkpoint(&host, &port, &user, &password).await {
+                tracing::warn!("checkpoint after promotion failed: {error:#}");
+            }
         });
-        client
-            .batch_execute("CHECKPOINT")
-            .await
-            .map_err(describe_pg_error)
-            .context("CHECKPOINT on the leader")
     }
 
     /// Marks the data directory as being written, after wiping what an earlier
@@ -714,17 +705,6 @@ impl Postgres {
         Ok(())
     }
 
-    /// Writes a checkpoint, so the control file shows a new timeline at once
-    /// (pg_rewind of the former primary depends on it).
-    pub async fn checkpoint(&mut self) -> Result<()> {
-        let client = self.client().await?;
-        client
-            .batch_execute("CHECKPOINT")
-            .await
-            .map_err(describe_pg_error)?;
-        Ok(())
-    }
-
     /// Creates the replication role once, right after bootstrap.
     pub async fn create_replication_role(&mut self) -> Result<()> {
         let statement = format!(
@@ -785,4 +765,30 @@ fn sql_literal(text: &str) -> String {
 
 fn sql_ident(text: &str) -> String {
     format!("\"{}\"", text.replace('"', "\"\""))
+}
+
+/// Connects over TCP as `user` and runs CHECKPOINT.
+async fn checkpoint(host: &str, port: &str, user: &str, password: &str) -> Result<()> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(host)
+        .port(port.parse().context("port")?)
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .application_name("jai-agent")
+        .connect_timeout(Duration::from_secs(3));
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(describe_pg_error)
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+        .batch_execute("CHECKPOINT")
+        .await
+        .map_err(describe_pg_error)
+        .with_context(|| format!("CHECKPOINT on {host}:{port}"))
 }
