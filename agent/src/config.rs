@@ -33,6 +33,9 @@ pub struct AgentConfig {
     /// Used only by the member that bootstraps a new cluster.
     #[serde(default)]
     pub bootstrap: BootstrapConfig,
+    /// Load balancers to tell about role changes at once (optional).
+    #[serde(default)]
+    pub haproxy: Option<crate::haproxy::HaproxyConfig>,
 }
 
 /// How to reach etcd.

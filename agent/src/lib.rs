@@ -9,6 +9,7 @@
 //!   guarded transactions on the leader and initialize keys.
 //! - [`postgres`]: the PostgreSQL process, its files and its queries.
 //! - [`api`]: the HTTP health API HAProxy checks, and `/status`.
+//! - [`haproxy`]: pushes role changes to HAProxy's runtime API.
 //! - [`shell`]: the loop that observes, calls the core and executes actions.
 //!
 //! `ha` must never depend on any of the others; they all may depend on `ha`'s
@@ -18,5 +19,6 @@ pub mod api;
 pub mod config;
 pub mod dcs;
 pub mod ha;
+pub mod haproxy;
 pub mod postgres;
 pub mod shell;

@@ -547,6 +547,9 @@ impl Agent {
             }
             Action::Stop { reason } => {
                 tracing::warn!("stopping PostgreSQL: {reason}");
+                let me = self.config.name.clone();
+                self.push_to_haproxy(|backend| crate::haproxy::stop_writes_to(backend, &me))
+                    .await;
                 self.pg.stop(self.dynamic.retry_timeout).await?;
             }
             Action::Promote { reason } => self.promote(reason).await?,
@@ -629,6 +632,32 @@ impl Agent {
         Ok(())
     }
 
+    /// Names of the other registered members.
+    fn other_members(&self) -> Vec<String> {
+        self.view
+            .iter()
+            .flat_map(|view| view.members.iter())
+            .map(|member| member.name.clone())
+            .filter(|name| *name != self.config.name)
+            .collect()
+    }
+
+    /// Sends the commands `build` makes for the write backend to every
+    /// configured HAProxy; failures are logged once per outage, never fatal.
+    async fn push_to_haproxy(&mut self, build: impl FnOnce(&str) -> String) {
+        let Some(haproxy) = self.config.haproxy.clone() else {
+            return;
+        };
+        let commands = build(&haproxy.write_backend);
+        let failures = crate::haproxy::push(&haproxy.sockets, &commands).await;
+        if failures.is_empty() {
+            self.note_success("HAProxy push failed");
+        }
+        for failure in failures {
+            self.note_error("HAProxy push failed", &anyhow!(failure));
+        }
+    }
+
     async fn promote(&mut self, reason: &str) -> Result<()> {
         let term = self.leader_term()?;
         let before = match self.pg.observe().await.0 {
@@ -651,6 +680,9 @@ impl Agent {
             tracing::warn!("history not appended: the leader key changed meanwhile");
         }
         tracing::warn!("promoted: now the primary");
+        let (me, others) = (self.config.name.clone(), self.other_members());
+        self.push_to_haproxy(|backend| crate::haproxy::route_writes_to(backend, &me, &others))
+            .await;
         self.pg.spawn_checkpoint();
         Ok(())
     }

@@ -1254,6 +1254,11 @@ fn agent_yaml(
         superuser_file.display(),
         replication_file.display()
     );
+    let _ = writeln!(
+        yaml,
+        "haproxy:\n  sockets: [{}]",
+        desc.haproxy.stats_socket.display()
+    );
     if let Some(tags) = tags {
         let _ = writeln!(
             yaml,
