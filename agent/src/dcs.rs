@@ -279,9 +279,12 @@ impl Dcs {
                         keeper.keep_alive().await?;
                         stream.message().await
                     };
-                    // Half the request timeout: an attempt stuck on an etcd
-                    // member without a leader is abandoned early and retried.
-                    match tokio::time::timeout(self.timeout() / 2, renewed).await {
+                    // An attempt stuck on an etcd member without a leader is
+                    // abandoned early and retried (a healthy etcd answers a
+                    // renewal in milliseconds: it does not go through raft).
+                    match tokio::time::timeout(KEEPALIVE_ATTEMPT.min(self.timeout() / 2), renewed)
+                        .await
+                    {
                         Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
                             self.lease
                                 .confirm(id, sent + Duration::from_secs(answer.ttl() as u64));
@@ -580,6 +583,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// The longest one lease renewal attempt may take before it is retried.
+const KEEPALIVE_ATTEMPT: Duration = Duration::from_millis(500);
 
 /// Pause before retrying a failed lease renewal.
 const KEEPALIVE_RETRY: Duration = Duration::from_millis(100);

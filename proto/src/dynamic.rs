@@ -44,9 +44,9 @@ pub struct PostgresqlSettings {
 impl Default for DynamicConfig {
     fn default() -> Self {
         Self {
-            ttl: Duration::from_secs(5),
+            ttl: Duration::from_secs(4),
             loop_wait: Duration::from_secs(1),
-            retry_timeout: Duration::from_secs(2),
+            retry_timeout: Duration::from_millis(1500),
             maximum_lag_on_failover: 1024 * 1024,
             primary_start_timeout: Duration::from_secs(30),
             postgresql: PostgresqlSettings::default(),
@@ -81,6 +81,9 @@ const AGENT_OWNED_PARAMETERS: &[&str] = &[
     "wal_level",
     "hot_standby",
 ];
+
+/// The demotion margin never exceeds this (see [`DynamicConfig::demote_margin`]).
+pub const MAX_DEMOTE_MARGIN: Duration = Duration::from_millis(500);
 
 /// etcd 3.4 grants no lease shorter than this.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
@@ -155,9 +158,16 @@ impl DynamicConfig {
     }
 
     /// How long before its lease deadline a leader must have stopped accepting
-    /// writes. One `retry_timeout`: the time a stuck demotion may take.
+    /// writes: `retry_timeout`, at most half a second.
+    ///
+    /// Fencing is a signal, not a request (the agent's watchdog sends the
+    /// postmaster SIGINT, which ends every session at once), so the margin only
+    /// has to cover the watchdog's 50 ms poll and the sessions ending. The
+    /// deadline itself is already conservative: it counts from the *send* time of
+    /// the last answered keepalive, and a replica can promote only after etcd
+    /// expired the lease, then saw, asked and won the race.
     pub fn demote_margin(&self) -> Duration {
-        self.retry_timeout
+        self.retry_timeout.min(MAX_DEMOTE_MARGIN)
     }
 }
 

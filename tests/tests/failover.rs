@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 const WITHIN: Duration = Duration::from_secs(60);
 /// The shipped ttl: a dead leader is replaced within a few of these.
-const TTL: Duration = Duration::from_secs(5);
+const TTL: Duration = Duration::from_secs(4);
 
 /// A fresh lab directory under /tmp, removed afterwards unless `JAI_KEEP_LAB`
 /// is set (then its logs stay for a post-mortem).

@@ -256,8 +256,8 @@ fn a_primary_whose_lease_is_about_to_expire_demotes() {
         data_dir(true),
         Some(view),
     );
-    // Valid for 1.5 s more, but the margin (retry_timeout) is 2 s.
-    observation.lease.valid_until = Some(NOW + 1_500);
+    // Valid for 0.4 s more, but the margin is 0.5 s.
+    observation.lease.valid_until = Some(NOW + 400);
     let decision = decide("a", &observation);
     assert!(
         matches!(decision.actions[..], [Action::Stop { .. }]),
@@ -556,12 +556,12 @@ fn a_key_holder_without_a_confirmed_lease_does_not_become_writable() {
         data_dir(false),
         Some(view.clone()),
     );
-    observation.lease.valid_until = Some(NOW + 1_000);
+    observation.lease.valid_until = Some(NOW + 500);
     let decision = decide("b", &observation);
     assert!(decision.actions.is_empty(), "no promotion: {decision:?}");
 
     let mut stopped = observe(PgProcess::Stopped, data_dir(true), Some(view));
-    stopped.lease.valid_until = Some(NOW + 1_000);
+    stopped.lease.valid_until = Some(NOW + 500);
     let decision = decide("b", &stopped);
     assert!(
         decision.actions.is_empty(),
