@@ -5,49 +5,15 @@ use jai_lab::{wait, Lab, LabSpec, StopSignal};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
+mod common;
 
-fn lab_dir() -> Result<tempfile::TempDir> {
-    Ok(tempfile::Builder::new()
-        .prefix("jai-test-")
-        .tempdir_in("/tmp")?)
-}
-
-fn spec(dir: &tempfile::TempDir, nodes: usize, etcd_members: usize) -> LabSpec {
-    LabSpec {
-        etcd_members,
-        timeout: Duration::from_secs(120),
-        ..LabSpec::new(dir.path(), nodes)
-    }
-}
-
-async fn writes_through_haproxy(lab: &Lab, value: &str) -> Result<()> {
-    let client = lab.connect_app(&lab.desc.haproxy.write).await?;
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS probe (id serial PRIMARY KEY, note text NOT NULL)",
-        )
-        .await?;
-    client
-        .execute("INSERT INTO probe (note) VALUES ($1)", &[&value])
-        .await?;
-    Ok(())
-}
-
-async fn has_row(lab: &Lab, address: &str, value: &str) -> Result<bool> {
-    let client = lab.connect_app(address).await?;
-    let row = client
-        .query_opt("SELECT 1 FROM probe WHERE note = $1", &[&value])
-        .await
-        .context("reading probe")?;
-    Ok(row.is_some())
-}
+use common::{has_row, insert, lab_dir, spec, WITHIN};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_boot_replicate_and_route() -> Result<()> {
     let dir = lab_dir()?;
     let lab = Lab::up(spec(&dir, 3, 3)).await?;
-    let primary = lab.wait_healthy(HEALTHY_WITHIN).await?;
+    let primary = lab.wait_healthy(WITHIN).await?;
 
     // Exactly one primary, and it holds the leader key.
     assert_eq!(lab.etcd_value("leader").await?, Some(primary.clone()));
@@ -130,7 +96,7 @@ async fn three_nodes_boot_replicate_and_route() -> Result<()> {
     assert_eq!(streaming, replica_names);
 
     // A row written through HAProxy's write port reaches every replica.
-    writes_through_haproxy(&lab, "hello from the write port").await?;
+    insert(&lab, "hello from the write port").await?;
     for replica in &replicas {
         wait::until(
             &format!("the row on {}", replica.name),
@@ -165,9 +131,9 @@ async fn three_nodes_boot_replicate_and_route() -> Result<()> {
 async fn restarting_every_agent_keeps_the_same_primary_and_data() -> Result<()> {
     let dir = lab_dir()?;
     let mut lab = Lab::up(spec(&dir, 3, 1)).await?;
-    let primary = lab.wait_healthy(HEALTHY_WITHIN).await?;
+    let primary = lab.wait_healthy(WITHIN).await?;
     let system_id = lab.etcd_value("initialize").await?;
-    writes_through_haproxy(&lab, "before the restart").await?;
+    insert(&lab, "before the restart").await?;
 
     let names = lab.node_names();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -188,7 +154,7 @@ async fn restarting_every_agent_keeps_the_same_primary_and_data() -> Result<()> 
         lab.start_node(name)?;
     }
 
-    let after = lab.wait_healthy(HEALTHY_WITHIN).await?;
+    let after = lab.wait_healthy(WITHIN).await?;
     assert_eq!(after, primary, "a restart must not move the primary");
     assert_eq!(
         lab.etcd_value("initialize").await?,
@@ -258,15 +224,13 @@ async fn a_cluster_name_in_use_is_joined_never_reinitialised() -> Result<()> {
     })?;
     let (empty, alien) = (&joiners.desc.nodes[0], &joiners.desc.nodes[1]);
 
-    wait::until(
-        "the empty joiner to clone and stream",
-        HEALTHY_WITHIN,
-        || async { Ok((joiners.api_code(empty, "/replica").await? == 200).then_some(())) },
-    )
+    wait::until("the empty joiner to clone and stream", WITHIN, || async {
+        Ok((joiners.api_code(empty, "/replica").await? == 200).then_some(()))
+    })
     .await?;
     let reason = wait::until(
         "the foreign data directory to be refused",
-        HEALTHY_WITHIN,
+        WITHIN,
         || async {
             let status = joiners.api_status(alien).await?;
             Ok((status["state"] == "refused")

@@ -8,56 +8,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const WITHIN: Duration = Duration::from_secs(60);
+mod common;
+
+use common::{has_row, insert, lab_dir, wait_replicated, WITHIN};
+
 /// The shipped ttl: a dead leader is replaced within a few of these.
 const TTL: Duration = Duration::from_secs(4);
 
-/// A fresh lab directory under /tmp, removed afterwards unless `JAI_KEEP_LAB`
-/// is set (then its logs stay for a post-mortem).
-fn lab_dir() -> Result<tempfile::TempDir> {
-    Ok(tempfile::Builder::new()
-        .prefix("jai-failover-")
-        .disable_cleanup(std::env::var_os("JAI_KEEP_LAB").is_some())
-        .tempdir_in("/tmp")?)
-}
-
 fn spec(dir: &tempfile::TempDir, nodes: usize) -> LabSpec {
-    LabSpec {
-        etcd_members: 1,
-        timeout: Duration::from_secs(120),
-        ..LabSpec::new(dir.path(), nodes)
-    }
-}
-
-async fn insert(lab: &Lab, note: &str) -> Result<()> {
-    let client = lab.connect_app(&lab.desc.haproxy.write).await?;
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS probe (id serial PRIMARY KEY, note text NOT NULL)",
-        )
-        .await?;
-    client
-        .execute("INSERT INTO probe (note) VALUES ($1)", &[&note])
-        .await?;
-    Ok(())
-}
-
-async fn has_row(lab: &Lab, address: &str, note: &str) -> Result<bool> {
-    let client = lab.connect_app(address).await?;
-    Ok(client
-        .query_opt("SELECT 1 FROM probe WHERE note = $1", &[&note])
-        .await?
-        .is_some())
-}
-
-async fn wait_replicated(lab: &Lab, note: &str) -> Result<()> {
-    for node in lab.running_nodes() {
-        wait::until(&format!("{note:?} on {}", node.name), WITHIN, || async {
-            Ok(has_row(lab, &node.pg, note).await?.then_some(()))
-        })
-        .await?;
-    }
-    Ok(())
+    common::spec(dir, nodes, 1)
 }
 
 /// Waits until exactly one node other than `old` passes `/primary` and HAProxy's

@@ -1,0 +1,63 @@
+//! Helpers shared by the integration test files (each file includes this module).
+
+#![allow(dead_code)] // each test file uses a different subset
+
+use anyhow::{Context, Result};
+use jai_lab::{Lab, LabSpec};
+use std::time::Duration;
+
+/// How long a lab may take to come up or to settle after a fault.
+pub const WITHIN: Duration = Duration::from_secs(60);
+
+/// A fresh lab directory under /tmp, removed afterwards unless `JAI_KEEP_LAB`
+/// is set (then its logs stay for a post-mortem).
+pub fn lab_dir() -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix("jai-test-")
+        .disable_cleanup(std::env::var_os("JAI_KEEP_LAB").is_some())
+        .tempdir_in("/tmp")?)
+}
+
+/// A lab of `nodes` nodes and `etcd_members` etcd members in `dir`.
+pub fn spec(dir: &tempfile::TempDir, nodes: usize, etcd_members: usize) -> LabSpec {
+    LabSpec {
+        etcd_members,
+        timeout: Duration::from_secs(120),
+        ..LabSpec::new(dir.path(), nodes)
+    }
+}
+
+/// Writes a row `note` through HAProxy's write port, as the application would.
+pub async fn insert(lab: &Lab, note: &str) -> Result<()> {
+    let client = lab.connect_app(&lab.desc.haproxy.write).await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS probe (id serial PRIMARY KEY, note text NOT NULL)",
+        )
+        .await?;
+    client
+        .execute("INSERT INTO probe (note) VALUES ($1)", &[&note])
+        .await?;
+    Ok(())
+}
+
+/// Whether the server at `address` has the row `note`.
+pub async fn has_row(lab: &Lab, address: &str, note: &str) -> Result<bool> {
+    let client = lab.connect_app(address).await?;
+    let row = client
+        .query_opt("SELECT 1 FROM probe WHERE note = $1", &[&note])
+        .await
+        .context("reading probe")?;
+    Ok(row.is_some())
+}
+
+/// Waits until every running node has the row `note`.
+pub async fn wait_replicated(lab: &Lab, note: &str) -> Result<()> {
+    for node in lab.running_nodes() {
+        jai_lab::wait::until(&format!("{note:?} on {}", node.name), WITHIN, || async {
+            Ok(has_row(lab, &node.pg, note).await?.then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
