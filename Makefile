@@ -29,3 +29,28 @@ lint: setup
 test: lint
 	cargo build --workspace --all-targets --locked
 	cargo test --workspace --locked
+
+## Benchmarks: numbers, not pass/fail (docs/benchmarks.md). RUNS runs each.
+BENCH := $(TARGET_DIR)/debug/jai-bench
+BENCH_DIR ?= /tmp/jai-bench
+RUNS ?= 5
+BENCH_FLAGS ?=
+
+.PHONY: bench bench-failover
+
+bench: bench-failover
+
+## SIGKILL the primary RUNS times under a writer: write unavailability, time to a new leader, lost writes.
+bench-failover: build
+	@if [ -f $(BENCH_DIR)/lab.json ]; then $(LAB) down --dir $(BENCH_DIR) >/dev/null; fi
+	$(BENCH) failover --runs $(RUNS) --dir $(BENCH_DIR) $(BENCH_FLAGS)
+
+## Deterministic simulation of the HA core: SEEDS histories (docs/architecture.md).
+SEEDS ?= 10000
+.PHONY: sim sim-bugs
+sim:
+	JAI_SIM_SEEDS=$(SEEDS) cargo test --release -p jai-agent --test simulation simulated_histories -- --nocapture
+
+## Replays the seeds that show the known core bugs (fails while one remains).
+sim-bugs:
+	JAI_SIM_EXPOSE=1 cargo test --release -p jai-agent --test simulation known_core_bugs -- --ignored --nocapture

@@ -1,0 +1,404 @@
+//! A simulated etcd: one linearizable key-value store with revisions, leases
+//! and the transactions `jai_agent::dcs` issues, with etcd's timing quirks:
+//!
+//! - a lease expires `ttl` after the keepalive *arrived* (etcd's clock), and its
+//!   keys are deleted only by the next expiry sweep (every 500 ms);
+//! - a keepalive on an expired lease answers TTL 0;
+//! - while etcd elects a new leader it answers nothing, and the new leader
+//!   extends every lease to its full TTL (and a little more).
+
+use jai_proto::{DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus};
+use std::collections::BTreeMap;
+
+/// An etcd lease id.
+pub type LeaseId = i64;
+
+/// How often etcd's lessor revokes expired leases.
+pub const SWEEP_EVERY_MS: u64 = 500;
+
+/// The keys of one cluster (`/jai/<cluster>/…` in the real layout).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    /// `config`
+    Config,
+    /// `history`
+    History,
+    /// `initialize`
+    Initialize,
+    /// `leader`
+    Leader,
+    /// `members/<name>`
+    Member(String),
+    /// `status`
+    Status,
+}
+
+/// A stored value, typed instead of JSON: the shell's encoding is not under test.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `initialize` (empty or a system id) and `leader` (a member name).
+    Text(String),
+    /// `members/<name>`.
+    Member(Box<MemberStatus>),
+    /// `config`.
+    Config(Box<DynamicConfig>),
+    /// `status`.
+    Status(LeaderStatus),
+    /// `history`.
+    History(Vec<HistoryEntry>),
+}
+
+/// A key's value and metadata, as etcd returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kv {
+    /// The value.
+    pub value: Value,
+    /// Revision of the put that created the key (the leader's term for `leader`).
+    pub create_revision: i64,
+    /// Revision of the last put.
+    pub mod_revision: i64,
+    /// The lease the key is attached to.
+    pub lease: Option<LeaseId>,
+}
+
+/// A request as one of `jai_agent::dcs`'s methods sends it.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// `read_cluster`: get the whole prefix.
+    GetAll,
+    /// `ensure_lease`: get `leader`.
+    GetLeader,
+    /// One keepalive of a lease.
+    KeepAlive(LeaseId),
+    /// `lease_grant`.
+    Grant {
+        /// Requested TTL in seconds.
+        ttl_secs: i64,
+    },
+    /// `put_member`: a plain put on a lease.
+    Put {
+        /// Key.
+        key: Key,
+        /// Value.
+        value: Value,
+        /// Lease to attach.
+        lease: Option<LeaseId>,
+    },
+    /// `create_if_absent`: txn `create_revision(key) == 0` then put.
+    CreateIfAbsent {
+        /// Key.
+        key: Key,
+        /// Value.
+        value: Value,
+        /// Lease to attach.
+        lease: Option<LeaseId>,
+    },
+    /// `publish_system_id`: txn `value(initialize) == "" && lease(initialize) == lease`.
+    PublishSystemId {
+        /// The publisher's lease.
+        lease: LeaseId,
+        /// The new system id.
+        system_id: String,
+    },
+    /// `release_leader`: txn `create_revision(leader) == term && value == name`, delete.
+    ReleaseLeader {
+        /// The term.
+        term: i64,
+        /// The member name.
+        name: String,
+    },
+    /// `put_as_leader`: txn `create_revision(leader) == term`, put.
+    PutAsLeader {
+        /// The term.
+        term: i64,
+        /// Key.
+        key: Key,
+        /// Value.
+        value: Value,
+    },
+    /// `append_history`: read then txn guarded by the term (one request here).
+    AppendHistory {
+        /// The term.
+        term: i64,
+        /// The new entry.
+        entry: HistoryEntry,
+    },
+}
+
+/// A successful answer.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// The prefix.
+    Kvs(Vec<(Key, Kv)>),
+    /// The `leader` key, if any.
+    Leader(Option<Kv>),
+    /// A keepalive answer: the TTL in seconds, 0 when the lease is gone.
+    KeepAlive {
+        /// Seconds.
+        ttl_secs: i64,
+    },
+    /// A granted lease.
+    Granted {
+        /// Its id.
+        id: LeaseId,
+        /// Its TTL in seconds.
+        ttl_secs: i64,
+    },
+    /// A put.
+    Done,
+    /// A transaction: whether its comparison succeeded.
+    Txn(bool),
+}
+
+/// One change, for the watchers.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The key.
+    pub key: Key,
+    /// Deleted (else put).
+    pub deleted: bool,
+    /// The put created the key (`create_revision == mod_revision`).
+    pub created: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    ttl_secs: i64,
+    /// Real simulated time at which the lease expires.
+    expires_at: u64,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct Etcd {
+    revision: i64,
+    kvs: BTreeMap<Key, Kv>,
+    leases: BTreeMap<LeaseId, Lease>,
+    next_lease: LeaseId,
+    /// etcd's own clock drift, parts per million (a fast etcd clock expires leases early).
+    clock_ppm: i64,
+    /// While electing a leader (after a leader change), etcd answers nothing.
+    pub unavailable_until: u64,
+}
+
+impl Etcd {
+    /// An empty etcd whose clock drifts by `clock_ppm`.
+    pub fn new(clock_ppm: i64) -> Self {
+        Self {
+            revision: 1,
+            kvs: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            next_lease: 0x7E57_0000,
+            clock_ppm,
+            unavailable_until: 0,
+        }
+    }
+
+    /// Whether etcd answers at real time `now`.
+    pub fn available(&self, now: u64) -> bool {
+        now >= self.unavailable_until
+    }
+
+    /// A key's current value (ground truth, for the invariant checks).
+    pub fn get(&self, key: &Key) -> Option<&Kv> {
+        self.kvs.get(key)
+    }
+
+    /// `ttl_secs` of etcd's clock, in real milliseconds.
+    fn ttl_real(&self, ttl_secs: i64) -> u64 {
+        let ms = ttl_secs as u64 * 1000;
+        ms * 1_000_000 / (1_000_000 + self.clock_ppm) as u64
+    }
+
+    /// Applies one request at real time `now`.
+    pub fn apply(&mut self, now: u64, request: Request) -> (Result<Reply, String>, Vec<Change>) {
+        let mut changes = Vec::new();
+        let reply = match request {
+            Request::GetAll => Ok(Reply::Kvs(
+                self.kvs
+                    .iter()
+                    .map(|(key, kv)| (key.clone(), kv.clone()))
+                    .collect(),
+            )),
+            Request::GetLeader => Ok(Reply::Leader(self.kvs.get(&Key::Leader).cloned())),
+            Request::KeepAlive(id) => Ok(Reply::KeepAlive {
+                ttl_secs: self.keep_alive(id, now),
+            }),
+            Request::Grant { ttl_secs } => {
+                self.next_lease += 1;
+                let id = self.next_lease;
+                let expires_at = now + self.ttl_real(ttl_secs);
+                self.leases.insert(
+                    id,
+                    Lease {
+                        ttl_secs,
+                        expires_at,
+                    },
+                );
+                Ok(Reply::Granted { id, ttl_secs })
+            }
+            Request::Put { key, value, lease } => self
+                .put(key, value, lease, &mut changes)
+                .map(|()| Reply::Done),
+            Request::CreateIfAbsent { key, value, lease } => {
+                if self.kvs.contains_key(&key) {
+                    Ok(Reply::Txn(false))
+                } else {
+                    self.put(key, value, lease, &mut changes)
+                        .map(|()| Reply::Txn(true))
+                }
+            }
+            Request::PublishSystemId { lease, system_id } => {
+                let ok = self.kvs.get(&Key::Initialize).is_some_and(|kv| {
+                    kv.value == Value::Text(String::new()) && kv.lease == Some(lease)
+                });
+                if ok {
+                    self.put(Key::Initialize, Value::Text(system_id), None, &mut changes)
+                        .map(|()| Reply::Txn(true))
+                } else {
+                    Ok(Reply::Txn(false))
+                }
+            }
+            Request::ReleaseLeader { term, name } => {
+                let ok = self.kvs.get(&Key::Leader).is_some_and(|kv| {
+                    kv.create_revision == term && kv.value == Value::Text(name.clone())
+                });
+                if ok {
+                    self.revision += 1;
+                    self.delete(&Key::Leader, &mut changes);
+                }
+                Ok(Reply::Txn(ok))
+            }
+            Request::PutAsLeader { term, key, value } => {
+                if self.term() == Some(term) {
+                    self.put(key, value, None, &mut changes)
+                        .map(|()| Reply::Txn(true))
+                } else {
+                    Ok(Reply::Txn(false))
+                }
+            }
+            Request::AppendHistory { term, entry } => {
+                if self.term() == Some(term) {
+                    let mut history = match self.kvs.get(&Key::History) {
+                        Some(Kv {
+                            value: Value::History(history),
+                            ..
+                        }) => history.clone(),
+                        _ => Vec::new(),
+                    };
+                    history.push(entry);
+                    self.put(Key::History, Value::History(history), None, &mut changes)
+                        .map(|()| Reply::Txn(true))
+                } else {
+                    Ok(Reply::Txn(false))
+                }
+            }
+        };
+        (reply, changes)
+    }
+
+    /// The current leader key's create revision.
+    fn term(&self) -> Option<i64> {
+        self.kvs.get(&Key::Leader).map(|kv| kv.create_revision)
+    }
+
+    fn keep_alive(&mut self, id: LeaseId, now: u64) -> i64 {
+        let ttl_real = |ttl_secs| self.ttl_real(ttl_secs);
+        match self.leases.get(&id) {
+            Some(lease) if lease.expires_at > now => {
+                let ttl_secs = lease.ttl_secs;
+                let expires_at = now + ttl_real(ttl_secs);
+                let lease = self.leases.get_mut(&id).expect("checked above");
+                lease.expires_at = lease.expires_at.max(expires_at);
+                ttl_secs
+            }
+            _ => 0,
+        }
+    }
+
+    fn put(
+        &mut self,
+        key: Key,
+        value: Value,
+        lease: Option<LeaseId>,
+        changes: &mut Vec<Change>,
+    ) -> Result<(), String> {
+        if let Some(id) = lease {
+            if !self.leases.contains_key(&id) {
+                return Err(format!("etcdserver: requested lease not found ({id:x})"));
+            }
+        }
+        self.revision += 1;
+        let revision = self.revision;
+        let create_revision = self.kvs.get(&key).map_or(revision, |kv| kv.create_revision);
+        changes.push(Change {
+            key: key.clone(),
+            deleted: false,
+            created: create_revision == revision,
+        });
+        self.kvs.insert(
+            key,
+            Kv {
+                value,
+                create_revision,
+                mod_revision: revision,
+                lease,
+            },
+        );
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &Key, changes: &mut Vec<Change>) {
+        if self.kvs.remove(key).is_some() {
+            changes.push(Change {
+                key: key.clone(),
+                deleted: true,
+                created: false,
+            });
+        }
+    }
+
+    /// The lessor's periodic sweep: revokes expired leases and deletes their keys.
+    /// Returns the revoked lease ids.
+    pub fn sweep(&mut self, now: u64, changes: &mut Vec<Change>) -> Vec<LeaseId> {
+        if !self.available(now) {
+            return Vec::new();
+        }
+        let expired: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, lease)| lease.expires_at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            self.leases.remove(id);
+            let keys: Vec<Key> = self
+                .kvs
+                .iter()
+                .filter(|(_, kv)| kv.lease == Some(*id))
+                .map(|(key, _)| key.clone())
+                .collect();
+            if !keys.is_empty() {
+                self.revision += 1;
+            }
+            for key in keys {
+                self.delete(&key, changes);
+            }
+        }
+        expired
+    }
+
+    /// A new etcd leader took over at `now`: every lease gets its full TTL
+    /// again, plus `extra_ms` (etcd adds the election timeout).
+    pub fn extend_all_leases(&mut self, now: u64, extra_ms: u64) {
+        let ttls: Vec<(LeaseId, u64)> = self
+            .leases
+            .iter()
+            .map(|(id, lease)| (*id, self.ttl_real(lease.ttl_secs)))
+            .collect();
+        for (id, ttl_real) in ttls {
+            let lease = self.leases.get_mut(&id).expect("listed above");
+            lease.expires_at = lease.expires_at.max(now + ttl_real + extra_ms);
+        }
+    }
+}

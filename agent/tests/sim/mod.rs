@@ -1,0 +1,291 @@
+//! A deterministic, seeded simulator of a jai cluster (DESIGN.md §2, §6).
+//!
+//! N members each run the real [`jai_agent::ha::Core`] inside a simulated
+//! shell ([`agent`]), against a simulated etcd ([`etcd`]) and a simulated
+//! PostgreSQL per member ([`postgres`], operated by `pg_ops`), on simulated
+//! time. Faults come from a seeded schedule ([`faults`]).
+//!
+//! What is modelled, and why it matters for the invariants:
+//!
+//! - time: milliseconds of real simulated time; each agent has its own
+//!   monotonic clock (reset when it restarts) drifting by up to ±1%, and etcd's
+//!   clock drifts by up to ±0.1%;
+//! - the network between each member and etcd: 1–4 ms each way, 1% spikes,
+//!   slow, lossy, fail-fast or black-holed links; a request can apply in etcd
+//!   and still time out at the caller; watch events are lost while cut;
+//! - etcd: revisions, leases expiring `ttl` after the keepalive *arrived* and
+//!   swept every 500 ms, the shell's transactions (`create_revision == 0`,
+//!   term-guarded writes), and leader elections that answer nothing for a
+//!   while, then extend every lease;
+//! - PostgreSQL: WAL histories as branches (so diverged timelines are seen),
+//!   a primary taking writes until a stop signal, standbys streaming through a
+//!   slot with lag, promote, start, stop, initdb, pg_basebackup, pg_rewind,
+//!   crashes, and a postmaster that will not start;
+//! - the shell: the cycle, keepalive task and fencing watchdog of
+//!   `shell.rs`/`dcs.rs`, with their waits and timeouts (see [`agent`]).
+//!
+//! Checked after every event (`invariants`): one writer (§3.1), promotion only
+//! with the key (§3.2, at the moment the shell acts), no standby pointed at a
+//! diverged upstream (§3.5, counted unless strict), `Core::decide` never
+//! panics; and at the end, a leader within `3 * ttl + 10 s` of the last fault.
+//! The first broken one ends the history with the seed and the last events.
+//!
+//! Everything random comes from one seed through [`rng::Rng`], and every
+//! collection iterates in a fixed order, so a seed replays the same history.
+
+pub mod agent;
+mod env;
+pub mod etcd;
+pub mod faults;
+mod invariants;
+mod pg_ops;
+pub mod postgres;
+pub mod rng;
+pub mod trace;
+mod world;
+
+use env::{Env, Event};
+use faults::FaultProfile;
+use jai_proto::{DynamicConfig, Tags};
+use rng::Rng;
+use world::World;
+
+/// When faults start: usually after the bootstrap, in some histories during it.
+const FAULTS_FROM_MS: u64 = 8_000;
+/// Share of histories (per mille) whose faults start during the bootstrap.
+const EARLY_FAULTS_PER_MILLE: u64 = 200;
+/// When the last fault may start.
+const FAULTS_UNTIL_MS: u64 = 60_000;
+/// How often primaries write and standbys receive.
+const WAL_TICK_MS: u64 = 100;
+
+/// A bug planted in the simulated shell, to prove the checks can see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plant {
+    /// A primary's demotion (Stop, and the watchdog) runs only this many
+    /// milliseconds after its lease deadline.
+    LateDemote(u64),
+    /// The shell ignores the demotion margin: it tells the core its lease
+    /// lasts `demote_margin` longer than it does, and its watchdog fences at
+    /// the deadline itself.
+    NoMargin,
+}
+
+impl Plant {
+    /// Parses `late-demote[:<ms>]` (1000 ms by default) or `no-margin`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let unknown = || format!("unknown plant {text:?}: late-demote[:<ms>] or no-margin");
+        match text.split_once(':') {
+            None if text == "late-demote" => Ok(Plant::LateDemote(1_000)),
+            None if text == "no-margin" => Ok(Plant::NoMargin),
+            Some(("late-demote", ms)) => ms.parse().map(Plant::LateDemote).map_err(|_| unknown()),
+            _ => Err(unknown()),
+        }
+    }
+}
+
+/// How to run histories.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Which faults.
+    pub faults: FaultProfile,
+    /// A planted shell bug.
+    pub plant: Option<Plant>,
+    /// Fail on a standby pointed at a diverged upstream. PostgreSQL refuses
+    /// to stream then (no data mixes), and the core rewinds only former
+    /// primaries, so by default this is counted, not fatal.
+    pub strict_divergence: bool,
+    /// Trace lines kept for the failure report.
+    pub trace_lines: usize,
+    /// Print every trace line as it happens.
+    pub echo: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            faults: FaultProfile::default_profile(),
+            plant: None,
+            strict_divergence: false,
+            trace_lines: 50,
+            echo: false,
+        }
+    }
+}
+
+/// Which invariant broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViolationKind {
+    /// §3.1: two PostgreSQL servers accepted writes at the same instant.
+    TwoWriters,
+    /// §3.2: a promotion (or a primary start) without holding the leader key.
+    PrimaryWithoutKey,
+    /// §3.5: a standby pointed at an upstream whose history diverged from its own.
+    DivergedStream,
+    /// `Core::decide` panicked (its own `assert_safe`, or an `unreachable!`).
+    CoreAssertion,
+    /// Liveness: no leader within the bound after the last fault.
+    NoLeader,
+}
+
+/// A broken invariant, with what is needed to reproduce and read it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The seed.
+    pub seed: u64,
+    /// Which invariant.
+    pub kind: ViolationKind,
+    /// What happened.
+    pub message: String,
+    /// Real simulated time of the violation.
+    pub at_ms: u64,
+    /// The last events.
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "seed {} broke {:?} at {}.{:03}s: {}",
+            self.seed,
+            self.kind,
+            self.at_ms / 1000,
+            self.at_ms % 1000,
+            self.message
+        )?;
+        writeln!(
+            f,
+            "replay: JAI_SIM_SEED={} (JAI_SIM_TRACE=1 for every event)",
+            self.seed
+        )?;
+        writeln!(f, "last {} events:", self.trace.len())?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What one history did.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    /// Events processed.
+    pub events: u64,
+    /// Simulated time.
+    pub sim_ms: u64,
+    /// Faults injected.
+    pub faults: u64,
+    /// Promotions executed.
+    pub promotions: u64,
+    /// Standbys that PostgreSQL refused to stream to (diverged history).
+    pub diverged: u64,
+    /// Time from the last fault to a healthy leader.
+    pub recovery_ms: u64,
+    /// Hash of the whole trace, to compare two runs of a seed.
+    pub fingerprint: u64,
+}
+
+#[derive(Debug)]
+struct Violation {
+    kind: ViolationKind,
+    message: String,
+    at_ms: u64,
+}
+
+/// The liveness bound: a leader within `3 * ttl + 10 s` of the last fault.
+fn liveness_bound(config: &DynamicConfig) -> u64 {
+    3 * config.ttl.as_millis() as u64 + 10_000
+}
+
+/// Runs the history of `seed`.
+pub fn run(seed: u64, config: &SimConfig) -> Result<RunStats, Failure> {
+    let (mut world, quiet_from) = build_world(seed, config);
+    let bound = liveness_bound(&world.bootstrap);
+    let end = quiet_from + bound;
+    let fail = |world: &World, violation: Violation| Failure {
+        seed,
+        kind: violation.kind,
+        message: violation.message,
+        at_ms: violation.at_ms,
+        trace: world.env.trace.lines(),
+    };
+    let recovered_at = match world.run_until(quiet_from, end) {
+        Ok(recovered_at) => recovered_at,
+        Err(violation) => return Err(fail(&world, violation)),
+    };
+    if world.env.healthy_leader(&world.agents).is_none() {
+        let violation = Violation {
+            kind: ViolationKind::NoLeader,
+            message: format!(
+                "no member holds the leader key with a primary accepting writes {}s after the last fault",
+                bound / 1000
+            ),
+            at_ms: end,
+        };
+        return Err(fail(&world, violation));
+    }
+    let mut stats = world.env.stats.clone();
+    stats.sim_ms = end;
+    stats.recovery_ms = recovered_at.map_or(0, |at| at - quiet_from);
+    stats.fingerprint = world.env.trace.fingerprint();
+    Ok(stats)
+}
+
+/// Draws the cluster of `seed` (size, clocks, tags, start times) and its
+/// fault schedule. Returns the world and the end of the last fault.
+fn build_world(seed: u64, config: &SimConfig) -> (World, u64) {
+    let mut rng = Rng::new(seed);
+    let mut fault_rng = rng.fork();
+    let members = [2, 3, 3, 3, 3, 4, 4, 5][rng.range(0, 7) as usize];
+    let names: Vec<String> = (1..=members).map(|index| format!("pg{index}")).collect();
+    let etcd_ppm = rng.range(0, 2_000) as i64 - 1_000;
+    let mut env = Env::new(names, etcd_ppm, rng.fork(), config);
+    let clock_ppm = (0..members)
+        .map(|_| rng.range(0, 20_000) as i64 - 10_000)
+        .collect();
+    // At most one member tagged nofailover, and only with three or more.
+    let nofailover = (members >= 3 && rng.chance(150)).then(|| rng.range(0, members as u64 - 1));
+    let tags = (0..members)
+        .map(|member| Tags {
+            failover_priority: rng.range(0, 1) as u32,
+            nofailover: nofailover == Some(member as u64),
+            ..Tags::default()
+        })
+        .collect();
+    let reclone = (0..members).map(|_| rng.chance(800)).collect();
+    for member in 0..members {
+        let at = rng.range(0, 3_000);
+        env.schedule(at, Event::Restart { member });
+    }
+    let faults_from = if fault_rng.chance(EARLY_FAULTS_PER_MILLE) {
+        0
+    } else {
+        FAULTS_FROM_MS
+    };
+    let faults = config
+        .faults
+        .schedule(&mut fault_rng, members, faults_from, FAULTS_UNTIL_MS);
+    let quiet_from = faults
+        .iter()
+        .map(|(at, fault)| at + fault.duration())
+        .max()
+        .unwrap_or(FAULTS_FROM_MS)
+        .max(FAULTS_FROM_MS);
+    for (at, fault) in faults {
+        env.schedule(at, Event::Fault(fault));
+    }
+    env.schedule(etcd::SWEEP_EVERY_MS, Event::EtcdSweep);
+    env.schedule(WAL_TICK_MS, Event::WalTick);
+    let world = World {
+        env,
+        agents: (0..members).map(|_| None).collect(),
+        paused: vec![None; members],
+        clock_ppm,
+        tags,
+        reclone,
+        bootstrap: DynamicConfig::default(),
+        plant: config.plant,
+    };
+    (world, quiet_from)
+}
