@@ -555,7 +555,13 @@ impl Dcs {
                             Ok(Some(response)) => {
                                 let relevant = response.events().iter().any(|event| {
                                     let Some(kv) = event.kv() else { return true };
-                                    let is_member = self.keys.member_name_of(kv.key_str().unwrap_or_default()).is_some();
+                                    let key = kv.key_str().unwrap_or_default();
+                                    // The leader's own `status` refresh would wake
+                                    // it again and again under write load.
+                                    if key == self.keys.status() {
+                                        return false;
+                                    }
+                                    let is_member = self.keys.member_name_of(key).is_some();
                                     !is_member
                                         || event.event_type() == EventType::Delete
                                         || kv.create_revision() == kv.mod_revision()

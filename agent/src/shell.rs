@@ -535,6 +535,9 @@ impl Agent {
                     }),
                 };
                 let standby = !matches!(start_as, StartAs::Primary);
+                if !standby {
+                    self.ensure_lease_allows_writes()?;
+                }
                 self.pg.configure(
                     &self.dynamic,
                     follow
@@ -543,7 +546,10 @@ impl Agent {
                     standby,
                 )?;
                 tracing::info!(?start_as, "starting PostgreSQL");
-                self.pg.start().await?;
+                // A primary is guarded by the watchdog from its first moment,
+                // not from the next observation.
+                let fence = (!standby).then_some(&self.fence.primary_pid);
+                self.pg.start(fence).await?;
             }
             Action::Stop { reason } => {
                 tracing::warn!("stopping PostgreSQL: {reason}");
@@ -658,12 +664,29 @@ impl Agent {
         }
     }
 
+    /// The core decided on a lease it saw; actions before this one (publishing
+    /// the member status, a slow etcd) may have used that time up. Checked
+    /// again right before PostgreSQL could start taking writes.
+    fn ensure_lease_allows_writes(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.dcs
+                .lease()
+                .is_valid_beyond(self.dynamic.demote_margin()),
+            "leader lease no longer confirmed beyond the demotion margin: not becoming writable"
+        );
+        Ok(())
+    }
+
     async fn promote(&mut self, reason: &str) -> Result<()> {
         let term = self.leader_term()?;
         let before = match self.pg.observe().await.0 {
             PgProcess::Running(pg) => pg,
             other => return Err(anyhow!("cannot promote: PostgreSQL is {other:?}")),
         };
+        self.ensure_lease_allows_writes()?;
+        self.fence
+            .primary_pid
+            .store(self.pg.pid().unwrap_or(0), Ordering::SeqCst);
         tracing::warn!("promoting: {reason}");
         self.pg.promote().await?;
         let entry = HistoryEntry {

@@ -7,6 +7,7 @@
 //! The `jai-lab` binary is a thin CLI over [`lab::Lab`]; the integration tests
 //! in `tests/tests/` use the same library.
 
+pub mod bench;
 pub mod lab;
 pub mod process;
 pub mod wait;

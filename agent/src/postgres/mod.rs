@@ -582,7 +582,10 @@ impl Postgres {
 
     /// Starts the postmaster as our child and waits until it answers queries
     /// (or `start_timeout` passes: then it is left running, reported unresponsive).
-    pub async fn start(&mut self) -> Result<()> {
+    ///
+    /// `fence`, when given, receives the postmaster's PID as soon as it exists,
+    /// so the fencing watchdog guards a starting primary at once.
+    pub async fn start(&mut self, fence: Option<&std::sync::atomic::AtomicI32>) -> Result<()> {
         if self.is_running() {
             return Ok(());
         }
@@ -619,6 +622,9 @@ impl Postgres {
             notify.notify_one();
         });
         self.postmaster = Some(Postmaster::Child { pid, exited });
+        if let Some(fence) = fence {
+            fence.store(pid.as_raw(), Ordering::SeqCst);
+        }
         tracing::info!(pid = pid.as_raw(), "started PostgreSQL");
         self.wait_until_ready().await
     }

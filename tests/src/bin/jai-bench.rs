@@ -1,0 +1,117 @@
+//! `jai-bench`: measure write unavailability on a lab (docs/benchmarks.md).
+
+use anyhow::{Context, Result};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use jai_lab::bench::{self, BenchOptions, Fault};
+use jai_lab::{Lab, LabSpec};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Benchmarks on a jai lab: numbers, not pass/fail.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// SIGKILL the primary (agent and PostgreSQL) under a writer, N times:
+    /// write unavailability, time to a new leader key, lost acknowledged writes.
+    Failover(Common),
+}
+
+/// What every benchmark takes.
+#[derive(Debug, ClapArgs)]
+struct Common {
+    /// Number of runs.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Lab directory: a new lab is started there (and stopped at the end)
+    /// unless --reuse.
+    #[arg(long, default_value = "/tmp/jai-bench")]
+    dir: PathBuf,
+    /// Use the lab already running in --dir (left running at the end).
+    #[arg(long)]
+    reuse: bool,
+    /// Number of PostgreSQL nodes of a new lab.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Number of etcd members of a new lab.
+    #[arg(long, default_value_t = 3)]
+    etcd_members: usize,
+    /// HAProxy health-check interval of a new lab.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    haproxy_check_interval: Duration,
+    /// Directory holding the jai-agent binary of a new lab (default: beside jai-bench).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Deadline of one run (healthy and writing, the fault, recovery).
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    run_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("jai-bench: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(args.command) => outcome,
+            // Dropping `run` drops a lab this process started, which kills it.
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("jai-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(bench: Bench) -> Result<()> {
+    let (fault, common) = match bench {
+        Bench::Failover(common) => (Fault::KillPrimary, common),
+    };
+    let mut lab = if common.reuse {
+        Lab::open(&common.dir)?
+    } else {
+        eprintln!(
+            "jai-bench: starting a lab of {} nodes and {} etcd members in {}",
+            common.nodes,
+            common.etcd_members,
+            common.dir.display()
+        );
+        let spec = LabSpec {
+            etcd_members: common.etcd_members,
+            haproxy_check_interval: common.haproxy_check_interval,
+            bin_dir: common.bin_dir.clone(),
+            ..LabSpec::new(&common.dir, common.nodes)
+        };
+        Lab::up(spec).await.context("starting the lab")?
+    };
+    anyhow::ensure!(
+        lab.desc.nodes.len() >= 2,
+        "a failover needs at least 2 nodes; the lab has {}",
+        lab.desc.nodes.len()
+    );
+    let options = BenchOptions {
+        runs: common.runs,
+        run_timeout: common.run_timeout,
+    };
+    let report = bench::run_bench(&mut lab, fault, &options).await?;
+    print!("{}", report.render());
+    Ok(())
+}
