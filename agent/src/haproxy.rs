@@ -27,8 +27,49 @@ fn default_write_backend() -> String {
     "jai_write".into()
 }
 
+/// Routes writes to `leader` only, on every HAProxy at once: its server is
+/// forced healthy, every other server of the backend (members that died and
+/// left etcd included: HAProxy's own list is asked) forced down, sessions cut.
+/// Returns one error line per HAProxy that failed.
+pub async fn route_writes_only_to(sockets: &[String], backend: &str, leader: &str) -> Vec<String> {
+    let mut sends = tokio::task::JoinSet::new();
+    for socket in sockets {
+        let (socket, backend, leader) = (socket.clone(), backend.to_owned(), leader.to_owned());
+        sends.spawn(async move {
+            let routed = async {
+                let state =
+                    exchange_with(&socket, &format!("show servers state {backend}")).await?;
+                let others: Vec<String> = server_names(&state)
+                    .into_iter()
+                    .filter(|name| *name != leader)
+                    .collect();
+                send(&socket, &route_writes_to(&backend, &leader, &others)).await
+            };
+            match tokio::time::timeout(2 * PUSH_TIMEOUT, routed).await {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(format!("HAProxy {socket}: {error:#}")),
+                Err(_) => Some(format!(
+                    "HAProxy {socket}: no answer within {:?}",
+                    2 * PUSH_TIMEOUT
+                )),
+            }
+        });
+    }
+    sends.join_all().await.into_iter().flatten().collect()
+}
+
+/// Server names from `show servers state` (the fourth column of each data line).
+fn server_names(state: &str) -> Vec<String> {
+    state
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The runtime API commands that route writes to `leader` only: its server is
-/// forced healthy, every other member's forced down and its sessions cut.
+/// forced healthy, every other one forced down and its sessions cut.
 pub fn route_writes_to(backend: &str, leader: &str, others: &[String]) -> String {
     let mut commands = vec![format!("set server {backend}/{leader} health up")];
     for other in others {
@@ -65,6 +106,18 @@ pub async fn push(sockets: &[String], commands: &str) -> Vec<String> {
 }
 
 async fn send(socket: &str, commands: &str) -> Result<()> {
+    let answer = exchange_with(socket, commands).await?;
+    // Success is silent; HAProxy answers errors in words ("No such server." …).
+    let complaint = answer.trim();
+    if complaint.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("{}", complaint.replace('\n', " ")))
+    }
+}
+
+/// Sends `commands` on a new connection to `socket` and returns the answer.
+async fn exchange_with(socket: &str, commands: &str) -> Result<String> {
     let answer = if socket.starts_with('/') {
         let mut stream = tokio::net::UnixStream::connect(socket)
             .await
@@ -76,13 +129,7 @@ async fn send(socket: &str, commands: &str) -> Result<()> {
             .context("connecting")?;
         exchange(&mut stream, commands).await?
     };
-    // Success is silent; HAProxy answers errors in words ("No such server." …).
-    let complaint = answer.trim();
-    if complaint.is_empty() {
-        Ok(())
-    } else {
-        Err(anyhow!("{}", complaint.replace('\n', " ")))
-    }
+    Ok(answer)
 }
 
 async fn exchange<S: AsyncReadExt + AsyncWriteExt + Unpin>(
@@ -98,6 +145,15 @@ async fn exchange<S: AsyncReadExt + AsyncWriteExt + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_names_come_from_the_state_dump() {
+        let state = "1\n# be_id be_name srv_id srv_name srv_addr\n2 jai_write 1 pg1 127.0.0.1 2 0\n2 jai_write 2 pg2 127.0.0.1 0 0\n";
+        assert_eq!(
+            server_names(state),
+            vec!["pg1".to_owned(), "pg2".to_owned()]
+        );
+    }
 
     #[test]
     fn only_the_leader_is_forced_up() {

@@ -76,6 +76,8 @@ struct Agent {
     last_rewind: Option<RewindOutcome>,
     /// Asks peers for their WAL positions during an election.
     http: reqwest::Client,
+    /// When the leader last sent its routing to HAProxy.
+    last_haproxy_reconcile: Option<Instant>,
 }
 
 /// The primary the fencing watchdog must stop if the lease runs out.
@@ -86,6 +88,9 @@ struct FenceTarget {
     /// Demotion margin in milliseconds.
     margin_ms: AtomicU64,
 }
+
+/// How often the leader re-sends its routing to HAProxy (see `reconcile_haproxy`).
+const HAPROXY_RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a peer's API may take to report its WAL position in an election.
 const PEER_TIMEOUT: Duration = Duration::from_millis(300);
@@ -184,6 +189,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         snapshot,
         fence,
         last_rewind: None,
+        last_haproxy_reconcile: None,
         http: reqwest::Client::builder()
             .no_proxy()
             .timeout(PEER_TIMEOUT)
@@ -249,6 +255,7 @@ impl Agent {
         self.arm_fence(&observation);
         let decision = self.core.decide(&observation);
         self.report(&observation, &decision).await;
+        self.reconcile_haproxy(&observation).await;
         let mut recheck = false;
         for action in &decision.actions {
             match self.execute(action).await {
@@ -264,6 +271,29 @@ impl Agent {
             }
         }
         recheck
+    }
+
+    /// The leader re-sends its routing to every HAProxy every
+    /// `HAPROXY_RECONCILE_EVERY`, so a restarted HAProxy or a missed push heals
+    /// by itself. Only while it is a writable primary: what `/primary` says.
+    async fn reconcile_haproxy(&mut self, observation: &Observation) {
+        let writable_primary = matches!(&observation.pg.process, PgProcess::Running(pg) if pg.role == PgRole::Primary)
+            && observation
+                .dcs
+                .as_ref()
+                .and_then(|view| view.leader.as_ref())
+                .is_some_and(|leader| leader.mine)
+            && self
+                .dcs
+                .lease()
+                .is_valid_beyond(self.dynamic.demote_margin());
+        let due = self
+            .last_haproxy_reconcile
+            .is_none_or(|at| at.elapsed() >= HAPROXY_RECONCILE_EVERY);
+        if writable_primary && due {
+            self.last_haproxy_reconcile = Some(Instant::now());
+            self.route_haproxy_writes_here().await;
+        }
     }
 
     /// Tells the fencing watchdog which postmaster to stop if the lease runs out.
@@ -638,14 +668,27 @@ impl Agent {
         Ok(())
     }
 
-    /// Names of the other registered members.
-    fn other_members(&self) -> Vec<String> {
-        self.view
-            .iter()
-            .flat_map(|view| view.members.iter())
-            .map(|member| member.name.clone())
-            .filter(|name| *name != self.config.name)
-            .collect()
+    /// Tells every configured HAProxy to send writes here and nowhere else.
+    async fn route_haproxy_writes_here(&mut self) {
+        let Some(haproxy) = self.config.haproxy.clone() else {
+            return;
+        };
+        let failures = crate::haproxy::route_writes_only_to(
+            &haproxy.sockets,
+            &haproxy.write_backend,
+            &self.config.name,
+        )
+        .await;
+        self.note_push_outcome(failures);
+    }
+
+    fn note_push_outcome(&mut self, failures: Vec<String>) {
+        if failures.is_empty() {
+            self.note_success("HAProxy push failed");
+        }
+        for failure in failures {
+            self.note_error("HAProxy push failed", &anyhow!(failure));
+        }
     }
 
     /// Sends the commands `build` makes for the write backend to every
@@ -656,12 +699,7 @@ impl Agent {
         };
         let commands = build(&haproxy.write_backend);
         let failures = crate::haproxy::push(&haproxy.sockets, &commands).await;
-        if failures.is_empty() {
-            self.note_success("HAProxy push failed");
-        }
-        for failure in failures {
-            self.note_error("HAProxy push failed", &anyhow!(failure));
-        }
+        self.note_push_outcome(failures);
     }
 
     /// The core decided on a lease it saw; actions before this one (publishing
@@ -703,9 +741,7 @@ impl Agent {
             tracing::warn!("history not appended: the leader key changed meanwhile");
         }
         tracing::warn!("promoted: now the primary");
-        let (me, others) = (self.config.name.clone(), self.other_members());
-        self.push_to_haproxy(|backend| crate::haproxy::route_writes_to(backend, &me, &others))
-            .await;
+        self.route_haproxy_writes_here().await;
         self.pg.spawn_checkpoint();
         Ok(())
     }

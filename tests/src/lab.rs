@@ -511,6 +511,42 @@ impl Lab {
         Ok(())
     }
 
+    /// Restarts HAProxy with a fresh state (as after a crash or a reload that
+    /// lost runtime changes): its servers start from their configuration.
+    pub fn restart_haproxy(&mut self) -> Result<()> {
+        if let Some(pid) = self.desc.haproxy.pid.take() {
+            process::terminate(pid, Duration::from_secs(5));
+        }
+        self.start_haproxy()?;
+        self.save()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.haproxy_command("show info").is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "HAProxy's admin socket did not come back within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Sends one command to HAProxy's runtime API and returns its answer.
+    pub fn haproxy_command(&self, command: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let socket = &self.desc.haproxy.stats_socket;
+        let mut stream = std::os::unix::net::UnixStream::connect(socket)
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(format!("{command}\n").as_bytes())?;
+        let mut answer = String::new();
+        match stream.read_to_string(&mut answer) {
+            // HAProxy may reset the connection once it has answered.
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(answer),
+            Err(error) => Err(error.into()),
+            Ok(_) => Ok(answer),
+        }
+    }
+
     /// Writes `DIR/lab.json` (atomically).
     pub fn save(&self) -> Result<()> {
         let file = self.desc.dir.join("lab.json");
