@@ -174,11 +174,8 @@ impl Dcs {
             Ok(result) => result.map_err(|error| {
                 let text = describe(&error);
                 if is_lease_gone(&text) {
-                    // etcd expired our lease (we were cut off longer than the TTL):
-                    // forget it so the next round registers with a new one.
                     if let Some(id) = self.lease.id() {
-                        tracing::warn!(lease = id, "etcd says our lease is gone: re-registering");
-                        self.lease.forget(id);
+                        self.forget_lost_lease(id);
                     }
                 }
                 anyhow!("etcd {what}: {text}")
@@ -188,6 +185,13 @@ impl Dcs {
                 humantime::format_duration(timeout)
             )),
         }
+    }
+
+    /// etcd expired our lease (we were cut off longer than the TTL): forget it
+    /// so the next round registers with a new one.
+    fn forget_lost_lease(&self, id: i64) {
+        tracing::warn!(lease = id, "etcd says our lease is gone: re-registering");
+        self.lease.forget(id);
     }
 
     /// Makes sure the agent holds a live lease: adopts the lease of a leader key
@@ -290,20 +294,12 @@ impl Dcs {
                                 .confirm(id, sent + Duration::from_secs(answer.ttl() as u64));
                         }
                         Ok(Ok(Some(_))) => {
-                            tracing::warn!(
-                                lease = id,
-                                "etcd says our lease expired: re-registering"
-                            );
-                            self.lease.forget(id);
+                            self.forget_lost_lease(id);
                             stream_for = None;
                             lost.notify_one();
                         }
                         Ok(Err(error)) if is_lease_gone(&describe(&error)) => {
-                            tracing::warn!(
-                                lease = id,
-                                "etcd says our lease is gone: re-registering"
-                            );
-                            self.lease.forget(id);
+                            self.forget_lost_lease(id);
                             stream_for = None;
                             lost.notify_one();
                         }

@@ -605,32 +605,21 @@ impl Lab {
             let node = &mut self.desc.nodes[index];
             let agent = node.agent_pid.filter(|pid| is_alive(*pid));
             match signal {
-                StopSignal::Kill => {
-                    let postmaster = process::postmaster_pid(&node.data_dir);
-                    if let Some(pid) = agent {
-                        process::signal(pid, Signal::SIGKILL);
-                        to_wait.push(pid);
+                StopSignal::Kill | StopSignal::Term | StopSignal::KillAgent => {
+                    if signal == StopSignal::Kill {
+                        if let Some(pid) = process::postmaster_pid(&node.data_dir) {
+                            process::signal_group(pid, Signal::SIGKILL);
+                            to_wait.push(pid);
+                        }
                     }
-                    if let Some(pid) = postmaster {
-                        process::signal_group(pid, Signal::SIGKILL);
-                        to_wait.push(pid);
-                    }
-                    node.agent_pid = None;
-                    node.frozen = false;
-                }
-                StopSignal::Term => {
                     if let Some(pid) = agent {
+                        // A frozen agent must run again to stop or to die.
                         process::signal(pid, Signal::SIGCONT);
-                        process::signal(pid, Signal::SIGTERM);
-                        to_wait.push(pid);
-                    }
-                    node.agent_pid = None;
-                    node.frozen = false;
-                }
-                StopSignal::KillAgent => {
-                    if let Some(pid) = agent {
-                        process::signal(pid, Signal::SIGCONT);
-                        process::signal(pid, Signal::SIGKILL);
+                        let agent_signal = match signal {
+                            StopSignal::Term => Signal::SIGTERM,
+                            _ => Signal::SIGKILL,
+                        };
+                        process::signal(pid, agent_signal);
                         to_wait.push(pid);
                     }
                     node.agent_pid = None;
