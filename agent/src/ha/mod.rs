@@ -448,6 +448,16 @@ impl Core {
         cluster: &ClusterView,
         was_primary: bool,
     ) -> Decision {
+        // Once this member decided to give the key up, it treats the key as
+        // gone until etcd shows it gone: a read can overtake the release (found
+        // by the simulator, seed 9214 with slow-timeout faults).
+        if self.is_standing_down(observation.now) {
+            return Decision::act(
+                MemberState::Stopped,
+                "gave the leader key up: releasing it again until etcd shows it gone",
+                vec![Action::ReleaseLeader],
+            );
+        }
         let since = *self.primary_down_since.get_or_insert(observation.now);
         let timeout = cluster.config.primary_start_timeout.as_millis() as Millis;
         if observation.now.saturating_sub(since) >= timeout {

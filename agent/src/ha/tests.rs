@@ -770,3 +770,17 @@ fn a_re_clone_is_followed_by_a_plain_start_not_another_clone() {
         })]
     );
 }
+
+#[test]
+fn a_released_key_still_seen_as_ours_is_released_again_never_restarted() {
+    let mut view = cluster();
+    view.leader = leader("a", true);
+    view.config.primary_start_timeout = Duration::ZERO;
+    let mut core = Core::new(identity("a"));
+    let crashed = observe(PgProcess::Stopped, data_dir(true), Some(view));
+    assert_eq!(core.decide(&crashed).actions, vec![Action::ReleaseLeader]);
+    // The next read still shows the key as ours (it overtook the release).
+    let mut again = crashed.clone();
+    again.now += 100;
+    assert_eq!(core.decide(&again).actions, vec![Action::ReleaseLeader]);
+}

@@ -13,6 +13,10 @@
 //!   the actions in order (stopping at the first error of an action that
 //!   warrants a recheck), then rechecks at once or sleeps `loop_wait` unless
 //!   woken (a `Notify` permit: watch event, PostgreSQL exit, lease lost, fence);
+//! - `Start(Primary)` and `Promote` check the lease again when they run
+//!   (`ensure_lease_allows_writes`) and fail if it is no longer valid beyond
+//!   the demotion margin; a primary start arms the watchdog with the new
+//!   postmaster at once, a promotion arms it right before `pg_promote`;
 //! - the keepalive task renews the lease every `min(loop_wait, ttl / 10)`
 //!   (100 ms after a failed attempt, each bounded by 500 ms) and
 //!   sets `valid_until = send time of the answered keepalive + TTL`, on this
@@ -508,6 +512,40 @@ impl Agent {
             token: 0,
         });
         self.reschedule_fence(env);
+    }
+
+    /// `fence.primary_pid.store(pid)` in an action: the watchdog guards the
+    /// current postmaster (one about to become a primary) from now on.
+    fn arm_fence_now(&mut self, env: &mut Env) {
+        let pg = &env.pgs[self.member];
+        self.fence = pg.has_postmaster().then(|| Fence {
+            generation: pg.generation,
+            margin_ms: self.dynamic.demote_margin().as_millis() as u64,
+            token: 0,
+        });
+        self.reschedule_fence(env);
+    }
+
+    /// `ensure_lease_allows_writes`: right before PostgreSQL could start
+    /// taking writes, the lease must still be valid beyond the demotion
+    /// margin (`is_valid_beyond`, the watchdog's test; `no-margin` ignores
+    /// the margin here too).
+    fn ensure_lease_allows_writes(&self, env: &Env) -> Result<(), String> {
+        let margin = match self.plant {
+            Some(Plant::NoMargin) => 0,
+            _ => self.dynamic.demote_margin().as_millis() as u64,
+        };
+        if self
+            .valid_until
+            .is_some_and(|until| self.now(env) + margin < until)
+        {
+            Ok(())
+        } else {
+            Err(
+                "leader lease no longer confirmed beyond the demotion margin: not becoming writable"
+                    .into(),
+            )
+        }
     }
 
     /// Schedules the first watchdog tick (every 50 ms of the local clock) at
@@ -1060,6 +1098,11 @@ impl Agent {
                         .and_then(|name| Some((name.to_owned(), self.address_of(env, name)?))),
                 };
                 let standby = !matches!(start_as, StartAs::Primary);
+                if !standby {
+                    if let Err(error) = self.ensure_lease_allows_writes(env) {
+                        return Done(Err(error));
+                    }
+                }
                 env.configure(
                     self.member,
                     follow.as_ref().map(|(_, index)| *index),
@@ -1069,7 +1112,13 @@ impl Agent {
                 if !standby && !env.pgs[self.member].has_postmaster() {
                     env.check_may_run_primary(self.member, &self.name, self.lease_id, true);
                 }
-                self.pg_op(env, OpKind::Start)
+                let progress = self.pg_op(env, OpKind::Start);
+                // `Postgres::start(Some(&fence.primary_pid))`: a primary is
+                // guarded by the watchdog from the postmaster's first moment.
+                if !standby && matches!(progress, Progress::Wait(_)) {
+                    self.arm_fence_now(env);
+                }
+                progress
             }
             (Action::Start(_), _) => Done(input.op()),
             (Action::Stop { .. }, 0) => {
@@ -1089,6 +1138,11 @@ impl Agent {
                 if !env.pgs[self.member].is_running() {
                     return Done(Err("cannot promote: PostgreSQL is not running".into()));
                 }
+                if let Err(error) = self.ensure_lease_allows_writes(env) {
+                    return Done(Err(error));
+                }
+                // The watchdog guards the postmaster before pg_promote.
+                self.arm_fence_now(env);
                 env.check_may_run_primary(self.member, &self.name, self.lease_id, false);
                 self.pg_op(env, OpKind::Promote)
             }

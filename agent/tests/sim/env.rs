@@ -148,6 +148,9 @@ pub struct Env {
     pub(super) strict_divergence: bool,
     /// `FaultProfile::targeted_cut`.
     pub(super) targeted_cut: bool,
+    /// When the last fault so far ends (scheduled ones, and the cuts of the
+    /// `targeted-cut` nemesis): the liveness bound counts from here.
+    pub(super) faults_end: u64,
     pub(super) diverged_seen: BTreeSet<(usize, usize, u32, u32)>,
     pub(super) stats: RunStats,
 }
@@ -175,6 +178,7 @@ impl Env {
             violation: None,
             strict_divergence: config.strict_divergence,
             targeted_cut: config.faults.targeted_cut,
+            faults_end: 0,
             diverged_seen: BTreeSet::new(),
             stats: RunStats::default(),
         }
@@ -317,11 +321,14 @@ impl Env {
         }
     }
 
-    /// Wakes the watchers of the cluster prefix: `run_watch` ignores a member
-    /// refreshing its own status, and wakes on anything else.
+    /// Wakes the watchers of the cluster prefix: `run_watch` ignores the
+    /// leader's `status` key and a member refreshing its own status, and
+    /// wakes on anything else.
     pub(super) fn publish(&mut self, changes: Vec<Change>) {
-        let relevant = changes.iter().any(|change| {
-            !matches!(change.key, Key::Member(_)) || change.deleted || change.created
+        let relevant = changes.iter().any(|change| match change.key {
+            Key::Status => false,
+            Key::Member(_) => change.deleted || change.created,
+            _ => true,
         });
         for change in &changes {
             if change.key == Key::Leader && change.created {
@@ -358,13 +365,18 @@ impl Env {
     }
 
     /// The `targeted-cut` nemesis: the new key holder loses etcd (black hole)
-    /// within 200 ms, half the time.
+    /// within 200 ms, half the time. Like the scheduled faults it strikes
+    /// only until `FAULTS_UNTIL_MS`, and the liveness bound counts from the
+    /// end of its last cut.
     fn maybe_cut_new_leader(&mut self) {
+        if !self.targeted_cut || self.now >= super::FAULTS_UNTIL_MS {
+            return;
+        }
         let holder = match self.etcd.get(&Key::Leader).map(|kv| &kv.value) {
             Some(etcd::Value::Text(name)) => self.member_index(name),
             _ => None,
         };
-        let Some(member) = holder.filter(|_| self.targeted_cut && self.rng.chance(500)) else {
+        let Some(member) = holder.filter(|_| self.rng.chance(500)) else {
             return;
         };
         let fault = Fault::Partition {
@@ -373,6 +385,7 @@ impl Env {
             mode: LinkMode::Blackhole,
         };
         let at = self.now + self.rng.range(0, 200);
+        self.faults_end = self.faults_end.max(at + fault.duration());
         self.schedule(at, Event::Fault(fault));
     }
 

@@ -1,7 +1,7 @@
 //! Faults, and the seeded schedule of them.
 //!
 //! The *default* profile holds the faults under which DESIGN.md §3 promises
-//! safety with the default timings (`ttl 5s >= loop_wait 1s + 2 * retry_timeout 2s`).
+//! safety with the default timings (`ttl 4s >= loop_wait 1s + 2 * retry_timeout 1.5s`).
 //! The opt-in kinds go beyond what the shell currently survives; each is
 //! named after what it models and documented with the bug it exposes, so
 //! they can join the default once the core/shell handles them.
@@ -194,7 +194,7 @@ pub const OPT_IN: &[(&str, &str)] = &[
     ),
     (
         "targeted-cut",
-        "half the time, black-hole the member that just took the leader key, for 1-8 s",
+        "half the time, black-hole the member that just took the leader key, for 1-8 s (until 60 s; the liveness bound counts from the last cut)",
     ),
 ];
 

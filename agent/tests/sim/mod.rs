@@ -20,14 +20,16 @@
 //! - PostgreSQL: WAL histories as branches (so diverged timelines are seen),
 //!   a primary taking writes until a stop signal, standbys streaming through a
 //!   slot with lag, promote, start, stop, initdb, pg_basebackup, pg_rewind,
-//!   crashes, and a postmaster that will not start;
+//!   crashes, a postmaster that will not start, and the watchdog's fast
+//!   shutdown (SIGINT: no more writes at once, nor a start or a promotion);
 //! - the shell: the cycle, keepalive task and fencing watchdog of
 //!   `shell.rs`/`dcs.rs`, with their waits and timeouts (see [`agent`]).
 //!
 //! Checked after every event (`invariants`): one writer (§3.1), promotion only
 //! with the key (§3.2, at the moment the shell acts), no standby pointed at a
 //! diverged upstream (§3.5, counted unless strict), `Core::decide` never
-//! panics; and at the end, a leader within `3 * ttl + 10 s` of the last fault.
+//! panics; and at the end, a leader within `3 * ttl + 10 s` of the end of the
+//! last fault (scheduled, or a cut of the `targeted-cut` nemesis).
 //! The first broken one ends the history with the seed and the last events.
 //!
 //! Everything random comes from one seed through [`rng::Rng`], and every
@@ -200,9 +202,8 @@ fn liveness_bound(config: &DynamicConfig) -> u64 {
 
 /// Runs the history of `seed`.
 pub fn run(seed: u64, config: &SimConfig) -> Result<RunStats, Failure> {
-    let (mut world, quiet_from) = build_world(seed, config);
+    let mut world = build_world(seed, config);
     let bound = liveness_bound(&world.bootstrap);
-    let end = quiet_from + bound;
     let fail = |world: &World, violation: Violation| Failure {
         seed,
         kind: violation.kind,
@@ -210,10 +211,11 @@ pub fn run(seed: u64, config: &SimConfig) -> Result<RunStats, Failure> {
         at_ms: violation.at_ms,
         trace: world.env.trace.lines(),
     };
-    let recovered_at = match world.run_until(quiet_from, end) {
-        Ok(recovered_at) => recovered_at,
+    let (quiet_from, recovered_at) = match world.run_until(bound) {
+        Ok(run) => run,
         Err(violation) => return Err(fail(&world, violation)),
     };
+    let end = quiet_from + bound;
     if world.env.healthy_leader(&world.agents).is_none() {
         let violation = Violation {
             kind: ViolationKind::NoLeader,
@@ -233,8 +235,8 @@ pub fn run(seed: u64, config: &SimConfig) -> Result<RunStats, Failure> {
 }
 
 /// Draws the cluster of `seed` (size, clocks, tags, start times) and its
-/// fault schedule. Returns the world and the end of the last fault.
-fn build_world(seed: u64, config: &SimConfig) -> (World, u64) {
+/// fault schedule (the end of the last fault goes to `Env::faults_end`).
+fn build_world(seed: u64, config: &SimConfig) -> World {
     let mut rng = Rng::new(seed);
     let mut fault_rng = rng.fork();
     let members = [2, 3, 3, 3, 3, 4, 4, 5][rng.range(0, 7) as usize];
@@ -272,12 +274,13 @@ fn build_world(seed: u64, config: &SimConfig) -> (World, u64) {
         .max()
         .unwrap_or(FAULTS_FROM_MS)
         .max(FAULTS_FROM_MS);
+    env.faults_end = quiet_from;
     for (at, fault) in faults {
         env.schedule(at, Event::Fault(fault));
     }
     env.schedule(etcd::SWEEP_EVERY_MS, Event::EtcdSweep);
     env.schedule(WAL_TICK_MS, Event::WalTick);
-    let world = World {
+    World {
         env,
         agents: (0..members).map(|_| None).collect(),
         paused: vec![None; members],
@@ -286,6 +289,5 @@ fn build_world(seed: u64, config: &SimConfig) -> (World, u64) {
         reclone,
         bootstrap: DynamicConfig::default(),
         plant: config.plant,
-    };
-    (world, quiet_from)
+    }
 }

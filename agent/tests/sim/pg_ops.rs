@@ -36,6 +36,7 @@ impl Env {
                 }
                 pg.process = Process::Starting;
                 pg.generation += 1;
+                pg.shutting_down = false;
                 self.rng.range(300, 1_500)
             }
             OpKind::Stop => {
@@ -224,6 +225,10 @@ impl Env {
         if pg.process != Process::Starting {
             return Err("PostgreSQL exited during start-up".into());
         }
+        if pg.shutting_down {
+            // Signalled while starting: it exits instead (see `pg_exit`).
+            return Err("PostgreSQL: the database system is shutting down".into());
+        }
         if self.now < pg.broken_until {
             pg.process = Process::Stopped;
             self.log(format!("{}: PG failed to start", self.names[member]));
@@ -262,6 +267,11 @@ impl Env {
             Process::Running { primary: false, .. }
         ) {
             return Err("PostgreSQL: promotion interrupted".into());
+        }
+        if self.pgs[member].shutting_down {
+            // pg_promote against a postmaster in fast shutdown: the startup
+            // process is terminated before the promotion ends.
+            return Err("PostgreSQL: the database system is shutting down".into());
         }
         self.next_branch += 1;
         let branch = self.next_branch;
@@ -332,6 +342,7 @@ impl Env {
         if let Process::Running { accepting, .. } = &mut pg.process {
             *accepting = false;
         }
+        pg.shutting_down = true;
         let exit_after = self.rng.range(50, 600);
         self.schedule(self.now + exit_after, Event::PgExit { member, generation });
     }

@@ -175,6 +175,9 @@ pub struct PgSim {
     pub generation: u64,
     /// Every start fails until then (real ms).
     pub broken_until: u64,
+    /// The postmaster got SIGINT (fast shutdown): it never again answers as
+    /// ready or finishes a promotion; it only exits.
+    pub shutting_down: bool,
 }
 
 impl PgSim {
@@ -186,6 +189,7 @@ impl PgSim {
             op: None,
             generation: 0,
             broken_until: 0,
+            shutting_down: false,
         }
     }
 

@@ -194,16 +194,15 @@ impl World {
         }
     }
 
-    /// Runs events up to `end`, checking one-writer after each. Returns when
-    /// a healthy leader was first seen after `quiet_from`, or the violation.
-    pub(super) fn run_until(
-        &mut self,
-        quiet_from: u64,
-        end: u64,
-    ) -> Result<Option<u64>, Violation> {
+    /// Runs events until `bound` after the end of the last fault
+    /// (`Env::faults_end`, which the `targeted-cut` nemesis may push back),
+    /// checking one-writer after each. Returns the end of the last fault and
+    /// when a healthy leader was first seen after it, or the violation.
+    pub(super) fn run_until(&mut self, bound: u64) -> Result<(u64, Option<u64>), Violation> {
         let mut recovered_at = None;
+        let mut quiet_from = self.env.faults_end;
         while let Some(Reverse(next)) = self.env.queue.pop() {
-            if next.at > end {
+            if next.at > self.env.faults_end + bound {
                 break;
             }
             self.env.now = next.at;
@@ -212,6 +211,10 @@ impl World {
             if let Some(violation) = self.env.violation.take() {
                 return Err(violation);
             }
+            if self.env.faults_end != quiet_from {
+                quiet_from = self.env.faults_end;
+                recovered_at = None;
+            }
             if self.env.now >= quiet_from
                 && recovered_at.is_none()
                 && self.env.healthy_leader(&self.agents).is_some()
@@ -219,7 +222,7 @@ impl World {
                 recovered_at = Some(self.env.now);
             }
         }
-        self.env.now = end;
-        Ok(recovered_at)
+        self.env.now = quiet_from + bound;
+        Ok((quiet_from, recovered_at))
     }
 }
