@@ -668,18 +668,7 @@ impl Lab {
         let ports = self.etcd_ports_of(name)?;
         let chain = self.ensure_firewall_chain()?;
         for port in ports {
-            iptables(&[
-                "-A",
-                &chain,
-                "-p",
-                "tcp",
-                "-d",
-                &self.desc.host,
-                "--dport",
-                &port,
-                "-j",
-                "DROP",
-            ])?;
+            self.drop_rule("-A", &chain, &port)?;
         }
         self.save()
     }
@@ -692,20 +681,25 @@ impl Lab {
         };
         for port in ports {
             // Absent rules (never cut) are fine: healing is idempotent.
-            let _ = iptables(&[
-                "-D",
-                &chain,
-                "-p",
-                "tcp",
-                "-d",
-                &self.desc.host,
-                "--dport",
-                &port,
-                "-j",
-                "DROP",
-            ]);
+            let _ = self.drop_rule("-D", &chain, &port);
         }
         Ok(())
+    }
+
+    /// Appends (`-A`) or deletes (`-D`) the rule dropping TCP to this lab's `port`.
+    fn drop_rule(&self, action: &str, chain: &str, port: &str) -> Result<()> {
+        iptables(&[
+            action,
+            chain,
+            "-p",
+            "tcp",
+            "-d",
+            &self.desc.host,
+            "--dport",
+            port,
+            "-j",
+            "DROP",
+        ])
     }
 
     fn etcd_ports_of(&self, name: &str) -> Result<Vec<String>> {
