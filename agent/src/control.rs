@@ -366,10 +366,23 @@ impl Control for ControlService {
                 warnings.push(text);
             }
         }
-        warnings.push(format!(
-            "{} streams asynchronously: writes the old primary acknowledged but had not sent are lost",
-            target.name
-        ));
+        match ha::sync::allows_promotion(&view, &target.name) {
+            Ok(()) if view.config.synchronous_mode.is_on() => {}
+            Ok(()) => warnings.push(format!(
+                "{} streams asynchronously: writes the old primary acknowledged but had not sent are lost",
+                target.name
+            )),
+            Err(why) if request.force => warnings.push(format!(
+                "{} is {why}: forced, the commits it misses are lost",
+                target.name
+            )),
+            Err(why) => {
+                return Err(Status::failed_precondition(format!(
+                    "{} is {why}; add --force to accept losing them",
+                    target.name
+                )))
+            }
+        }
         let intent = SwitchoverIntent {
             from: None,
             to: Some(request.to.clone()),
@@ -529,6 +542,7 @@ fn running_primary(member: &MemberStatus) -> Option<RunningPostgres> {
         following: None,
         slots: Vec::new(),
         standbys: member.standbys.clone(),
+        sync_names: Default::default(),
     })
 }
 

@@ -18,6 +18,7 @@ use etcd_client::{
 };
 use jai_proto::{
     ClusterKeys, DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus, SwitchoverIntent,
+    SyncState,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -337,6 +338,7 @@ impl Dcs {
             config: fallback_config.clone(),
             last_leader: None,
             switchover: None,
+            sync: None,
         };
         for kv in response.kvs() {
             let key = kv.key_str().unwrap_or_default();
@@ -377,6 +379,11 @@ impl Dcs {
                 }
             } else if key == self.keys.status() {
                 view.last_leader = serde_json::from_str(value).ok();
+            } else if key == self.keys.sync() {
+                match serde_json::from_str::<SyncState>(value) {
+                    Ok(sync) => view.sync = Some(sync),
+                    Err(error) => tracing::warn!("ignoring unreadable {key}: {error}"),
+                }
             } else if key == self.keys.switchover() {
                 match serde_json::from_str::<SwitchoverIntent>(value) {
                     Ok(intent) => view.switchover = Some(intent),
@@ -527,20 +534,36 @@ impl Dcs {
             .succeeded())
     }
 
-    /// Deletes the `switchover` intent, only while we lead in term `term`.
-    pub async fn clear_switchover(&self, term: i64) -> Result<Won> {
+    /// Writes the `sync` key, only while we lead in term `term`.
+    pub async fn write_sync(&self, sync: &SyncState, term: i64) -> Result<Won> {
+        let json = serde_json::to_string(sync)?;
+        self.put_as_leader(term, self.keys.sync(), json).await
+    }
+
+    /// Deletes the `sync` key, only while we lead in term `term`.
+    pub async fn clear_sync(&self, term: i64) -> Result<Won> {
+        self.delete_as_leader(term, self.keys.sync()).await
+    }
+
+    /// Deletes `key`, only while we lead in term `term`.
+    async fn delete_as_leader(&self, term: i64, key: String) -> Result<Won> {
         let txn = Txn::new()
             .when([Compare::create_revision(
                 self.keys.leader(),
                 CompareOp::Equal,
                 term,
             )])
-            .and_then([TxnOp::delete(self.keys.switchover(), None)]);
+            .and_then([TxnOp::delete(key, None)]);
         let mut client = self.client.clone();
         Ok(self
-            .bounded("clear switchover", client.txn(txn))
+            .bounded("leader delete", client.txn(txn))
             .await?
             .succeeded())
+    }
+
+    /// Deletes the `switchover` intent, only while we lead in term `term`.
+    pub async fn clear_switchover(&self, term: i64) -> Result<Won> {
+        self.delete_as_leader(term, self.keys.switchover()).await
     }
 
     /// Records a switchover or failover intent unless one is pending, and only

@@ -9,7 +9,7 @@ use crate::dcs::LeaseTracker;
 use crate::dcs::{self, Dcs};
 use crate::ha::{
     Action, ClusterView, Core, DataDir, Decision, Identity, LeaseView, LocalPostgres, Millis,
-    Observation, PgProcess, PgRole, RewindOutcome, StartAs,
+    Observation, PgProcess, PgRole, RewindOutcome, StartAs, SyncNames,
 };
 use crate::postgres::Postgres;
 use anyhow::{anyhow, Context, Result};
@@ -729,6 +729,7 @@ impl Agent {
                 let standby = !matches!(start_as, StartAs::Primary);
                 if !standby {
                     self.ensure_lease_allows_writes()?;
+                    self.pg.set_sync_names(self.sync_names_as_new_primary());
                 }
                 self.write_pg_config(follow, standby)?;
                 tracing::info!(?start_as, "starting PostgreSQL");
@@ -814,6 +815,27 @@ impl Agent {
             Action::Checkpoint => {
                 self.pg.checkpoint().await.context("CHECKPOINT")?;
             }
+            Action::WriteSync(sync) => {
+                let term = self.leader_term()?;
+                anyhow::ensure!(
+                    self.dcs.write_sync(sync, term).await?,
+                    "the leader key changed: sync key not written"
+                );
+                tracing::info!(standbys = ?sync.members, "synchronous standbys recorded in etcd");
+            }
+            Action::SetSyncNames(names) => {
+                self.pg.set_sync_names(names.clone());
+                self.write_pg_config(None, false)?;
+                self.pg.reload()?;
+                self.pg.confirm_sync_names(names).await?;
+                tracing::info!("synchronous_standby_names = '{}'", names.render());
+            }
+            Action::ClearSync => {
+                let term = self.leader_term()?;
+                if self.dcs.clear_sync(term).await? {
+                    tracing::info!("synchronous mode off: sync key removed");
+                }
+            }
             Action::ClearSwitchover { reason } => {
                 let term = self.leader_term()?;
                 if self.dcs.clear_switchover(term).await? {
@@ -822,6 +844,14 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// `synchronous_standby_names` for this member as it becomes a primary.
+    fn sync_names_as_new_primary(&self) -> SyncNames {
+        self.view
+            .as_ref()
+            .map(|view| crate::ha::sync::names_for_new_primary(&self.config.name, view))
+            .unwrap_or_default()
     }
 
     /// Tells every configured HAProxy to send writes here and nowhere else.
@@ -877,6 +907,19 @@ impl Agent {
             PgProcess::Running(pg) => pg,
             other => return Err(anyhow!("cannot promote: PostgreSQL is {other:?}")),
         };
+        // Commits after the promotion wait for standbys as synchronous mode
+        // requires from the first one: set before promoting.
+        let sync_names = self.sync_names_as_new_primary();
+        if sync_names != SyncNames::Off {
+            self.pg.set_sync_names(sync_names.clone());
+            let follow = before
+                .following
+                .as_deref()
+                .and_then(|name| self.with_address(name));
+            self.write_pg_config(follow, true)?;
+            self.pg.reload()?;
+            self.pg.confirm_sync_names(&sync_names).await?;
+        }
         self.ensure_lease_allows_writes()?;
         self.fence
             .primary_pid

@@ -8,7 +8,7 @@ use crate::error::CtlError;
 use etcd_client::{Client, ConnectOptions, GetOptions};
 use jai_proto::{
     ClusterKeys, DynamicConfig, HistoryEntry, LeaderStatus, MemberRole, MemberStatus,
-    SwitchoverIntent,
+    SwitchoverIntent, SyncState,
 };
 use serde::Serialize;
 
@@ -31,6 +31,8 @@ pub struct ClusterState {
     pub last_leader: Option<LeaderStatus>,
     /// Every promotion.
     pub history: Vec<HistoryEntry>,
+    /// The standbys the leader's commits wait for (synchronous mode).
+    pub sync: Option<SyncState>,
 }
 
 impl ClusterState {
@@ -51,6 +53,15 @@ impl ClusterState {
             .filter(|leader| leader.role == MemberRole::Primary)
             .and_then(|leader| leader.write_lsn)
             .or(self.last_leader.as_ref().map(|status| status.optime))
+    }
+
+    /// `name` is a synchronous standby of the current leader.
+    pub fn is_sync_standby(&self, name: &str) -> bool {
+        self.config.synchronous_mode.is_on()
+            && self.sync.as_ref().is_some_and(|sync| {
+                Some(sync.leader.as_str()) == self.leader.as_deref()
+                    && sync.members.iter().any(|member| member == name)
+            })
     }
 
     /// `member` must exist; the error lists who does.
@@ -100,6 +111,7 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
         switchover: None,
         last_leader: None,
         history: Vec::new(),
+        sync: None,
     };
     for kv in response.kvs() {
         let key = kv.key_str().unwrap_or_default();
@@ -114,6 +126,8 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
             state.switchover = Some(parse(key, value)?);
         } else if key == keys.status() {
             state.last_leader = Some(parse(key, value)?);
+        } else if key == keys.sync() {
+            state.sync = Some(parse(key, value)?);
         } else if key == keys.history() {
             state.history = parse(key, value)?;
         } else if keys.member_name_of(key).is_some() {

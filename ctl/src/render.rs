@@ -49,6 +49,10 @@ pub struct StatusView {
     pub paused: bool,
     /// A pending switchover, in words.
     pub pending_switchover: Option<String>,
+    /// `off`, `on` or `strict`.
+    pub synchronous_mode: String,
+    /// The leader's synchronous standbys (the `sync` key).
+    pub sync_standbys: Vec<String>,
     /// One row per member.
     pub members: Vec<MemberRow>,
 }
@@ -61,6 +65,16 @@ pub fn status_view(state: &ClusterState) -> StatusView {
         leader: state.leader.clone(),
         paused: state.config.pause,
         pending_switchover: state.switchover.as_ref().map(|intent| intent.describe()),
+        synchronous_mode: serde_json::to_value(state.config.synchronous_mode)
+            .ok()
+            .and_then(|mode| mode.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        sync_standbys: state
+            .members
+            .iter()
+            .filter(|member| state.is_sync_standby(&member.name))
+            .map(|member| member.name.clone())
+            .collect(),
         members: state
             .members
             .iter()
@@ -77,7 +91,7 @@ fn member_row(state: &ClusterState, member: &MemberStatus) -> MemberRow {
     let role = match member.role {
         _ if is_leader => "Leader",
         MemberRole::Primary => "Primary (no key)",
-        MemberRole::Replica if link.is_some_and(|link| link.synchronous) => "Sync Standby",
+        MemberRole::Replica if state.is_sync_standby(&member.name) => "Sync Standby",
         MemberRole::Replica => "Replica",
         MemberRole::Unknown => "-",
     };
@@ -187,6 +201,20 @@ pub fn status_table(view: &StatusView) -> String {
     }
     if view.paused {
         out.push_str("Maintenance mode: on (no automatic failover; `jaictl resume` ends it)\n");
+    }
+    if view.synchronous_mode != "off" {
+        let standbys = if view.sync_standbys.is_empty() {
+            match view.synchronous_mode.as_str() {
+                "strict" => "none: commits wait until a standby streams".to_owned(),
+                _ => "none: running asynchronously, no automatic failover".to_owned(),
+            }
+        } else {
+            view.sync_standbys.join(", ")
+        };
+        out.push_str(&format!(
+            "Synchronous mode: {} (synchronous standbys: {standbys})\n",
+            view.synchronous_mode
+        ));
     }
     if let Some(pending) = &view.pending_switchover {
         out.push_str(&format!("Pending switchover: {pending}\n"));

@@ -33,8 +33,37 @@ pub struct DynamicConfig {
     /// restart, no rewind) and say so in their status. Fencing stays on: a
     /// primary whose lease is not confirmed still stops writing.
     pub pause: bool,
+    /// Whether commits wait for standbys (DESIGN.md §3.3): see [`SynchronousMode`].
+    pub synchronous_mode: SynchronousMode,
+    /// How many standbys each commit waits for in synchronous mode.
+    pub synchronous_node_count: u32,
+    /// A synchronous standby whose flushed position falls further behind the
+    /// leader than this many bytes is replaced by a healthier one.
+    pub maximum_lag_on_syncnode: u64,
     /// PostgreSQL settings every member runs with.
     pub postgresql: PostgresqlSettings,
+}
+
+/// Whether a commit is acknowledged only once standbys have it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynchronousMode {
+    /// Asynchronous replication: a failover may lose the last acknowledged writes.
+    #[default]
+    Off,
+    /// Commits wait for the standbys listed in the `sync` key; only they may be
+    /// promoted. With no eligible standby the leader falls back to
+    /// asynchronous commits (and says so) rather than stop taking writes.
+    On,
+    /// Like `on`, but never falls back: with no standby, commits wait.
+    Strict,
+}
+
+impl SynchronousMode {
+    /// Commits may wait for standbys.
+    pub fn is_on(self) -> bool {
+        self != SynchronousMode::Off
+    }
 }
 
 /// The PostgreSQL part of [`DynamicConfig`].
@@ -54,6 +83,9 @@ impl Default for DynamicConfig {
             maximum_lag_on_failover: 1024 * 1024,
             primary_start_timeout: Duration::from_secs(30),
             pause: false,
+            synchronous_mode: SynchronousMode::Off,
+            synchronous_node_count: 1,
+            maximum_lag_on_syncnode: 16 * 1024 * 1024,
             postgresql: PostgresqlSettings::default(),
         }
     }
@@ -85,6 +117,7 @@ const AGENT_OWNED_PARAMETERS: &[&str] = &[
     "recovery_target_timeline",
     "wal_level",
     "hot_standby",
+    "synchronous_standby_names",
 ];
 
 /// The demotion margin never exceeds this (see [`DynamicConfig::demote_margin`]).
@@ -139,6 +172,12 @@ impl DynamicConfig {
                     show(self.retry_timeout),
                     show(needed)
                 ),
+            );
+        }
+        if self.synchronous_node_count < 1 {
+            return error(
+                "synchronous_node_count",
+                "must be at least 1 (use synchronous_mode: off for none)".into(),
             );
         }
         for name in self.postgresql.parameters.keys() {

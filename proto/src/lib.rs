@@ -21,11 +21,11 @@ pub mod member;
 pub mod patch;
 pub mod record;
 
-pub use dynamic::{ConfigError, DynamicConfig};
+pub use dynamic::{ConfigError, DynamicConfig, SynchronousMode};
 pub use keys::ClusterKeys;
 pub use lsn::Lsn;
 pub use member::{MemberRole, MemberState, MemberStatus, StandbyLink, Tags};
-pub use record::{HistoryEntry, LeaderStatus, SwitchoverIntent};
+pub use record::{HistoryEntry, LeaderStatus, SwitchoverIntent, SyncState};
 
 /// The gRPC control API (`jai.proto`): the agent serves it, `jaictl` calls it.
 pub mod grpc {

@@ -33,6 +33,29 @@ pub struct HistoryEntry {
     pub new_leader: String,
 }
 
+/// The value of `sync`: the standbys the leader's commits wait for.
+///
+/// The leader writes a standby here *before* it lists it in
+/// `synchronous_standby_names`, and unlists it there *before* it removes it
+/// here (DESIGN.md §3.3), so every standby that ever acknowledged a commit is in
+/// this key. In synchronous mode only these members (or `leader`) may be
+/// promoted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    /// The leader that wrote it.
+    pub leader: String,
+    /// Its synchronous standbys.
+    pub members: Vec<String>,
+}
+
+impl SyncState {
+    /// `name` holds every commit the leader acknowledged: a listed standby,
+    /// or the leader itself.
+    pub fn has_every_commit(&self, name: &str) -> bool {
+        self.leader == name || self.members.iter().any(|member| member == name)
+    }
+}
+
 /// The value of `switchover`: an operator's request to hand leadership over.
 ///
 /// Written by an agent's control API after checking it, carried out by the

@@ -24,7 +24,7 @@ pub fn judge(
     pg: &RunningPostgres,
     cluster: &ClusterView,
 ) -> Result<(), NotEligible> {
-    check_eligible(identity, pg, cluster, LagCheck::Enforce)?;
+    check_eligible(identity, pg, cluster, Override::None)?;
     let position = pg.wal_position();
     let former_leader = cluster
         .last_leader
@@ -44,6 +44,9 @@ pub fn judge(
         if runs_primary && !other.standing_down {
             return Err(format!("{} still reports a running primary", other.name));
         }
+        if super::sync::allows_promotion(cluster, &other.name).is_err() {
+            continue;
+        }
         if let Some(rank) = candidate_rank(other, former_leader) {
             if rank > my_rank {
                 return Err(format!(
@@ -56,26 +59,32 @@ pub fn judge(
     Ok(())
 }
 
-/// Whether the lag rule applies: an operator may waive it for a failover.
+/// Whether an operator overrode the rules that protect acknowledged writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LagCheck {
-    /// A member behind `maximum_lag_on_failover` is not eligible.
-    Enforce,
-    /// The operator forced this member: its lag is accepted.
-    Waived,
+pub enum Override {
+    /// All rules apply.
+    None,
+    /// A forced failover: the operator accepts this member's lag, and that
+    /// it may not be a synchronous standby. The rules that keep one writer
+    /// (the key, the lease) are never waived.
+    Forced,
 }
 
 /// The rules every member taking the key must pass, whoever chose it: not
 /// tagged `nofailover`, not on a timeline older than the last leader's, and
-/// (unless waived) not further behind it than `maximum_lag_on_failover`.
+/// (unless forced) not further behind it than `maximum_lag_on_failover` and,
+/// in synchronous mode, listed in the `sync` key.
 pub fn check_eligible(
     identity: &Identity,
     pg: &RunningPostgres,
     cluster: &ClusterView,
-    lag: LagCheck,
+    waiver: Override,
 ) -> Result<(), NotEligible> {
     if identity.tags.nofailover {
         return Err("tagged nofailover".into());
+    }
+    if waiver == Override::None {
+        super::sync::allows_promotion(cluster, &identity.name)?;
     }
     let Some(last) = &cluster.last_leader else {
         return Ok(());
@@ -87,7 +96,7 @@ pub fn check_eligible(
         ));
     }
     let behind = last.optime.bytes_since(pg.wal_position());
-    if lag == LagCheck::Enforce
+    if waiver == Override::None
         && pg.timeline == last.timeline
         && behind > cluster.config.maximum_lag_on_failover
     {

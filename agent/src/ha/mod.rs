@@ -16,10 +16,11 @@
 
 pub mod election;
 pub mod model;
+pub mod sync;
 
 pub use model::*;
 
-use election::LagCheck;
+use election::Override;
 use jai_proto::{LeaderStatus, MemberState, MemberStatus, SwitchoverIntent};
 
 /// The decision logic of one member, plus the little it must remember.
@@ -378,10 +379,13 @@ impl Core {
         if let Some(handover) = self.hand_over_if_asked(observation, cluster, pg) {
             return handover;
         }
+        let (sync_actions, sync_reason) = sync::leader_plan(&self.identity, cluster, pg);
+        let mut actions = self.leader_duties(observation, cluster, pg);
+        actions.extend(sync_actions);
         Decision::act(
             MemberState::Running,
-            reason.map(str::to_owned),
-            self.leader_duties(observation, cluster, pg),
+            reason.map(str::to_owned).or(sync_reason),
+            actions,
         )
     }
 
@@ -468,14 +472,14 @@ impl Core {
             .map_or(observation.now, |(_, since)| *since);
         let window_open = observation.now.saturating_sub(waiting_since)
             < cluster.config.ttl.as_millis() as Millis;
-        let lag = if intent.force {
-            LagCheck::Waived
+        let waiver = if intent.force {
+            Override::Forced
         } else {
-            LagCheck::Enforce
+            Override::None
         };
         match intent.to.as_deref() {
             Some(to) if to == self.identity.name => Some(
-                match election::check_eligible(&self.identity, pg, cluster, lag) {
+                match election::check_eligible(&self.identity, pg, cluster, waiver) {
                     Ok(()) => Decision::act(
                         MemberState::Running,
                         format!("{kind}: this member is the target, taking the leader key"),
@@ -822,6 +826,11 @@ pub fn handover_target(
         if !link.is_streaming() {
             return Err(format!("{name} is {}, not streaming", link.state));
         }
+        if !intent.force {
+            sync::allows_promotion(cluster, name).map_err(|why| {
+                format!("{name} is {why}; --force accepts losing what it has not received")
+            })?;
+        }
         let behind = pg
             .wal_position()
             .bytes_since(link.flush_lsn.unwrap_or_default());
@@ -931,6 +940,19 @@ fn current_state(observation: &Observation) -> MemberState {
     }
 }
 
+/// §3.3: in synchronous mode only a member holding every acknowledged commit
+/// is promoted, unless an operator forced this very member.
+fn sync_allows(identity: &Identity, observation: &Observation) -> bool {
+    let Some(cluster) = &observation.dcs else {
+        return false;
+    };
+    let forced = cluster
+        .switchover
+        .as_ref()
+        .is_some_and(|intent| intent.force && intent.to.as_deref() == Some(identity.name.as_str()));
+    forced || sync::allows_promotion(cluster, &identity.name).is_ok()
+}
+
 /// Checks the safety rules of DESIGN.md §3 against one decision. A violation is
 /// a bug in the core, so it panics with the observation and the decision.
 pub fn assert_safe(identity: &Identity, observation: &Observation, decision: &Decision) {
@@ -958,7 +980,7 @@ pub fn assert_safe(identity: &Identity, observation: &Observation, decision: &De
             // §3.1: the key goes only once this member cannot take writes.
             Action::ReleaseLeader => !runs_primary || stopped_before,
             // §3.2: promotion only with the key, and a lease that outlives the margin.
-            Action::Promote { .. } => holds_key && lease_ok,
+            Action::Promote { .. } => holds_key && lease_ok && sync_allows(identity, observation),
             // A primary starts only for its own bootstrap or while holding the key.
             Action::Start(StartAs::Primary) => (holds_key || bootstrapping) && lease_ok,
             // Only the key holder manages slots and speaks for the leader.

@@ -2,9 +2,11 @@
 
 use jai_proto::{
     DynamicConfig, LeaderStatus, Lsn, MemberState, MemberStatus, StandbyLink, SwitchoverIntent,
-    Tags,
+    SyncState, Tags,
 };
 use std::time::Duration;
+
+pub use super::sync::SyncNames;
 
 /// Milliseconds on the agent's monotonic clock. The shell owns the clock; the
 /// core only compares instants it was given.
@@ -120,6 +122,8 @@ pub struct RunningPostgres {
     pub slots: Vec<String>,
     /// On a primary, the standbys connected to it (`pg_stat_replication`).
     pub standbys: Vec<StandbyLink>,
+    /// What `synchronous_standby_names` says now.
+    pub sync_names: SyncNames,
 }
 
 impl RunningPostgres {
@@ -147,6 +151,8 @@ pub struct ClusterView {
     pub last_leader: Option<LeaderStatus>,
     /// The `switchover` key: an operator's pending handover.
     pub switchover: Option<SwitchoverIntent>,
+    /// The `sync` key: the standbys the last leader's commits waited for.
+    pub sync: Option<SyncState>,
 }
 
 impl ClusterView {
@@ -255,6 +261,12 @@ pub enum Action {
         /// Why, for the log and the operator waiting on it.
         reason: String,
     },
+    /// Write the `sync` key (guarded by this leader's term).
+    WriteSync(SyncState),
+    /// Set `synchronous_standby_names` on the local primary and reload.
+    SetSyncNames(SyncNames),
+    /// Delete the `sync` key (synchronous mode turned off), as the leader.
+    ClearSync,
 }
 
 impl Action {

@@ -33,6 +33,7 @@ fn cluster() -> ClusterView {
         config: DynamicConfig::default(),
         last_leader: None,
         switchover: None,
+        sync: None,
     }
 }
 
@@ -53,6 +54,7 @@ fn replica_at(lsn: u64) -> RunningPostgres {
         following: None,
         slots: vec![],
         standbys: vec![],
+        sync_names: SyncNames::Off,
     }
 }
 
@@ -66,6 +68,7 @@ fn primary_at(lsn: u64) -> RunningPostgres {
         following: None,
         slots: vec![],
         standbys: vec![],
+        sync_names: SyncNames::Off,
     }
 }
 
@@ -1070,5 +1073,253 @@ fn a_member_stops_standing_down_once_another_member_leads() {
     assert!(
         !core.is_standing_down(NOW),
         "a switchover back must be possible at once"
+    );
+}
+
+// ---- synchronous replication (DESIGN.md §3.3) ----
+
+fn sync_actions(decision: &Decision) -> Vec<Action> {
+    decision
+        .actions
+        .iter()
+        .filter(|action| {
+            matches!(
+                action,
+                Action::WriteSync(_) | Action::SetSyncNames(_) | Action::ClearSync
+            )
+        })
+        .cloned()
+        .collect()
+}
+
+fn sync_state(leader: &str, members: &[&str]) -> jai_proto::SyncState {
+    jai_proto::SyncState {
+        leader: leader.into(),
+        members: members.iter().map(|name| (*name).into()).collect(),
+    }
+}
+
+fn first(names: &[&str]) -> SyncNames {
+    SyncNames::First {
+        count: 1,
+        names: names.iter().map(|name| (*name).into()).collect(),
+    }
+}
+
+/// pg1 leads in `mode` with pg2 and pg3 streaming, the `sync` key and
+/// `synchronous_standby_names` as given.
+fn leading_in_sync_mode(
+    mode: jai_proto::SynchronousMode,
+    key: Option<jai_proto::SyncState>,
+    names: SyncNames,
+) -> (ClusterView, RunningPostgres) {
+    let (mut view, mut pg) = leading_with(None);
+    view.config.synchronous_mode = mode;
+    view.sync = key;
+    pg.sync_names = names;
+    (view, pg)
+}
+
+fn lead(view: ClusterView, pg: RunningPostgres) -> Decision {
+    decide(
+        "pg1",
+        &observe(PgProcess::Running(pg), data_dir(true), Some(view)),
+    )
+}
+
+#[test]
+fn a_standby_enters_the_sync_key_before_postgresql_waits_for_it() {
+    let (view, pg) = leading_in_sync_mode(jai_proto::SynchronousMode::On, None, SyncNames::Off);
+    assert_eq!(
+        sync_actions(&lead(view, pg)),
+        vec![
+            Action::WriteSync(sync_state("pg1", &["pg2"])),
+            Action::SetSyncNames(first(&["pg2"])),
+        ]
+    );
+}
+
+#[test]
+fn a_replaced_standby_leaves_postgresql_before_it_leaves_the_sync_key() {
+    let (view, mut pg) = leading_in_sync_mode(
+        jai_proto::SynchronousMode::On,
+        Some(sync_state("pg1", &["pg2"])),
+        first(&["pg2"]),
+    );
+    pg.standbys.retain(|link| link.name != "pg2");
+    assert_eq!(
+        sync_actions(&lead(view, pg)),
+        vec![
+            Action::WriteSync(sync_state("pg1", &["pg2", "pg3"])),
+            Action::SetSyncNames(first(&["pg3"])),
+            Action::WriteSync(sync_state("pg1", &["pg3"])),
+        ]
+    );
+}
+
+#[test]
+fn a_lagging_sync_standby_is_replaced_by_a_healthy_one() {
+    let (mut view, mut pg) = leading_in_sync_mode(
+        jai_proto::SynchronousMode::On,
+        Some(sync_state("pg1", &["pg3"])),
+        first(&["pg3"]),
+    );
+    view.config.maximum_lag_on_syncnode = 50;
+    pg.standbys = vec![streaming("pg2", 1000), streaming("pg3", 900)];
+    let actions = sync_actions(&lead(view, pg));
+    assert_eq!(actions.get(1), Some(&Action::SetSyncNames(first(&["pg2"]))));
+}
+
+#[test]
+fn a_listed_standby_stays_while_it_is_healthy() {
+    let (view, pg) = leading_in_sync_mode(
+        jai_proto::SynchronousMode::On,
+        Some(sync_state("pg1", &["pg3"])),
+        first(&["pg3"]),
+    );
+    assert_eq!(
+        sync_actions(&lead(view, pg)),
+        vec![],
+        "no churn towards pg2"
+    );
+}
+
+#[test]
+fn on_mode_falls_back_to_async_and_says_so_when_no_standby_is_eligible() {
+    let (view, mut pg) = leading_in_sync_mode(
+        jai_proto::SynchronousMode::On,
+        Some(sync_state("pg1", &["pg2"])),
+        first(&["pg2"]),
+    );
+    pg.standbys.clear();
+    let decision = lead(view, pg);
+    assert_eq!(
+        sync_actions(&decision),
+        vec![
+            Action::SetSyncNames(SyncNames::Off),
+            Action::WriteSync(sync_state("pg1", &[])),
+        ]
+    );
+    assert!(decision.reason.unwrap().contains("running asynchronously"));
+}
+
+#[test]
+fn strict_mode_never_falls_back() {
+    let (view, mut pg) = leading_in_sync_mode(
+        jai_proto::SynchronousMode::Strict,
+        Some(sync_state("pg1", &["pg2"])),
+        first(&["pg2"]),
+    );
+    pg.standbys.clear();
+    let decision = lead(view, pg);
+    assert_eq!(sync_actions(&decision), vec![]);
+    assert!(decision.reason.unwrap().contains("commits wait for pg2"));
+
+    let (view, mut pg) =
+        leading_in_sync_mode(jai_proto::SynchronousMode::Strict, None, SyncNames::Off);
+    pg.standbys.clear();
+    assert_eq!(
+        sync_actions(&lead(view, pg)),
+        vec![
+            Action::WriteSync(sync_state("pg1", &[])),
+            Action::SetSyncNames(SyncNames::AnyStandby),
+        ]
+    );
+}
+
+#[test]
+fn turning_synchronous_mode_off_unlists_before_deleting_the_key() {
+    let (view, pg) = leading_in_sync_mode(
+        jai_proto::SynchronousMode::Off,
+        Some(sync_state("pg1", &["pg2"])),
+        first(&["pg2"]),
+    );
+    assert_eq!(
+        sync_actions(&lead(view, pg)),
+        vec![Action::SetSyncNames(SyncNames::Off), Action::ClearSync]
+    );
+}
+
+#[test]
+fn in_sync_mode_only_a_listed_standby_runs_for_leader() {
+    let mut view = cluster();
+    view.config.synchronous_mode = jai_proto::SynchronousMode::On;
+    view.sync = Some(sync_state("pg1", &["pg3"]));
+    view.members = vec![
+        member("pg2", MemberRole::Replica, 1000),
+        member("pg3", MemberRole::Replica, 900),
+    ];
+    let more_advanced = decide(
+        "pg2",
+        &observe(
+            PgProcess::Running(replica_at(1000)),
+            data_dir(false),
+            Some(view.clone()),
+        ),
+    );
+    assert!(more_advanced.actions.is_empty(), "{more_advanced:?}");
+    assert!(more_advanced
+        .reason
+        .unwrap()
+        .contains("not a synchronous standby"));
+    let listed = decide(
+        "pg3",
+        &observe(
+            PgProcess::Running(replica_at(900)),
+            data_dir(false),
+            Some(view),
+        ),
+    );
+    assert_eq!(listed.actions, vec![Action::AcquireLeader], "{listed:?}");
+}
+
+#[test]
+fn a_switchover_to_an_async_standby_needs_force() {
+    let (view, pg) = leading_in_sync_mode(
+        jai_proto::SynchronousMode::On,
+        Some(sync_state("pg1", &["pg3"])),
+        first(&["pg3"]),
+    );
+    let mut asked = intent(Some("pg1"), Some("pg2"));
+    let refused = handover_target("pg1", &view, &pg, &asked);
+    assert!(refused.unwrap_err().contains("not a synchronous standby"));
+    asked.force = true;
+    assert_eq!(handover_target("pg1", &view, &pg, &asked), Ok("pg2".into()));
+}
+
+#[test]
+#[should_panic(expected = "safety violation")]
+fn the_safety_check_catches_promoting_a_standby_outside_the_sync_key() {
+    let mut view = cluster();
+    view.config.synchronous_mode = jai_proto::SynchronousMode::On;
+    view.sync = Some(sync_state("pg1", &["pg3"]));
+    view.leader = leader("pg2", true);
+    let observation = observe(
+        PgProcess::Running(replica_at(1000)),
+        data_dir(false),
+        Some(view),
+    );
+    let decision = Decision::act(
+        MemberState::Running,
+        "bug",
+        vec![Action::Promote {
+            reason: "bug".into(),
+        }],
+    );
+    assert_safe(&identity("pg2"), &observation, &decision);
+}
+
+#[test]
+fn a_bootstrapping_primary_never_waits_for_standbys_that_cannot_exist_yet() {
+    let mut view = cluster();
+    view.config.synchronous_mode = jai_proto::SynchronousMode::Strict;
+    view.initialize = Some(Initialize::InProgress { mine: true });
+    assert_eq!(sync::names_for_new_primary("pg1", &view), SyncNames::Off);
+    view.initialize = Some(Initialize::Done {
+        system_id: "42".into(),
+    });
+    assert_eq!(
+        sync::names_for_new_primary("pg1", &view),
+        SyncNames::AnyStandby
     );
 }

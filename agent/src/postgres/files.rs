@@ -21,6 +21,9 @@ pub struct ServerSettings<'a> {
     pub primary_slot: Option<String>,
     /// Cluster-wide parameters from the dynamic config.
     pub parameters: &'a BTreeMap<String, String>,
+    /// `synchronous_standby_names`, owned by the leader's sync rounds
+    /// (a standby ignores it until it is promoted).
+    pub sync_standby_names: String,
 }
 
 /// Renders `postgresql.conf`. The parameters the agent owns come last so that
@@ -66,6 +69,10 @@ pub fn postgresql_conf(settings: &ServerSettings) -> String {
         (
             "primary_slot_name",
             settings.primary_slot.clone().unwrap_or_default(),
+        ),
+        (
+            "synchronous_standby_names",
+            settings.sync_standby_names.clone(),
         ),
     ];
     for (name, value) in owned {
@@ -132,7 +139,9 @@ mod tests {
             primary_conninfo: Some("host=a user='it''s'".into()),
             primary_slot: Some("jai_pg1".into()),
             parameters: &parameters,
+            sync_standby_names: "FIRST 1 (\"pg2\")".into(),
         });
+        assert!(text.contains("synchronous_standby_names = 'FIRST 1 (\"pg2\")'"));
         assert!(text.contains("work_mem = '8MB'"));
         assert!(text.contains("wal_keep_size = '1GB'"));
         assert!(

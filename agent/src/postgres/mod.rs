@@ -13,7 +13,7 @@ pub mod control;
 pub mod files;
 
 use crate::config::AgentConfig;
-use crate::ha::{DataDir, PgProcess, PgRole, RunningPostgres};
+use crate::ha::{DataDir, PgProcess, PgRole, RunningPostgres, SyncNames};
 use anyhow::{anyhow, bail, Context, Result};
 use jai_proto::{DynamicConfig, Lsn, StandbyLink};
 use nix::sys::signal::{kill, Signal};
@@ -76,6 +76,8 @@ pub struct Postgres {
     client: Option<tokio_postgres::Client>,
     /// The member the standby is configured to stream from.
     following: Option<String>,
+    /// `synchronous_standby_names` for the next configure.
+    sync_names: SyncNames,
     /// Wakes the decision loop when the postmaster exits.
     exited: Arc<Notify>,
 }
@@ -116,6 +118,7 @@ impl Postgres {
             postmaster: None,
             client: None,
             following: None,
+            sync_names: SyncNames::Off,
             exited,
         })
     }
@@ -340,7 +343,8 @@ impl Postgres {
                                WHERE name ~ '^[0-9A-F]{8}\\.history$')) \
                 ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
             (SELECT system_identifier FROM pg_control_system())::text, \
-            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical')";
+            ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'), \
+            current_setting('synchronous_standby_names')";
         let following = self.following.clone();
         let client = self.client().await?;
         let row = tokio::time::timeout(Duration::from_secs(3), client.query_one(STATE, &[]))
@@ -372,6 +376,7 @@ impl Postgres {
             following: if in_recovery { following } else { None },
             slots: row.get(6),
             standbys,
+            sync_names: SyncNames::parse(row.get::<_, &str>(7)),
         };
         Ok((running, row.get(5)))
     }
@@ -487,6 +492,35 @@ impl Postgres {
             .map_err(describe_pg_error)
     }
 
+    /// What `synchronous_standby_names` will say at the next configure: set
+    /// before a start as primary or a promotion, and by the leader's rounds.
+    pub fn set_sync_names(&mut self, names: SyncNames) {
+        self.sync_names = names;
+    }
+
+    /// Waits until this server's own sessions see `synchronous_standby_names`
+    /// as `names` after a reload, so that what follows (a promotion, the next
+    /// decision) relies on it.
+    pub async fn confirm_sync_names(&mut self, names: &SyncNames) -> Result<()> {
+        let expected = names.render();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+                .await
+                .map_err(describe_pg_error)?;
+            if row.get::<_, &str>(0) == expected {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "PostgreSQL did not take synchronous_standby_names = '{expected}' within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether a changed setting waits for a restart (`pending_restart`).
     pub async fn restart_pending(&mut self) -> Result<bool> {
         let client = self.client().await?;
@@ -595,6 +629,7 @@ impl Postgres {
             primary_conninfo,
             primary_slot: follow.map(|_| crate::ha::slot_name(&self.member)),
             parameters: &dynamic.postgresql.parameters,
+            sync_standby_names: self.sync_names.render(),
         };
         let conf = files::postgresql_conf(&settings);
         self.write_private_file(&self.data_dir.join("postgresql.conf"), &conf)?;

@@ -783,6 +783,7 @@ impl Agent {
             config: self.dynamic.clone(),
             last_leader: None,
             switchover: None,
+            sync: None,
         };
         for (key, kv) in kvs {
             let mine = self.lease_id.is_some() && kv.lease == self.lease_id;
@@ -1235,7 +1236,14 @@ impl Agent {
             (Action::PublishLeaderStatus(_), _) => Done(input.reply().map(drop)),
             // The simulated cluster has no operator yet: no intent, so the
             // core never asks for these (they would be no-ops here).
-            (Action::Checkpoint | Action::ClearSwitchover { .. }, _) => Done(Ok(())),
+            (
+                Action::Checkpoint
+                | Action::ClearSwitchover { .. }
+                | Action::WriteSync(_)
+                | Action::SetSyncNames(_)
+                | Action::ClearSync,
+                _,
+            ) => Done(Ok(())),
         }
     }
 

@@ -264,6 +264,7 @@ impl PgSim {
                     following: if primary { None } else { following },
                     slots: files.slots.clone(),
                     standbys: Vec::new(),
+                    sync_names: Default::default(),
                 })
             }
         };

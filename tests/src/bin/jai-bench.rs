@@ -55,6 +55,9 @@ struct Common {
     /// Directory holding the jai-agent binary of a new lab (default: beside jai-bench).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// `synchronous_mode` of a new lab: off, on or strict.
+    #[arg(long, default_value = "off", value_parser = parse_mode)]
+    synchronous_mode: jai_proto::SynchronousMode,
     /// Deadline of one run (healthy and writing, the fault, recovery).
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     run_timeout: Duration,
@@ -107,6 +110,10 @@ async fn run(bench: Bench) -> Result<()> {
             etcd_members: common.etcd_members,
             haproxy_check_interval: common.haproxy_check_interval,
             bin_dir: common.bin_dir.clone(),
+            dcs: Some(jai_proto::DynamicConfig {
+                synchronous_mode: common.synchronous_mode,
+                ..jai_proto::DynamicConfig::default()
+            }),
             ..LabSpec::new(&common.dir, common.nodes)
         };
         Lab::up(spec).await.context("starting the lab")?
@@ -128,4 +135,9 @@ async fn run(bench: Bench) -> Result<()> {
     let report = bench::run_bench(&mut lab, fault, &options).await?;
     print!("{}", report.render());
     Ok(())
+}
+
+fn parse_mode(text: &str) -> Result<jai_proto::SynchronousMode, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("{text:?}: expected off, on or strict"))
 }

@@ -61,3 +61,14 @@ pub async fn wait_replicated(lab: &Lab, note: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether `table` (a test's own table with a `note` column) on the server at
+/// `address` has the row `note`.
+pub async fn row_exists(lab: &Lab, address: &str, table: &str, note: &str) -> Result<bool> {
+    let client = lab.connect_app(address).await?;
+    let row = client
+        .query_opt(&format!("SELECT 1 FROM {table} WHERE note = $1"), &[&note])
+        .await
+        .with_context(|| format!("reading {table}"))?;
+    Ok(row.is_some())
+}
