@@ -77,6 +77,10 @@ struct Summary {
     promotions: u64,
     diverged: u64,
     max_recovery_ms: u64,
+    operator_calls: u64,
+    intents: u64,
+    handovers: u64,
+    clean_handovers: u64,
     wall: Duration,
 }
 
@@ -89,6 +93,10 @@ impl Summary {
         self.promotions += stats.promotions;
         self.diverged += stats.diverged;
         self.max_recovery_ms = self.max_recovery_ms.max(stats.recovery_ms);
+        self.operator_calls += stats.operator_calls;
+        self.intents += stats.intents;
+        self.handovers += stats.handovers;
+        self.clean_handovers += stats.clean_handovers;
     }
 
     fn report(&self, what: &str) {
@@ -96,7 +104,8 @@ impl Summary {
         eprintln!(
             "simulation {what}: {} histories in {:.1}s ({:.1} seeds/s), {} simulated minutes, \
              {} events, {} faults, {} promotions, worst recovery after the last fault {:.1}s, \
-             {} standbys left pointed at a diverged upstream (PostgreSQL refused them)",
+             {} standbys left pointed at a diverged upstream (PostgreSQL refused them); \
+             {} operator calls, {} intents written, {} switchover stops ({} clean)",
             self.histories,
             secs,
             self.histories as f64 / secs,
@@ -106,6 +115,10 @@ impl Summary {
             self.promotions,
             self.max_recovery_ms as f64 / 1000.0,
             self.diverged,
+            self.operator_calls,
+            self.intents,
+            self.handovers,
+            self.clean_handovers,
         );
     }
 }

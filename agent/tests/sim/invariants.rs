@@ -5,6 +5,7 @@
 use super::agent::Agent;
 use super::env::Env;
 use super::etcd::{self, Key, Value};
+use super::postgres::Wal;
 use super::ViolationKind;
 
 impl Env {
@@ -85,5 +86,205 @@ impl Env {
             && agent.lease_id == kv.lease
             && self.pgs[member].accepts_writes())
         .then_some(member)
+    }
+}
+
+/// A switchover under way: its leader's clean stop, and what it left.
+#[derive(Debug, Clone)]
+pub(crate) struct Handover {
+    pub(super) from: usize,
+    target: Option<usize>,
+    /// The target streamed from the leader when its stop began.
+    target_streaming: bool,
+    /// Set when the stop ends.
+    end: Option<HandoverEnd>,
+    /// When the old leader's release of the key applied in etcd, while no
+    /// member took the key since.
+    released_at: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct HandoverEnd {
+    /// The old primary's WAL at its stop: every write it acknowledged.
+    wal: Wal,
+    /// A fast shutdown that ended by itself (not escalated to immediate).
+    clean: bool,
+    /// The standbys streaming from it at the end.
+    streaming: Vec<usize>,
+}
+
+impl Env {
+    /// A leader begins the stop of a switchover to `target`: remembered for
+    /// the lost-write check. The intent it carries out must not have made
+    /// another member leader already (it would fire twice).
+    pub fn begin_handover(&mut self, member: usize, target: &str) {
+        self.stats.handovers += 1;
+        if let Some(kv) = self.etcd.get(&Key::Switchover) {
+            let revision = kv.create_revision;
+            if self.intents_fired.contains(&revision) {
+                self.violate(
+                    ViolationKind::IntentTwice,
+                    format!(
+                        "{} hands over again for the switchover intent of revision {revision}, \
+                         after another member already took the leader key for it",
+                        self.names[member]
+                    ),
+                );
+            }
+        }
+        let target = self.member_index(target);
+        let target_streaming = target.is_some_and(|target| {
+            self.standby_links(member)
+                .iter()
+                .any(|link| link.name == self.names[target] && link.is_streaming())
+        });
+        self.handover = Some(Handover {
+            from: member,
+            target,
+            target_streaming,
+            end: None,
+            released_at: None,
+        });
+    }
+
+    /// A fast shutdown of `member` ended by itself.
+    pub(super) fn note_clean_stop(&mut self, member: usize) {
+        self.note_handover_end(member, true);
+    }
+
+    /// A fast shutdown of `member` was escalated to an immediate one.
+    pub(super) fn note_immediate_stop(&mut self, member: usize) {
+        self.note_handover_end(member, false);
+    }
+
+    fn note_handover_end(&mut self, member: usize, clean: bool) {
+        let streaming = self.walsenders(member);
+        let Some(wal) = self.pgs[member].files().map(|files| files.wal.clone()) else {
+            return;
+        };
+        if let Some(handover) = self
+            .handover
+            .as_mut()
+            .filter(|handover| handover.from == member && handover.end.is_none())
+        {
+            if clean {
+                self.stats.clean_handovers += 1;
+            }
+            handover.end = Some(HandoverEnd {
+                wal,
+                clean,
+                streaming,
+            });
+        }
+    }
+
+    /// The first promotion after a switchover's stop keeps every write the
+    /// old primary acknowledged, if it streamed from it: at the end of a
+    /// clean stop, or (the target) at its beginning. `wal` is the promoting
+    /// standby's WAL before the promotion.
+    pub(super) fn check_switchover_kept_writes(&mut self, member: usize, wal: &Wal) {
+        let Some(handover) = self.handover.take() else {
+            return;
+        };
+        let Some(end) = handover.end.filter(|_| handover.from != member) else {
+            return;
+        };
+        let streamed = (end.clean && end.streaming.contains(&member))
+            || (handover.target == Some(member) && handover.target_streaming);
+        let kept = !wal.diverges_from(&end.wal) && wal.lsn >= end.wal.lsn;
+        if kept || !streamed {
+            return;
+        }
+        let how = if end.clean {
+            "after a clean stop"
+        } else {
+            "after its fast shutdown was escalated to an immediate one (Postgres::stop's grace)"
+        };
+        self.violate(
+            ViolationKind::LostWrites,
+            format!(
+                "switchover from {} to {}: {} promotes at {} without the old primary's acknowledged writes up to {} ({how})",
+                self.names[handover.from],
+                handover.target.map_or("any", |target| self.names[target].as_str()),
+                self.names[member],
+                wal.describe(),
+                end.wal.describe()
+            ),
+        );
+    }
+
+    /// `member` took the leader key: a switchover intent away from another
+    /// member has fired; and while paused, only the target of an operator's
+    /// intent (any member for an intent without a target) may take the key,
+    /// besides a running primary reclaiming it.
+    pub(super) fn on_leader_acquired(&mut self, member: usize) {
+        if let Some(handover) = &mut self.handover {
+            handover.released_at = None;
+        }
+        if let Some(kv) = self.etcd.get(&Key::Switchover) {
+            let from = match &kv.value {
+                Value::Switchover(intent) => intent.from.as_deref(),
+                _ => None,
+            };
+            if from.is_some_and(|from| from != self.names[member]) {
+                self.intents_fired.insert(kv.create_revision);
+            }
+        }
+        let paused = matches!(
+            self.etcd.get(&Key::Config).map(|kv| &kv.value),
+            Some(Value::Config(config)) if config.pause
+        );
+        if !paused || self.pgs[member].accepts_writes() {
+            return;
+        }
+        let name = &self.names[member];
+        let targeted = match self.etcd.get(&Key::Switchover).map(|kv| &kv.value) {
+            Some(Value::Switchover(intent)) => intent.to.as_ref().is_none_or(|to| to == name),
+            _ => false,
+        };
+        if !targeted {
+            self.violate(
+                ViolationKind::PausedTakeover,
+                format!("{name} takes the leader key in maintenance mode without an intent for it"),
+            );
+        }
+    }
+
+    /// `member` released the leader key.
+    pub(super) fn on_leader_released(&mut self, member: usize) {
+        let now = self.now;
+        if let Some(handover) = self.handover.as_mut().filter(|h| h.from == member) {
+            handover.released_at = Some(now);
+        }
+    }
+
+    /// When maintenance mode ends: a switchover whose leader released the
+    /// key during it, with no fault since, must have a new leader within
+    /// `2 * ttl` of the release (an operator's intent is carried out even in
+    /// maintenance mode).
+    pub(super) fn check_switchover_completed(&mut self, ttl_ms: u64) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        let Some(released_at) = handover.released_at else {
+            return;
+        };
+        if released_at > self.last_fault_at && self.now >= released_at + 2 * ttl_ms {
+            let message = format!(
+                "{} released the leader key for a switchover {}ms before maintenance mode ended, \
+                 with no fault since, and no member took it",
+                self.names[handover.from],
+                self.now - released_at
+            );
+            self.violate(ViolationKind::StalledSwitchover, message);
+        }
+    }
+
+    /// At the end of a history with a leader: no intent is left over.
+    pub(super) fn leftover_intent(&self) -> Option<String> {
+        match self.etcd.get(&Key::Switchover).map(|kv| &kv.value) {
+            Some(Value::Switchover(intent)) => Some(format!("{intent:?}")),
+            _ => None,
+        }
     }
 }

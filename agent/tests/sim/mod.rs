@@ -40,6 +40,7 @@ mod env;
 pub mod etcd;
 pub mod faults;
 mod invariants;
+mod operator;
 mod pg_ops;
 pub mod postgres;
 pub mod rng;
@@ -58,6 +59,8 @@ const FAULTS_FROM_MS: u64 = 8_000;
 const EARLY_FAULTS_PER_MILLE: u64 = 200;
 /// When the last fault may start.
 const FAULTS_UNTIL_MS: u64 = 60_000;
+/// How far a member's wall clock may be off real time (NTP-synced machines).
+const MAX_WALL_CLOCK_SKEW_MS: u64 = 1_500;
 /// How often primaries write and standbys receive.
 const WAL_TICK_MS: u64 = 100;
 
@@ -128,6 +131,19 @@ pub enum ViolationKind {
     CoreAssertion,
     /// Liveness: no leader within the bound after the last fault.
     NoLeader,
+    /// A switchover lost writes the old primary acknowledged although the
+    /// new leader streamed from it.
+    LostWrites,
+    /// In maintenance mode, a member took the leader key without an
+    /// operator's intent for it.
+    PausedTakeover,
+    /// A leader handed over a second time for the same intent.
+    IntentTwice,
+    /// An intent was still pending at the end, under a healthy leader.
+    IntentLeftOver,
+    /// A switchover's old leader released the key in maintenance mode and
+    /// nobody took it, without any fault to explain it.
+    StalledSwitchover,
 }
 
 /// A broken invariant, with what is needed to reproduce and read it.
@@ -184,6 +200,14 @@ pub struct RunStats {
     pub diverged: u64,
     /// Time from the last fault to a healthy leader.
     pub recovery_ms: u64,
+    /// Operator calls made (switchover, failover, cancel, pause).
+    pub operator_calls: u64,
+    /// Intents the operator tried to record (past the control API's checks).
+    pub intents: u64,
+    /// Switchover stops begun by a leader.
+    pub handovers: u64,
+    /// Of those, stops that ended cleanly (not escalated, not crashed).
+    pub clean_handovers: u64,
     /// Hash of the whole trace, to compare two runs of a seed.
     pub fingerprint: u64,
 }
@@ -221,6 +245,17 @@ pub fn run(seed: u64, config: &SimConfig) -> Result<RunStats, Failure> {
             kind: ViolationKind::NoLeader,
             message: format!(
                 "no member holds the leader key with a primary accepting writes {}s after the last fault",
+                bound / 1000
+            ),
+            at_ms: end,
+        };
+        return Err(fail(&world, violation));
+    }
+    if let Some(intent) = world.env.leftover_intent() {
+        let violation = Violation {
+            kind: ViolationKind::IntentLeftOver,
+            message: format!(
+                "the intent {intent} is still pending {}s after the last fault, under a healthy leader",
                 bound / 1000
             ),
             at_ms: end,
@@ -265,9 +300,17 @@ fn build_world(seed: u64, config: &SimConfig) -> World {
     } else {
         FAULTS_FROM_MS
     };
-    let faults = config
+    let mut faults = config
         .faults
         .schedule(&mut fault_rng, members, faults_from, FAULTS_UNTIL_MS);
+    // Drawn from a stream of their own: the other faults of a seed stay.
+    let mut operator_rng = fault_rng.fork();
+    faults.extend(config.faults.operator_schedule(
+        &mut operator_rng,
+        members,
+        FAULTS_FROM_MS,
+        FAULTS_UNTIL_MS,
+    ));
     let quiet_from = faults
         .iter()
         .map(|(at, fault)| at + fault.duration())
@@ -278,6 +321,12 @@ fn build_world(seed: u64, config: &SimConfig) -> World {
     for (at, fault) in faults {
         env.schedule(at, Event::Fault(fault));
     }
+    let mut wall_rng = rng.fork();
+    env.wall_offset_ms = (0..members)
+        .map(|_| {
+            wall_rng.range(0, 2 * MAX_WALL_CLOCK_SKEW_MS) as i64 - MAX_WALL_CLOCK_SKEW_MS as i64
+        })
+        .collect();
     env.schedule(etcd::SWEEP_EVERY_MS, Event::EtcdSweep);
     env.schedule(WAL_TICK_MS, Event::WalTick);
     World {
