@@ -1157,6 +1157,9 @@ impl Agent {
                 let Some(lease) = self.lease_id else {
                     return no_lease();
                 };
+                if let Some(view) = &self.view {
+                    env.check_paused_takeover(self.member, view);
+                }
                 self.request(
                     env,
                     Request::CreateIfAbsent {

@@ -156,6 +156,7 @@ pub struct Env {
     pub(super) trace: Trace,
     pub(super) violation: Option<Violation>,
     pub(super) strict_divergence: bool,
+    pub(super) strict_switchover: bool,
     /// `FaultProfile::targeted_cut`.
     pub(super) targeted_cut: bool,
     /// When the last fault so far ends (scheduled ones, and the cuts of the
@@ -195,6 +196,7 @@ impl Env {
             trace: Trace::new(config.trace_lines, config.echo),
             violation: None,
             strict_divergence: config.strict_divergence,
+            strict_switchover: config.strict_switchover,
             targeted_cut: config.faults.targeted_cut,
             faults_end: 0,
             diverged_seen: BTreeSet::new(),

@@ -7,6 +7,7 @@ use super::env::Env;
 use super::etcd::{self, Key, Value};
 use super::postgres::Wal;
 use super::ViolationKind;
+use jai_agent::ha::ClusterView;
 
 impl Env {
     /// §3.2: `Promote` / `Start(Primary)` only while holding the leader key in
@@ -96,6 +97,8 @@ pub(crate) struct Handover {
     target: Option<usize>,
     /// The target streamed from the leader when its stop began.
     target_streaming: bool,
+    /// When the stop began.
+    begun_at: u64,
     /// Set when the stop ends.
     end: Option<HandoverEnd>,
     /// When the old leader's release of the key applied in etcd, while no
@@ -103,12 +106,23 @@ pub(crate) struct Handover {
     released_at: Option<u64>,
 }
 
+/// How a postmaster went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopKind {
+    /// A fast shutdown that ended by itself, its walsenders done.
+    Clean,
+    /// A fast shutdown escalated to an immediate one.
+    Immediate,
+    /// PostgreSQL (or the node) died.
+    Crash,
+}
+
 #[derive(Debug, Clone)]
 struct HandoverEnd {
     /// The old primary's WAL at its stop: every write it acknowledged.
     wal: Wal,
-    /// A fast shutdown that ended by itself (not escalated to immediate).
-    clean: bool,
+    /// How it stopped.
+    how: StopKind,
     /// The standbys streaming from it at the end.
     streaming: Vec<usize>,
 }
@@ -138,26 +152,23 @@ impl Env {
                 .iter()
                 .any(|link| link.name == self.names[target] && link.is_streaming())
         });
+        self.log(format!(
+            "{}: switchover stop begins (target {target:?} streaming: {target_streaming})",
+            self.names[member]
+        ));
         self.handover = Some(Handover {
             from: member,
             target,
             target_streaming,
+            begun_at: self.now,
             end: None,
             released_at: None,
         });
     }
 
-    /// A fast shutdown of `member` ended by itself.
-    pub(super) fn note_clean_stop(&mut self, member: usize) {
-        self.note_handover_end(member, true);
-    }
-
-    /// A fast shutdown of `member` was escalated to an immediate one.
-    pub(super) fn note_immediate_stop(&mut self, member: usize) {
-        self.note_handover_end(member, false);
-    }
-
-    fn note_handover_end(&mut self, member: usize, clean: bool) {
+    /// The postmaster of `member` goes away: the end of a switchover's stop.
+    pub(super) fn note_stop(&mut self, member: usize, how: StopKind) {
+        let clean = how == StopKind::Clean;
         let streaming = self.walsenders(member);
         let Some(wal) = self.pgs[member].files().map(|files| files.wal.clone()) else {
             return;
@@ -170,11 +181,19 @@ impl Env {
             if clean {
                 self.stats.clean_handovers += 1;
             }
+            let names: Vec<&str> = streaming.iter().map(|i| self.names[*i].as_str()).collect();
+            let text = format!(
+                "{}: switchover stop ends {} at {}, streaming: {names:?}",
+                self.names[member],
+                format!("{how:?}").to_lowercase(),
+                wal.describe()
+            );
             handover.end = Some(HandoverEnd {
                 wal,
-                clean,
+                how,
                 streaming,
             });
+            self.log(text);
         }
     }
 
@@ -189,34 +208,38 @@ impl Env {
         let Some(end) = handover.end.filter(|_| handover.from != member) else {
             return;
         };
-        let streamed = (end.clean && end.streaming.contains(&member))
-            || (handover.target == Some(member) && handover.target_streaming);
+        let streamed_to_the_end = end.how == StopKind::Clean && end.streaming.contains(&member);
+        let streamed_at_start = handover.target == Some(member) && handover.target_streaming;
         let kept = !wal.diverges_from(&end.wal) && wal.lsn >= end.wal.lsn;
-        if kept || !streamed {
+        if kept || !(streamed_to_the_end || streamed_at_start) {
             return;
         }
-        let how = if end.clean {
-            "after a clean stop"
-        } else {
-            "after its fast shutdown was escalated to an immediate one (Postgres::stop's grace)"
+        let how = match (streamed_to_the_end, end.how) {
+            (true, _) => "although it streamed to the end of a clean stop",
+            (false, StopKind::Clean) => "it disconnected during the old primary's clean stop",
+            (false, StopKind::Immediate) => {
+                "the old primary's fast shutdown was escalated to an immediate one after retry_timeout"
+            }
+            (false, StopKind::Crash) => "the old primary crashed during its stop",
         };
-        self.violate(
-            ViolationKind::LostWrites,
-            format!(
+        let message = format!(
                 "switchover from {} to {}: {} promotes at {} without the old primary's acknowledged writes up to {} ({how})",
                 self.names[handover.from],
                 handover.target.map_or("any", |target| self.names[target].as_str()),
                 self.names[member],
                 wal.describe(),
                 end.wal.describe()
-            ),
-        );
+            );
+        if streamed_to_the_end || self.strict_switchover {
+            self.violate(ViolationKind::LostWrites, message);
+        } else {
+            self.stats.switchover_losses += 1;
+            self.log(format!("LOST WRITES {message}"));
+        }
     }
 
     /// `member` took the leader key: a switchover intent away from another
-    /// member has fired; and while paused, only the target of an operator's
-    /// intent (any member for an intent without a target) may take the key,
-    /// besides a running primary reclaiming it.
+    /// member has fired.
     pub(super) fn on_leader_acquired(&mut self, member: usize) {
         if let Some(handover) = &mut self.handover {
             handover.released_at = None;
@@ -230,18 +253,22 @@ impl Env {
                 self.intents_fired.insert(kv.create_revision);
             }
         }
-        let paused = matches!(
-            self.etcd.get(&Key::Config).map(|kv| &kv.value),
-            Some(Value::Config(config)) if config.pause
-        );
-        if !paused || self.pgs[member].accepts_writes() {
+    }
+
+    /// `member` tries to take the leader key having read `view`: in
+    /// maintenance mode only the target of an operator's intent (any member
+    /// for an intent without a target) may, besides a running primary
+    /// reclaiming it. (A member that read the cluster just before the pause
+    /// may still take the key: the acquisition is not guarded by `config`.)
+    pub fn check_paused_takeover(&mut self, member: usize, view: &ClusterView) {
+        if !view.config.pause || self.pgs[member].accepts_writes() {
             return;
         }
         let name = &self.names[member];
-        let targeted = match self.etcd.get(&Key::Switchover).map(|kv| &kv.value) {
-            Some(Value::Switchover(intent)) => intent.to.as_ref().is_none_or(|to| to == name),
-            _ => false,
-        };
+        let targeted = view
+            .switchover
+            .as_ref()
+            .is_some_and(|intent| intent.to.as_ref().is_none_or(|to| to == name));
         if !targeted {
             self.violate(
                 ViolationKind::PausedTakeover,
@@ -259,9 +286,9 @@ impl Env {
     }
 
     /// When maintenance mode ends: a switchover whose leader released the
-    /// key during it, with no fault since, must have a new leader within
-    /// `2 * ttl` of the release (an operator's intent is carried out even in
-    /// maintenance mode).
+    /// key during it, with no fault since its stop began, must have a new
+    /// leader within `2 * ttl` of the release (an operator's intent is
+    /// carried out even in maintenance mode).
     pub(super) fn check_switchover_completed(&mut self, ttl_ms: u64) {
         let Some(handover) = &self.handover else {
             return;
@@ -269,10 +296,10 @@ impl Env {
         let Some(released_at) = handover.released_at else {
             return;
         };
-        if released_at > self.last_fault_at && self.now >= released_at + 2 * ttl_ms {
+        if handover.begun_at > self.last_fault_at && self.now >= released_at + 2 * ttl_ms {
             let message = format!(
                 "{} released the leader key for a switchover {}ms before maintenance mode ended, \
-                 with no fault since, and no member took it",
+                 with no fault since its stop began, and no member took it",
                 self.names[handover.from],
                 self.now - released_at
             );

@@ -15,22 +15,47 @@
 //!   and still time out at the caller; watch events are lost while cut;
 //! - etcd: revisions, leases expiring `ttl` after the keepalive *arrived* and
 //!   swept every 500 ms, the shell's transactions (`create_revision == 0`,
-//!   term-guarded writes), and leader elections that answer nothing for a
-//!   while, then extend every lease;
+//!   term-guarded writes, the `switchover` intent recorded, cleared and
+//!   cancelled as `Dcs` does, `config` swapped on its revision), and leader
+//!   elections that answer nothing for a while, then extend every lease;
 //! - PostgreSQL: WAL histories as branches (so diverged timelines are seen),
 //!   a primary taking writes until a stop signal, standbys streaming through a
 //!   slot with lag, promote, start, stop, initdb, pg_basebackup, pg_rewind,
-//!   crashes, a postmaster that will not start, and the watchdog's fast
-//!   shutdown (SIGINT: no more writes at once, nor a start or a promotion);
+//!   CHECKPOINT, crashes, a postmaster that will not start, and the watchdog's
+//!   fast shutdown (SIGINT: no more writes at once, nor a start or a
+//!   promotion). A primary reports `pg_stat_replication`: its connected
+//!   standbys (running, pointed at it, through their slot, on a history that
+//!   contains theirs), `catchup` until they first reached its end, then
+//!   `streaming`, with their flush position. A fast shutdown of a primary
+//!   ends only once every connected standby has all its WAL (the walsenders
+//!   wait for the standbys' flush); a crash does not wait, nor does the
+//!   immediate shutdown `Postgres::stop` escalates to after `retry_timeout`.
+//!   A shutdown soon after a CHECKPOINT is short;
 //! - the shell: the cycle, keepalive task and fencing watchdog of
-//!   `shell.rs`/`dcs.rs`, with their waits and timeouts (see [`agent`]).
+//!   `shell.rs`/`dcs.rs`, with their waits and timeouts (see [`agent`]);
+//! - wall clocks: each member's is up to ±1.5 s off, so a scheduled
+//!   switchover becomes due at slightly different moments on each;
+//! - the operator (`operator`): switchovers (to a member or the best
+//!   replica, at once or a few seconds ahead, sometimes cancelled), failovers
+//!   (sometimes forced) and maintenance-mode windows, drawn with the faults,
+//!   checked against what the operator reads in etcd as `control.rs` checks
+//!   them, and written with the control API's guards.
 //!
 //! Checked after every event (`invariants`): one writer (§3.1), promotion only
 //! with the key (§3.2, at the moment the shell acts), no standby pointed at a
 //! diverged upstream (§3.5, counted unless strict), `Core::decide` never
-//! panics; and at the end, a leader within `3 * ttl + 10 s` of the end of the
-//! last fault (scheduled, or a cut of the `targeted-cut` nemesis).
-//! The first broken one ends the history with the seed and the last events.
+//! panics; for the operator's intents: the first promotion after a
+//! switchover's stop keeps every write the old primary acknowledged if the
+//! new primary streamed from it (at the end of a clean stop, or the target at
+//! its start), nobody but an intent's target takes the key in maintenance
+//! mode (a running primary may reclaim its own), a leader never hands over
+//! again for an intent that already made another member leader, and a
+//! switchover whose leader released the key in maintenance mode gets a new
+//! leader within `2 * ttl` unless a fault struck since. At the end: a leader
+//! within `3 * ttl + 10 s` of the end of the last fault (scheduled, a cut of
+//! the `targeted-cut` nemesis, or the end of maintenance mode), and no intent
+//! left pending under it. The first broken one ends the history with the
+//! seed and the last events.
 //!
 //! Everything random comes from one seed through [`rng::Rng`], and every
 //! collection iterates in a fixed order, so a seed replays the same history.
@@ -100,6 +125,11 @@ pub struct SimConfig {
     /// to stream then (no data mixes), and the core rewinds only former
     /// primaries, so by default this is counted, not fatal.
     pub strict_divergence: bool,
+    /// Fail on a switchover target that streamed when the old primary's stop
+    /// began but missed its last writes (it disconnected during the stop, or
+    /// the stop was escalated to an immediate shutdown). The core cannot see
+    /// the stopped primary's final position, so by default this is counted.
+    pub strict_switchover: bool,
     /// Trace lines kept for the failure report.
     pub trace_lines: usize,
     /// Print every trace line as it happens.
@@ -112,6 +142,7 @@ impl Default for SimConfig {
             faults: FaultProfile::default_profile(),
             plant: None,
             strict_divergence: false,
+            strict_switchover: false,
             trace_lines: 50,
             echo: false,
         }
@@ -198,6 +229,9 @@ pub struct RunStats {
     pub promotions: u64,
     /// Standbys that PostgreSQL refused to stream to (diverged history).
     pub diverged: u64,
+    /// Switchover targets promoted without the old primary's last writes,
+    /// having missed the end of its stop (fatal with `strict_switchover`).
+    pub switchover_losses: u64,
     /// Time from the last fault to a healthy leader.
     pub recovery_ms: u64,
     /// Operator calls made (switchover, failover, cancel, pause).

@@ -4,6 +4,7 @@
 
 use super::agent::AgentEvent;
 use super::env::{Env, Event};
+use super::invariants::StopKind;
 use super::postgres::{Data, Files, OpKind, PendingOp, Process, Segment, Wal};
 use super::ViolationKind;
 use jai_proto::{Lsn, StandbyLink};
@@ -174,7 +175,7 @@ impl Env {
             OpKind::Start => self.finish_start(member),
             OpKind::Stop => {
                 if self.pgs[member].has_postmaster() {
-                    self.note_clean_stop(member);
+                    self.note_stop(member, StopKind::Clean);
                 }
                 self.pgs[member].process = Process::Stopped;
                 self.log(format!("{}: PG stopped", self.names[member]));
@@ -401,6 +402,7 @@ impl Env {
             let at = self.now + self.rng.range(20, 60);
             return self.schedule(at, Event::PgExit { member, generation });
         }
+        self.note_stop(member, StopKind::Clean);
         self.stop_postmaster(member, "PG stopped (fenced)");
     }
 
@@ -421,7 +423,7 @@ impl Env {
             // The agent that would send SIGQUIT is stopped itself.
             return self.schedule(self.now + 50, Event::PgEscalate { member, op });
         }
-        self.note_immediate_stop(member);
+        self.note_stop(member, StopKind::Immediate);
         self.stop_postmaster(
             member,
             "PG stopped (fast shutdown too slow: immediate shutdown)",
@@ -510,6 +512,7 @@ impl Env {
 
     /// PostgreSQL alone dies.
     pub(super) fn crash_pg(&mut self, member: usize) {
+        self.note_stop(member, StopKind::Crash);
         self.stop_postmaster(member, "PG crashed");
     }
 

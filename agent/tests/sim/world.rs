@@ -4,6 +4,7 @@
 use super::agent::{Agent, AgentEvent, Clock};
 use super::env::{Env, Event};
 use super::faults::Fault;
+use super::invariants::StopKind;
 use super::operator::Call;
 use super::postgres::Process;
 use super::{Plant, Violation, WAL_TICK_MS};
@@ -207,6 +208,9 @@ impl World {
         self.env.paused[member] = false;
         self.env.snapshots[member] = None;
         self.env.incarnations[member] += 1;
+        if self.env.pgs[member].has_postmaster() {
+            self.env.note_stop(member, StopKind::Crash);
+        }
         let pg = &mut self.env.pgs[member];
         pg.process = Process::Stopped;
         pg.op = None;
