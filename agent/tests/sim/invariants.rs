@@ -198,9 +198,10 @@ impl Env {
     }
 
     /// The first promotion after a switchover's stop keeps every write the
-    /// old primary acknowledged, if it streamed from it: at the end of a
-    /// clean stop, or (the target) at its beginning. `wal` is the promoting
-    /// standby's WAL before the promotion.
+    /// old primary acknowledged if it streamed from it to the end of a clean
+    /// stop. The target that streamed when the stop began but missed its end
+    /// is counted (fatal with `strict_switchover`, unless the old primary
+    /// crashed). `wal` is the promoting standby's WAL before the promotion.
     pub(super) fn check_switchover_kept_writes(&mut self, member: usize, wal: &Wal) {
         let Some(handover) = self.handover.take() else {
             return;
@@ -230,7 +231,10 @@ impl Env {
                 wal.describe(),
                 end.wal.describe()
             );
-        if streamed_to_the_end || self.strict_switchover {
+        // The old primary crashing is a failover: asynchronous replication
+        // loses what the standbys had not received.
+        let strict = self.strict_switchover && end.how != StopKind::Crash;
+        if streamed_to_the_end || strict {
             self.violate(ViolationKind::LostWrites, message);
         } else {
             self.stats.switchover_losses += 1;

@@ -46,8 +46,9 @@
 //! diverged upstream (§3.5, counted unless strict), `Core::decide` never
 //! panics; for the operator's intents: the first promotion after a
 //! switchover's stop keeps every write the old primary acknowledged if the
-//! new primary streamed from it (at the end of a clean stop, or the target at
-//! its start), nobody but an intent's target takes the key in maintenance
+//! new primary streamed from it to the end of a clean stop (a target that
+//! streamed at its start but missed its end is counted, fatal only with
+//! `strict_switchover`), nobody but an intent's target takes the key in maintenance
 //! mode (a running primary may reclaim its own), a leader never hands over
 //! again for an intent that already made another member leader, and a
 //! switchover whose leader released the key in maintenance mode gets a new
