@@ -172,6 +172,8 @@ pub struct Env {
     pub(super) intents_fired: BTreeSet<i64>,
     /// When the last fault (not an operator's call) struck.
     pub(super) last_fault_at: u64,
+    /// When the operator last wrote an intent.
+    pub(super) intent_written_at: u64,
 }
 
 impl Env {
@@ -205,6 +207,7 @@ impl Env {
             handover: None,
             intents_fired: BTreeSet::new(),
             last_fault_at: 0,
+            intent_written_at: 0,
         }
     }
 

@@ -5,7 +5,7 @@
 use super::agent::Agent;
 use super::env::Env;
 use super::etcd::{self, Key, Value};
-use super::postgres::Wal;
+use super::postgres::{Process, Wal};
 use super::ViolationKind;
 use jai_agent::ha::ClusterView;
 
@@ -97,8 +97,8 @@ pub(crate) struct Handover {
     target: Option<usize>,
     /// The target streamed from the leader when its stop began.
     target_streaming: bool,
-    /// When the stop began.
-    begun_at: u64,
+    /// When the operator wrote the intent it carries out.
+    asked_at: u64,
     /// Set when the stop ends.
     end: Option<HandoverEnd>,
     /// When the old leader's release of the key applied in etcd, while no
@@ -160,7 +160,7 @@ impl Env {
             from: member,
             target,
             target_streaming,
-            begun_at: self.now,
+            asked_at: self.intent_written_at,
             end: None,
             released_at: None,
         });
@@ -262,10 +262,15 @@ impl Env {
     /// `member` tries to take the leader key having read `view`: in
     /// maintenance mode only the target of an operator's intent (any member
     /// for an intent without a target) may, besides a running primary
-    /// reclaiming it. (A member that read the cluster just before the pause
+    /// reclaiming it (even one a fast shutdown is stopping: it was seen
+    /// running). (A member that read the cluster just before the pause
     /// may still take the key: the acquisition is not guarded by `config`.)
     pub fn check_paused_takeover(&mut self, member: usize, view: &ClusterView) {
-        if !view.config.pause || self.pgs[member].accepts_writes() {
+        let runs_primary = matches!(
+            self.pgs[member].process,
+            Process::Running { primary: true, .. }
+        );
+        if !view.config.pause || runs_primary {
             return;
         }
         let name = &self.names[member];
@@ -290,7 +295,7 @@ impl Env {
     }
 
     /// When maintenance mode ends: a switchover whose leader released the
-    /// key during it, with no fault since its stop began, must have a new
+    /// key during it, with no fault since the intent was written, must have a new
     /// leader within `2 * ttl` of the release (an operator's intent is
     /// carried out even in maintenance mode).
     pub(super) fn check_switchover_completed(&mut self, ttl_ms: u64) {
@@ -300,10 +305,10 @@ impl Env {
         let Some(released_at) = handover.released_at else {
             return;
         };
-        if handover.begun_at > self.last_fault_at && self.now >= released_at + 2 * ttl_ms {
+        if handover.asked_at > self.last_fault_at && self.now >= released_at + 2 * ttl_ms {
             let message = format!(
                 "{} released the leader key for a switchover {}ms before maintenance mode ended, \
-                 with no fault since its stop began, and no member took it",
+                 with no fault since the intent was written, and no member took it",
                 self.names[handover.from],
                 self.now - released_at
             );

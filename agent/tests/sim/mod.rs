@@ -52,11 +52,11 @@
 //! mode (a running primary may reclaim its own), a leader never hands over
 //! again for an intent that already made another member leader, and a
 //! switchover whose leader released the key in maintenance mode gets a new
-//! leader within `2 * ttl` unless a fault struck since. At the end: a leader
-//! within `3 * ttl + 10 s` of the end of the last fault (scheduled, a cut of
-//! the `targeted-cut` nemesis, or the end of maintenance mode), and no intent
-//! left pending under it. The first broken one ends the history with the
-//! seed and the last events.
+//! leader within `2 * ttl` unless a fault struck since the intent was
+//! written. At the end: a leader within `3 * ttl + 10 s` of the end of the
+//! last fault (scheduled, a cut of the `targeted-cut` nemesis, or the end of
+//! maintenance mode), and no intent left pending under it. The first broken
+//! one ends the history with the seed and the last events.
 //!
 //! Everything random comes from one seed through [`rng::Rng`], and every
 //! collection iterates in a fixed order, so a seed replays the same history.
@@ -237,7 +237,7 @@ pub struct RunStats {
     pub recovery_ms: u64,
     /// Operator calls made (switchover, failover, cancel, pause).
     pub operator_calls: u64,
-    /// Intents the operator tried to record (past the control API's checks).
+    /// Intents the operator recorded (past the checks and the guards).
     pub intents: u64,
     /// Switchover stops begun by a leader.
     pub handovers: u64,

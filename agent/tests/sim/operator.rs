@@ -221,12 +221,14 @@ impl Env {
             self.log(format!("OPERATOR: {what}: etcd does not answer"));
             return retry.iter().for_each(|call| self.retry_resume(call));
         }
-        if matches!(request, Request::RecordSwitchover { .. }) {
-            self.stats.intents += 1;
-        }
+        let records = matches!(request, Request::RecordSwitchover { .. });
         let (result, changes) = self.etcd.apply(self.now, request);
         self.publish(changes);
         let done = matches!(result, Ok(Reply::Txn(true)));
+        if records && done {
+            self.stats.intents += 1;
+            self.intent_written_at = self.now;
+        }
         self.log(format!(
             "OPERATOR: {what}: {}",
             if done { "done" } else { "refused by the guard" }

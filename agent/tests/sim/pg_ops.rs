@@ -441,14 +441,13 @@ impl Env {
         else {
             return false;
         };
+        if source != upstream || standby == upstream || !self.pgs[upstream].is_running() {
+            return false;
+        }
         let slot = jai_agent::ha::slot_name(&self.names[standby]);
         match (self.pgs[standby].files(), self.pgs[upstream].files()) {
             (Some(mine), Some(theirs)) => {
-                source == upstream
-                    && standby != upstream
-                    && self.pgs[upstream].is_running()
-                    && theirs.slots.contains(&slot)
-                    && !mine.wal.diverges_from(&theirs.wal)
+                theirs.slots.contains(&slot) && !mine.wal.diverges_from(&theirs.wal)
             }
             _ => false,
         }
@@ -477,6 +476,12 @@ impl Env {
     /// `pg_stat_replication` on `member`: its connected standbys, `streaming`
     /// once they caught up on its timeline, else `catchup`.
     pub fn standby_links(&self, member: usize) -> Vec<StandbyLink> {
+        if !matches!(
+            self.pgs[member].process,
+            Process::Running { primary: true, .. }
+        ) {
+            return Vec::new();
+        }
         let timeline = self.pgs[member].files().map(|files| files.wal.timeline());
         self.walsenders(member)
             .into_iter()
