@@ -3,10 +3,15 @@
 //!
 //! Each seed is one history: 2–5 members bootstrap a cluster, then suffer a
 //! seeded schedule of faults (crashes, PostgreSQL crashes or refusing to
-//! start, agent stalls, cuts from etcd, slow links, etcd leader changes);
-//! after the last fault the cluster must have a leader again within
-//! `3 * ttl + 10 s`. The invariants of DESIGN.md §3 are checked after every
-//! event; see `sim/mod.rs` for what is modelled.
+//! start, agent stalls, cuts from etcd, slow links, etcd leader changes)
+//! while an operator asks for switchovers and failovers and turns
+//! maintenance mode on and off; after the last fault (and the end of
+//! maintenance mode) the cluster must have a leader again within
+//! `3 * ttl + 10 s`, and no intent left pending. The invariants of DESIGN.md
+//! §3, and those of the operator's intents (no acknowledged write lost by a
+//! switchover, no takeover in maintenance mode but an intent's target, an
+//! intent fires once), are checked after every event; see `sim/mod.rs` for
+//! what is modelled.
 //!
 //! The default faults are those the design promises to survive with the
 //! default timings; opt-in kinds go further (`sim/faults.rs`). A plain
@@ -22,7 +27,9 @@
 //! - `JAI_SIM_FAULTS=<kind,…>`: add opt-in fault kinds (`all` for every one);
 //! - `JAI_SIM_STRICT=diverged`: a standby pointed at a diverged upstream fails
 //!   the history (counted otherwise: PostgreSQL refuses to stream, and the
-//!   core rewinds only former primaries);
+//!   core rewinds only former primaries); `JAI_SIM_STRICT=switchover`: so
+//!   does a switchover target that streamed when the old primary's stop began
+//!   but missed its last writes (counted otherwise); both: `diverged,switchover`;
 //! - `JAI_SIM_PLANT=late-demote[:<ms>]|no-margin`: plant a bug in the simulated shell;
 //! - `JAI_SIM_EXPOSE=1` (or a case name): run the histories that demonstrate
 //!   known bugs; `known_core_bugs` fails while they exist (see [`KNOWN_BUGS`]).
@@ -60,8 +67,13 @@ fn config_from_env() -> SimConfig {
         config.plant = Some(Plant::parse(&plant).unwrap_or_else(|error| panic!("{error}")));
     }
     if let Some(strict) = env_var("JAI_SIM_STRICT") {
-        assert_eq!(strict, "diverged", "JAI_SIM_STRICT knows only `diverged`");
-        config.strict_divergence = true;
+        for kind in strict.split(',').map(str::trim) {
+            match kind {
+                "diverged" => config.strict_divergence = true,
+                "switchover" => config.strict_switchover = true,
+                other => panic!("JAI_SIM_STRICT knows `diverged` and `switchover`, not {other:?}"),
+            }
+        }
     }
     config.echo = env_var("JAI_SIM_TRACE").is_some();
     config
@@ -76,7 +88,12 @@ struct Summary {
     faults: u64,
     promotions: u64,
     diverged: u64,
+    switchover_losses: u64,
     max_recovery_ms: u64,
+    operator_calls: u64,
+    intents: u64,
+    handovers: u64,
+    clean_handovers: u64,
     wall: Duration,
 }
 
@@ -88,7 +105,12 @@ impl Summary {
         self.faults += stats.faults;
         self.promotions += stats.promotions;
         self.diverged += stats.diverged;
+        self.switchover_losses += stats.switchover_losses;
         self.max_recovery_ms = self.max_recovery_ms.max(stats.recovery_ms);
+        self.operator_calls += stats.operator_calls;
+        self.intents += stats.intents;
+        self.handovers += stats.handovers;
+        self.clean_handovers += stats.clean_handovers;
     }
 
     fn report(&self, what: &str) {
@@ -96,7 +118,9 @@ impl Summary {
         eprintln!(
             "simulation {what}: {} histories in {:.1}s ({:.1} seeds/s), {} simulated minutes, \
              {} events, {} faults, {} promotions, worst recovery after the last fault {:.1}s, \
-             {} standbys left pointed at a diverged upstream (PostgreSQL refused them)",
+             {} standbys left pointed at a diverged upstream (PostgreSQL refused them); \
+             {} operator calls, {} intents written, {} switchover stops ({} clean), \
+             {} switchover targets promoted without the old primary's last writes",
             self.histories,
             secs,
             self.histories as f64 / secs,
@@ -106,6 +130,11 @@ impl Summary {
             self.promotions,
             self.max_recovery_ms as f64 / 1000.0,
             self.diverged,
+            self.operator_calls,
+            self.intents,
+            self.handovers,
+            self.clean_handovers,
+            self.switchover_losses,
         );
     }
 }
@@ -224,6 +253,7 @@ struct KnownBug {
     what: &'static str,
     faults: &'static str,
     strict_divergence: bool,
+    strict_switchover: bool,
     kind: ViolationKind,
     first_seed: u64,
     budget: u64,
@@ -236,7 +266,12 @@ struct KnownBug {
 /// and arming the watchdog from the postmaster's first moment, and no longer
 /// seen: `stale-lease-writable` (none in seeds 0–99,999 with `targeted-cut`)
 /// and `stale-start-after-stall` (no `PrimaryWithoutKey` in seeds 0–99,999
-/// with `long-pause`).
+/// with `long-pause`). Fixed in the core when the simulator learnt operator
+/// intents, and not seen in seeds 0–19,999 since: a switchover to the best
+/// replica stalled in maintenance mode (`StalledSwitchover`, seeds 1444 and
+/// 1795), an old leader restarting its primary on the key it had given up
+/// (`PrimaryWithoutKey`, seed 12305), and an intent firing twice
+/// (`IntentTwice`, seed 19648).
 const KNOWN_BUGS: &[KnownBug] = &[
     KnownBug {
         name: "stopped-agent-leader",
@@ -246,6 +281,7 @@ const KNOWN_BUGS: &[KnownBug] = &[
                process)",
         faults: "long-pause",
         strict_divergence: false,
+        strict_switchover: false,
         kind: ViolationKind::TwoWriters,
         first_seed: 12,
         budget: 100,
@@ -257,6 +293,7 @@ const KNOWN_BUGS: &[KnownBug] = &[
                pg_rewind: only former primaries are rewound",
         faults: "default",
         strict_divergence: true,
+        strict_switchover: false,
         kind: ViolationKind::DivergedStream,
         first_seed: 122,
         budget: 300,
@@ -268,9 +305,26 @@ const KNOWN_BUGS: &[KnownBug] = &[
                agent restart: `unrewound_former_primary` lives only in memory",
         faults: "default",
         strict_divergence: true,
+        strict_switchover: false,
         kind: ViolationKind::DivergedStream,
         first_seed: 234,
         budget: 1,
+    },
+    KnownBug {
+        name: "switchover-target-missed-the-end",
+        what: "a switchover's target streamed when the old primary's stop began but missed its \
+               last writes, and still takes the key: it disconnected during the stop (seed \
+               10796), or `Postgres::stop` escalated the fast shutdown to an immediate one after \
+               retry_timeout while the walsenders still sent WAL (seed 15768, a forced \
+               switchover). The target's lag is judged against the last `status`, published \
+               before the stop; needs the shell: no escalation during a switchover's stop, and \
+               the stopped primary's final position published before the key is released",
+        faults: "default",
+        strict_divergence: false,
+        strict_switchover: true,
+        kind: ViolationKind::LostWrites,
+        first_seed: 10796,
+        budget: 3000,
     },
 ];
 
@@ -280,6 +334,7 @@ fn demonstrate(bug: &KnownBug) -> Option<Failure> {
     let config = SimConfig {
         faults: FaultProfile::with(bug.faults).expect("known fault kinds"),
         strict_divergence: bug.strict_divergence,
+        strict_switchover: bug.strict_switchover,
         trace_lines: 80,
         ..SimConfig::default()
     };

@@ -38,6 +38,13 @@ pub struct Core {
     /// Until when this member stands down after giving the leader key up
     /// because its PostgreSQL would not come back: the others take over first.
     standing_down_until: Option<Millis>,
+    /// The term of the leader key this member decided to give up. Until etcd
+    /// shows that key gone, the member re-releases it and never becomes
+    /// writable on it: the release may still be in flight (timed out at the
+    /// shell, applied later), however long etcd took.
+    released_term: Option<i64>,
+    /// The last intent this member handed over for, and in which term.
+    handed_over: Option<(SwitchoverIntent, i64)>,
     /// A due switchover or failover intent seen while no member held the key,
     /// and since when: the others leave its target one `ttl` to take the key,
     /// then elect as usual, so a target that cannot take over blocks nobody.
@@ -53,6 +60,8 @@ impl Core {
             started_at: None,
             unrewound_former_primary: false,
             standing_down_until: None,
+            released_term: None,
+            handed_over: None,
             intent_seen_leaderless: None,
         }
     }
@@ -289,6 +298,13 @@ impl Core {
             // Another member leads: standing down has served its purpose.
             self.standing_down_until = None;
         }
+        let released_key_shown = cluster
+            .leader
+            .as_ref()
+            .is_some_and(|leader| leader.mine && Some(leader.term) == self.released_term);
+        if !released_key_shown {
+            self.released_term = None;
+        }
         self.track_former_primary(observation, cluster, was_primary);
         self.note_intent(observation.now, cluster);
         if cluster.config.pause {
@@ -354,17 +370,41 @@ impl Core {
     }
 
     /// The key holder runs a replica: promote it, once the lease allows writes.
+    /// The intent is cleared first: it fired once the key left its `from`,
+    /// and a new leader that died before clearing it would otherwise leave it
+    /// to fire again when its old leader leads again (found by the
+    /// simulator, seed 19648).
     fn promote_with_key(&self, observation: &Observation, cluster: &ClusterView) -> Decision {
         if !self.lease_allows_writes(observation) {
             return Decision::wait(MemberState::Running, LEASE_NOT_CONFIRMED);
         }
+        let mut actions: Vec<Action> = self.clear_fired_intent(cluster).into_iter().collect();
+        actions.push(Action::Promote {
+            reason: promotion_reason(&self.identity.name, cluster),
+        });
         Decision::act(
             MemberState::Running,
             "holding the leader key: promoting",
-            vec![Action::Promote {
-                reason: promotion_reason(&self.identity.name, cluster),
-            }],
+            actions,
         )
+    }
+
+    /// Deletes an intent this key holder is not the `from` of: it is done
+    /// (this member was its target, or any replica would do) or overtaken.
+    fn clear_fired_intent(&self, cluster: &ClusterView) -> Option<Action> {
+        let intent = cluster.switchover.as_ref()?;
+        let me = self.identity.name.as_str();
+        if intent.from.as_deref() == Some(me) {
+            return None;
+        }
+        let outcome = if intent.to.is_none() || intent.to.as_deref() == Some(me) {
+            "done"
+        } else {
+            "overtaken"
+        };
+        Some(Action::ClearSwitchover {
+            reason: format!("{} {outcome}: {me} leads", intent_kind(intent)),
+        })
     }
 
     /// The leader's round: hand over if an operator asked for it and it is
@@ -405,11 +445,30 @@ impl Core {
         if !from_me || !intent.is_due(observation.wall_clock_unix) {
             return None;
         }
+        let term = cluster.leader.as_ref().map(|leader| leader.term);
+        if let Some((_, handed_over_in)) = self
+            .handed_over
+            .as_ref()
+            .filter(|(done, handed_over_in)| done == intent && Some(*handed_over_in) != term)
+        {
+            // This member already handed over for it and leads again in a
+            // new term: the intent fired; it must not fire twice.
+            let mut actions = vec![Action::ClearSwitchover {
+                reason: format!(
+                    "switchover already carried out: {} handed over in term {handed_over_in}",
+                    self.identity.name
+                ),
+            }];
+            actions.extend(self.leader_duties(observation, cluster, pg));
+            return Some(Decision::act(MemberState::Running, None, actions));
+        }
         Some(
             match handover_target(&self.identity.name, cluster, pg, intent) {
                 Ok(target) => {
                     self.standing_down_until =
                         Some(observation.now + cluster.config.ttl.as_millis() as Millis);
+                    self.released_term = term;
+                    self.handed_over = term.map(|term| (intent.clone(), term));
                     Decision::act(
                     MemberState::Stopped,
                     format!(
@@ -516,6 +575,13 @@ impl Core {
             (Some(leader), PgRole::Replica) if !self.unrewound_former_primary => {
                 follow(pg, leader, Some(PAUSED))
             }
+            // A switchover to the best replica names no target: the usual
+            // election picks it. Without this, a leader that handed over in
+            // maintenance mode left the cluster without one until it ended
+            // (found by the simulator, seeds 1444 and 1795).
+            (None, PgRole::Replica) if switchover_to_best_is_due(observation, cluster) => {
+                self.run_for_leader(observation, cluster, pg)
+            }
             (None, PgRole::Replica) => self
                 .follow_intent(observation, cluster, pg)
                 .unwrap_or_else(|| Decision::wait(MemberState::Running, PAUSED)),
@@ -621,9 +687,13 @@ impl Core {
         was_primary: bool,
     ) -> Decision {
         // Once this member decided to give the key up, it treats the key as
-        // gone until etcd shows it gone: a read can overtake the release (found
-        // by the simulator, seed 9214 with slow-timeout faults).
-        if self.is_standing_down(observation.now) {
+        // gone until etcd shows it gone, however long that takes: a read can
+        // overtake the release (found by the simulator, seed 9214 with
+        // slow-timeout faults), and a release held up by an etcd election can
+        // apply long after the shell gave up waiting for it (seed 12305: a
+        // switchover's release applied while the old leader, no longer
+        // standing down, was starting its primary again).
+        if self.is_standing_down(observation.now) || self.released_term.is_some() {
             return Decision::act(
                 MemberState::Stopped,
                 "gave the leader key up: releasing it again until etcd shows it gone",
@@ -634,6 +704,7 @@ impl Core {
         let timeout = cluster.config.primary_start_timeout.as_millis() as Millis;
         if observation.now.saturating_sub(since) >= timeout {
             self.primary_down_since = None;
+            self.released_term = cluster.leader.as_ref().map(|leader| leader.term);
             self.standing_down_until =
                 Some(observation.now + cluster.config.ttl.as_millis() as Millis);
             return Decision::act(
@@ -750,23 +821,7 @@ impl Core {
                 actions.push(Action::DropSlot(slot.clone()));
             }
         }
-        if let Some(intent) = &cluster.switchover {
-            if intent.from.as_deref() != Some(self.identity.name.as_str()) {
-                actions.push(Action::ClearSwitchover {
-                    reason: format!(
-                        "{} {}: {} leads",
-                        intent_kind(intent),
-                        if intent.to.is_none() || intent.to.as_deref() == Some(&self.identity.name)
-                        {
-                            "done"
-                        } else {
-                            "overtaken"
-                        },
-                        self.identity.name
-                    ),
-                });
-            }
-        }
+        actions.extend(self.clear_fired_intent(cluster));
         if let Some(optime) = pg.write_lsn {
             let status = LeaderStatus {
                 leader: self.identity.name.clone(),
@@ -877,6 +932,13 @@ pub fn handover_target(
             })
         }
     }
+}
+
+/// A due switchover from a leader to whichever replica is best is pending.
+fn switchover_to_best_is_due(observation: &Observation, cluster: &ClusterView) -> bool {
+    cluster.switchover.as_ref().is_some_and(|intent| {
+        intent.from.is_some() && intent.to.is_none() && intent.is_due(observation.wall_clock_unix)
+    })
 }
 
 /// "switchover" (a leader hands over) or "failover" (no leader to hand over).

@@ -797,6 +797,42 @@ fn a_released_key_still_seen_as_ours_is_released_again_never_restarted() {
 
 // ---- switchover, failover and maintenance mode ----
 
+#[test]
+fn a_leader_that_handed_over_never_restarts_on_the_key_it_gave_up() {
+    // Simulator seed 12305: pg1 stopped for a switchover, its release timed
+    // out in an etcd election (and applied later); once no longer standing
+    // down it started its primary again on the key it had given up.
+    let (view, pg) = leading_with(Some(intent(Some("pg1"), Some("pg2"))));
+    let mut core = Core::new(identity("pg1"));
+    let handover = observe(PgProcess::Running(pg), data_dir(true), Some(view.clone()));
+    assert!(core
+        .decide(&handover)
+        .actions
+        .contains(&Action::ReleaseLeader));
+    let mut stopped = observe(PgProcess::Stopped, data_dir(true), Some(view));
+    stopped.now += 2 * DynamicConfig::default().ttl.as_millis() as Millis;
+    stopped.lease.valid_until = Some(stopped.now + 4_000);
+    assert!(!core.is_standing_down(stopped.now));
+    assert_eq!(core.decide(&stopped).actions, vec![Action::ReleaseLeader]);
+    // Once etcd showed the key gone, a key won again is a new term to lead on.
+    let mut gone = stopped.clone();
+    gone.dcs.as_mut().unwrap().leader = None;
+    core.decide(&gone);
+    let mut won_again = stopped.clone();
+    won_again
+        .dcs
+        .as_mut()
+        .unwrap()
+        .leader
+        .as_mut()
+        .unwrap()
+        .term += 1;
+    assert_eq!(
+        core.decide(&won_again).actions,
+        vec![Action::Start(StartAs::Primary)]
+    );
+}
+
 fn streaming(name: &str, flush: u64) -> jai_proto::StandbyLink {
     jai_proto::StandbyLink {
         name: name.into(),
@@ -952,17 +988,23 @@ fn a_switchover_to_any_is_an_election_without_the_old_leader() {
 }
 
 #[test]
-fn the_new_leader_promotes_naming_the_switchover_then_clears_the_intent() {
+fn the_new_leader_clears_the_intent_and_promotes_naming_the_switchover() {
     let mut observation = after_release(1000, Some("pg2"));
     let view = observation.dcs.as_mut().unwrap();
     view.leader = leader("pg2", true);
     let decision = decide("pg2", &observation);
     assert_eq!(
         decision.actions,
-        vec![Action::Promote {
-            reason: "switchover from pg1".into()
-        }]
+        vec![
+            Action::ClearSwitchover {
+                reason: "switchover done: pg2 leads".into()
+            },
+            Action::Promote {
+                reason: "switchover from pg1".into()
+            }
+        ]
     );
+    // Should the clearing fail, the leader's duties clear it again.
     let view = observation.dcs.as_mut().unwrap();
     view.members[1] = member("pg2", MemberRole::Primary, 1000);
     observation.pg.process = PgProcess::Running(primary_at(1000));
@@ -970,6 +1012,44 @@ fn the_new_leader_promotes_naming_the_switchover_then_clears_the_intent() {
     assert!(
         decision.actions.iter().any(
             |action| matches!(action, Action::ClearSwitchover { reason } if reason.contains("done"))
+        ),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn an_old_leader_leading_again_does_not_hand_over_twice_for_one_intent() {
+    // Simulator seed 19648: pg1 handed over to pg2, which took the key and
+    // died before clearing the intent; pg1, elected again, handed over again.
+    let pending = intent(Some("pg1"), None);
+    let (view, pg) = leading_with(Some(pending));
+    let mut core = Core::new(identity("pg1"));
+    let handover = observe(
+        PgProcess::Running(pg.clone()),
+        data_dir(true),
+        Some(view.clone()),
+    );
+    assert!(core
+        .decide(&handover)
+        .actions
+        .contains(&Action::ReleaseLeader));
+    let mut again = handover.clone();
+    again.now += 10_000;
+    again.lease.valid_until = Some(again.now + 4_000);
+    let view = again.dcs.as_mut().unwrap();
+    view.leader.as_mut().unwrap().term += 1;
+    let decision = core.decide(&again);
+    assert!(
+        !decision
+            .actions
+            .iter()
+            .any(|action| matches!(action, Action::Stop { .. } | Action::ReleaseLeader)),
+        "{decision:?}"
+    );
+    assert!(
+        matches!(
+            decision.actions.first(),
+            Some(Action::ClearSwitchover { reason }) if reason.contains("already carried out")
         ),
         "{decision:?}"
     );
@@ -1028,6 +1108,24 @@ fn in_maintenance_mode_an_operator_failover_still_happens() {
         decide("pg3", &observation).actions,
         vec![Action::AcquireLeader]
     );
+}
+
+#[test]
+fn in_maintenance_mode_a_switchover_to_the_best_replica_still_gets_a_leader() {
+    // Simulator seeds 1444 and 1795: pg1 handed over in maintenance mode to
+    // "the best replica", released the key, and nobody took it.
+    let mut observation = after_release(1000, None);
+    observation.dcs.as_mut().unwrap().config.pause = true;
+    assert_eq!(
+        decide("pg2", &observation).actions,
+        vec![Action::AcquireLeader]
+    );
+    let other = decide("pg3", &observation);
+    assert!(other.actions.is_empty(), "{other:?}");
+    // Not yet due: maintenance mode still holds everyone back.
+    let view = observation.dcs.as_mut().unwrap();
+    view.switchover.as_mut().unwrap().scheduled_at_unix = Some(WALL + 60);
+    assert!(decide("pg2", &observation).actions.is_empty());
 }
 
 #[test]

@@ -628,7 +628,8 @@ impl Agent {
     }
 
     fn begin_cycle(&mut self, env: &mut Env) {
-        let pg = env.pgs[self.member].observe(self.following.clone());
+        let standbys = env.standby_links(self.member);
+        let pg = env.pgs[self.member].observe(self.following.clone(), standbys);
         self.read(env, pg, false);
     }
 
@@ -776,43 +777,7 @@ impl Agent {
 
     /// `Dcs::read_cluster`: the core's view of the keys.
     fn build_view(&self, kvs: &[(Key, Kv)]) -> ClusterView {
-        let mut view = ClusterView {
-            initialize: None,
-            leader: None,
-            members: Vec::new(),
-            config: self.dynamic.clone(),
-            last_leader: None,
-            switchover: None,
-            sync: None,
-        };
-        for (key, kv) in kvs {
-            let mine = self.lease_id.is_some() && kv.lease == self.lease_id;
-            match (key, &kv.value) {
-                (Key::Initialize, Value::Text(value)) => {
-                    view.initialize = Some(if value.is_empty() {
-                        Initialize::InProgress { mine }
-                    } else {
-                        Initialize::Done {
-                            system_id: value.clone(),
-                        }
-                    });
-                }
-                (Key::Leader, Value::Text(name)) => {
-                    view.leader = Some(LeaderKey {
-                        name: name.clone(),
-                        term: kv.create_revision,
-                        mine: mine && *name == self.name,
-                    });
-                }
-                (Key::Config, Value::Config(config)) if config.validate().is_ok() => {
-                    view.config = (**config).clone();
-                }
-                (Key::Status, Value::Status(status)) => view.last_leader = Some(status.clone()),
-                (Key::Member(_), Value::Member(member)) => view.members.push((**member).clone()),
-                _ => {}
-            }
-        }
-        view
+        cluster_view(kvs, self.lease_id, &self.name, &self.dynamic)
     }
 
     fn decide(&mut self, env: &mut Env, pg: PgSeen, dcs: Option<ClusterView>) {
@@ -825,7 +790,7 @@ impl Agent {
         let (process, data_dir) = pg;
         let observation = Observation {
             now: self.now(env),
-            wall_clock_unix: 0,
+            wall_clock_unix: env.wall_clock_unix(Some(self.member)),
             pg: LocalPostgres {
                 data_dir,
                 process,
@@ -930,7 +895,7 @@ impl Agent {
             replay_lsn: running.and_then(|pg| pg.replay_lsn),
             tags: self.tags.clone(),
             standing_down: self.core.is_standing_down(observation.now),
-            standbys: Vec::new(),
+            standbys: running.map(|pg| pg.standbys.clone()).unwrap_or_default(),
             version: "sim".into(),
         }
     }
@@ -1128,14 +1093,17 @@ impl Agent {
                 progress
             }
             (Action::Start(_), _) => Done(input.op()),
-            (Action::Stop { .. }, 0) => {
+            (Action::Stop { reason }, 0) => {
                 if let Some(wait) = self.planted_late_demote(env) {
                     return wait;
                 }
-                self.pg_op(env, OpKind::Stop)
+                if let Some(target) = reason.strip_prefix("switchover to ") {
+                    env.begin_handover(self.member, target);
+                }
+                self.stop_pg(env)
             }
             (Action::Stop { .. }, _) => match input {
-                Input::Timer => self.pg_op(env, OpKind::Stop),
+                Input::Timer => self.stop_pg(env),
                 other => Done(other.op()),
             },
             (Action::Promote { .. }, 0) => {
@@ -1189,6 +1157,9 @@ impl Agent {
                 let Some(lease) = self.lease_id else {
                     return no_lease();
                 };
+                if let Some(view) = &self.view {
+                    env.check_paused_takeover(self.member, view);
+                }
                 self.request(
                     env,
                     Request::CreateIfAbsent {
@@ -1234,17 +1205,39 @@ impl Agent {
                 )
             }
             (Action::PublishLeaderStatus(_), _) => Done(input.reply().map(drop)),
-            // The simulated cluster has no operator yet: no intent, so the
-            // core never asks for these (they would be no-ops here).
-            (
-                Action::Checkpoint
-                | Action::ClearSwitchover { .. }
-                | Action::WriteSync(_)
-                | Action::SetSyncNames(_)
-                | Action::ClearSync,
-                _,
-            ) => Done(Ok(())),
+            (Action::Checkpoint, 0) => self.pg_op(env, OpKind::Checkpoint),
+            (Action::Checkpoint, _) => Done(input.op()),
+            (Action::ClearSwitchover { .. }, 0) => {
+                let Some(term) = self.leader_term() else {
+                    return not_leader();
+                };
+                self.request(env, Request::ClearSwitchover { term })
+            }
+            (Action::ClearSwitchover { reason }, _) => match input.reply() {
+                Ok(Reply::Txn(true)) => {
+                    self.log(env, format!("switchover intent removed: {reason}"));
+                    Done(Ok(()))
+                }
+                other => Done(other.map(drop)),
+            },
+            // Synchronous mode is not simulated yet: the simulated cluster
+            // runs with it off and no `sync` key, so the core never asks.
+            (Action::WriteSync(_) | Action::SetSyncNames(_) | Action::ClearSync, _) => {
+                Done(Err("synchronous replication is not simulated".into()))
+            }
         }
+    }
+
+    /// `Postgres::stop`: SIGINT (a fast shutdown), escalated to an immediate
+    /// shutdown if the server is still up after `retry_timeout`.
+    fn stop_pg(&mut self, env: &mut Env) -> Progress {
+        let progress = self.pg_op(env, OpKind::Stop);
+        if let Progress::Wait(Waiting::Op(op)) = progress {
+            let grace = self.dynamic.retry_timeout.as_millis() as u64;
+            let at = env.now + self.clock.real_duration(grace);
+            env.escalate_stop_at(self.member, op, at);
+        }
+        progress
     }
 
     fn history_entry(&self, env: &Env, reason: &str) -> HistoryEntry {
@@ -1321,6 +1314,56 @@ impl Agent {
             Progress::Wait(Waiting::Timer(token))
         })
     }
+}
+
+/// `Dcs::read_cluster` as seen by `name` holding `lease` (`None` for an
+/// operator): the core's view of the keys, `fallback` until `config` exists.
+pub fn cluster_view(
+    kvs: &[(Key, Kv)],
+    lease: Option<LeaseId>,
+    name: &str,
+    fallback: &DynamicConfig,
+) -> ClusterView {
+    let mut view = ClusterView {
+        initialize: None,
+        leader: None,
+        members: Vec::new(),
+        config: fallback.clone(),
+        last_leader: None,
+        switchover: None,
+        sync: None,
+    };
+    for (key, kv) in kvs {
+        let mine = lease.is_some() && kv.lease == lease;
+        match (key, &kv.value) {
+            (Key::Initialize, Value::Text(value)) => {
+                view.initialize = Some(if value.is_empty() {
+                    Initialize::InProgress { mine }
+                } else {
+                    Initialize::Done {
+                        system_id: value.clone(),
+                    }
+                });
+            }
+            (Key::Leader, Value::Text(leader)) => {
+                view.leader = Some(LeaderKey {
+                    name: leader.clone(),
+                    term: kv.create_revision,
+                    mine: mine && leader == name,
+                });
+            }
+            (Key::Config, Value::Config(config)) if config.validate().is_ok() => {
+                view.config = (**config).clone();
+            }
+            (Key::Status, Value::Status(status)) => view.last_leader = Some(status.clone()),
+            (Key::Member(_), Value::Member(member)) => view.members.push((**member).clone()),
+            (Key::Switchover, Value::Switchover(intent)) => {
+                view.switchover = Some(intent.clone());
+            }
+            _ => {}
+        }
+    }
+    view
 }
 
 /// A short form of an action, for the trace.

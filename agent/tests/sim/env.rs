@@ -12,6 +12,9 @@ use jai_proto::MemberStatus;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
+/// Real time 0 on the wall clocks (ms since the Unix epoch).
+const WALL_CLOCK_EPOCH_MS: i64 = 1_800_000_000_000;
+
 /// Everything that happens, at its real simulated time.
 #[derive(Debug)]
 pub(super) enum Event {
@@ -46,6 +49,13 @@ pub(super) enum Event {
         member: usize,
         generation: u64,
     },
+    /// `Postgres::stop`'s grace for a fast shutdown ran out.
+    PgEscalate {
+        member: usize,
+        op: u64,
+    },
+    /// An operator's call to the control API (or its write to etcd).
+    Operator(super::operator::Call),
     Fault(Fault),
     Restart {
         member: usize,
@@ -146,6 +156,7 @@ pub struct Env {
     pub(super) trace: Trace,
     pub(super) violation: Option<Violation>,
     pub(super) strict_divergence: bool,
+    pub(super) strict_switchover: bool,
     /// `FaultProfile::targeted_cut`.
     pub(super) targeted_cut: bool,
     /// When the last fault so far ends (scheduled ones, and the cuts of the
@@ -153,6 +164,16 @@ pub struct Env {
     pub(super) faults_end: u64,
     pub(super) diverged_seen: BTreeSet<(usize, usize, u32, u32)>,
     pub(super) stats: RunStats,
+    /// Each member's wall clock, ms ahead of (or behind) real simulated time.
+    pub(super) wall_offset_ms: Vec<i64>,
+    /// The switchover under way (invariant: no acknowledged write lost).
+    pub(super) handover: Option<super::invariants::Handover>,
+    /// Create revisions of the intents a leader handed over for.
+    pub(super) intents_fired: BTreeSet<i64>,
+    /// When the last fault (not an operator's call) struck.
+    pub(super) last_fault_at: u64,
+    /// When the operator last wrote an intent.
+    pub(super) intent_written_at: u64,
 }
 
 impl Env {
@@ -177,11 +198,24 @@ impl Env {
             trace: Trace::new(config.trace_lines, config.echo),
             violation: None,
             strict_divergence: config.strict_divergence,
+            strict_switchover: config.strict_switchover,
             targeted_cut: config.faults.targeted_cut,
             faults_end: 0,
             diverged_seen: BTreeSet::new(),
             stats: RunStats::default(),
+            wall_offset_ms: vec![0; members],
+            handover: None,
+            intents_fired: BTreeSet::new(),
+            last_fault_at: 0,
+            intent_written_at: 0,
         }
+    }
+
+    /// The wall clock of `member` (`None`: the operator's, etcd's), in
+    /// seconds since the Unix epoch.
+    pub fn wall_clock_unix(&self, member: Option<usize>) -> u64 {
+        let offset = member.map_or(0, |member| self.wall_offset_ms[member]);
+        (WALL_CLOCK_EPOCH_MS + self.now as i64 + offset) as u64 / 1000
     }
 
     /// Queues `event` at real time `at` (ties keep their queueing order).
@@ -411,7 +445,23 @@ impl Env {
             };
             return self.schedule(at, event);
         }
+        let acquires = matches!(
+            &request,
+            Request::CreateIfAbsent {
+                key: Key::Leader,
+                ..
+            }
+        );
+        let releases = matches!(&request, Request::ReleaseLeader { .. });
         let (result, changes) = self.etcd.apply(self.now, request);
+        if matches!(result, Ok(etcd::Reply::Txn(true))) {
+            if acquires {
+                self.on_leader_acquired(member);
+            }
+            if releases {
+                self.on_leader_released(member);
+            }
+        }
         self.publish(changes);
         let latency = self.links[member].latency(self.now, &mut self.rng);
         self.schedule(

@@ -7,7 +7,7 @@
 //! - while etcd elects a new leader it answers nothing, and the new leader
 //!   extends every lease to its full TTL (and a little more).
 
-use jai_proto::{DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus};
+use jai_proto::{DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus, SwitchoverIntent};
 use std::collections::BTreeMap;
 
 /// An etcd lease id.
@@ -31,6 +31,8 @@ pub enum Key {
     Member(String),
     /// `status`
     Status,
+    /// `switchover`
+    Switchover,
 }
 
 /// A stored value, typed instead of JSON: the shell's encoding is not under test.
@@ -46,6 +48,8 @@ pub enum Value {
     Status(LeaderStatus),
     /// `history`.
     History(Vec<HistoryEntry>),
+    /// `switchover`.
+    Switchover(SwitchoverIntent),
 }
 
 /// A key's value and metadata, as etcd returns it.
@@ -122,6 +126,28 @@ pub enum Request {
         term: i64,
         /// The new entry.
         entry: HistoryEntry,
+    },
+    /// `clear_switchover`: txn `create_revision(leader) == term`, delete `switchover`.
+    ClearSwitchover {
+        /// The term.
+        term: i64,
+    },
+    /// `record_switchover` (the control API): txn `create_revision(switchover) == 0
+    /// && create_revision(leader) == term` (0: no leader), put.
+    RecordSwitchover {
+        /// The intent.
+        intent: SwitchoverIntent,
+        /// The leader term the caller checked, `None` for no leader.
+        leader_term: Option<i64>,
+    },
+    /// `cancel_switchover`: a plain delete; answers whether a key was deleted.
+    CancelSwitchover,
+    /// `update_config`: txn `mod_revision(config) == revision` (0: absent), put.
+    SwapConfig {
+        /// The `config` key's mod revision the caller read.
+        revision: i64,
+        /// The new config.
+        config: Box<DynamicConfig>,
     },
 }
 
@@ -288,6 +314,48 @@ impl Etcd {
                     };
                     history.push(entry);
                     self.put(Key::History, Value::History(history), None, &mut changes)
+                        .map(|()| Reply::Txn(true))
+                } else {
+                    Ok(Reply::Txn(false))
+                }
+            }
+            Request::ClearSwitchover { term } => {
+                let ok = self.term() == Some(term);
+                if ok && self.kvs.contains_key(&Key::Switchover) {
+                    self.revision += 1;
+                    self.delete(&Key::Switchover, &mut changes);
+                }
+                Ok(Reply::Txn(ok))
+            }
+            Request::RecordSwitchover {
+                intent,
+                leader_term,
+            } => {
+                let ok = !self.kvs.contains_key(&Key::Switchover) && self.term() == leader_term;
+                if ok {
+                    self.put(
+                        Key::Switchover,
+                        Value::Switchover(intent),
+                        None,
+                        &mut changes,
+                    )
+                    .map(|()| Reply::Txn(true))
+                } else {
+                    Ok(Reply::Txn(false))
+                }
+            }
+            Request::CancelSwitchover => {
+                let present = self.kvs.contains_key(&Key::Switchover);
+                if present {
+                    self.revision += 1;
+                    self.delete(&Key::Switchover, &mut changes);
+                }
+                Ok(Reply::Txn(present))
+            }
+            Request::SwapConfig { revision, config } => {
+                let current = self.kvs.get(&Key::Config).map_or(0, |kv| kv.mod_revision);
+                if current == revision {
+                    self.put(Key::Config, Value::Config(config), None, &mut changes)
                         .map(|()| Reply::Txn(true))
                 } else {
                     Ok(Reply::Txn(false))

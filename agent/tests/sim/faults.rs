@@ -90,6 +90,32 @@ pub enum Fault {
         /// How long etcd has no leader.
         outage_ms: u64,
     },
+    /// An operator asks for a switchover (`jaictl switchover`), checked and
+    /// recorded as the control API does.
+    Switchover {
+        /// The target member, or the best replica.
+        to: Option<usize>,
+        /// Scheduled this many seconds ahead, or at once.
+        in_secs: Option<u64>,
+        /// Accept a lagging target.
+        force: bool,
+        /// The operator cancels it this long after asking.
+        cancel_after_ms: Option<u64>,
+    },
+    /// An operator asks for a failover to a member (`jaictl failover`): a
+    /// switchover if the leader runs a primary.
+    Failover {
+        /// The target member.
+        to: usize,
+        /// Accept a lagging target.
+        force: bool,
+    },
+    /// An operator turns maintenance mode on (`jaictl pause`) and off again
+    /// `ms` later (`jaictl resume`, retried until it is written).
+    Maintenance {
+        /// How long.
+        ms: u64,
+    },
 }
 
 impl Fault {
@@ -130,7 +156,33 @@ impl Fault {
             Fault::EtcdLeaderChange { outage_ms } => {
                 format!("etcd leader change: {outage_ms}ms without answers")
             }
+            Fault::Switchover {
+                to,
+                in_secs,
+                force,
+                cancel_after_ms,
+            } => format!(
+                "switchover to {}{}{}{}",
+                to.map_or("the best replica", |to| names[to].as_str()),
+                in_secs.map_or(String::new(), |secs| format!(" in {secs}s")),
+                if force { " (forced)" } else { "" },
+                cancel_after_ms.map_or(String::new(), |ms| format!(", cancelled after {ms}ms")),
+            ),
+            Fault::Failover { to, force } => format!(
+                "failover to {}{}",
+                names[to],
+                if force { " (forced)" } else { "" }
+            ),
+            Fault::Maintenance { ms } => format!("maintenance mode for {ms}ms"),
         }
+    }
+
+    /// An operator's call rather than a failure.
+    pub fn is_operator(&self) -> bool {
+        matches!(
+            self,
+            Fault::Switchover { .. } | Fault::Failover { .. } | Fault::Maintenance { .. }
+        )
     }
 
     /// How long the fault lasts (0 for instantaneous ones).
@@ -144,6 +196,13 @@ impl Fault {
             | Fault::SlowLink { ms, .. }
             | Fault::FlakyLink { ms, .. } => ms,
             Fault::EtcdLeaderChange { outage_ms } => outage_ms,
+            Fault::Switchover {
+                in_secs,
+                cancel_after_ms,
+                ..
+            } => (in_secs.unwrap_or(0) * 1000).max(cancel_after_ms.unwrap_or(0)),
+            Fault::Failover { .. } => 0,
+            Fault::Maintenance { ms } => ms,
         }
     }
 }
@@ -172,6 +231,8 @@ pub struct FaultProfile {
     /// Black-hole a member right after it takes the leader key, half the time:
     /// the moment a new primary is least guarded.
     pub targeted_cut: bool,
+    /// Operator calls: switchovers, failovers, cancels, maintenance mode.
+    pub operator: bool,
 }
 
 /// The opt-in fault kinds, with what each models. `JAI_SIM_FAULTS=a,b` adds them.
@@ -220,6 +281,7 @@ impl FaultProfile {
             // A new etcd leader extends every lease, so even long elections are safe.
             etcd_outage_ms: Some((100, 3_000)),
             targeted_cut: false,
+            operator: true,
         }
     }
 
@@ -278,6 +340,50 @@ impl FaultProfile {
                 faults.push((at, fault));
             }
         }
+    }
+
+    /// Draws the operator's calls of one history, from `start` to `end`: none
+    /// in a quarter of the histories, else one every 3–15 s.
+    pub fn operator_schedule(
+        &self,
+        rng: &mut Rng,
+        members: usize,
+        start: u64,
+        end: u64,
+    ) -> Vec<(u64, Fault)> {
+        let mut calls = Vec::new();
+        if !self.operator || rng.chance(250) {
+            return calls;
+        }
+        let mut at = start + rng.range(0, 5_000);
+        while at < end {
+            let member = rng.range(0, members as u64 - 1) as usize;
+            let call = match rng.weighted(&[3, 3, 2, 2]) {
+                kind @ (0 | 1) => {
+                    let in_secs = rng.chance(300).then(|| rng.range(1, 6));
+                    let cancel_after_ms = match in_secs {
+                        Some(secs) if rng.chance(400) => Some(rng.range(0, secs * 1000 + 1_000)),
+                        _ => rng.chance(50).then(|| rng.range(0, 2_000)),
+                    };
+                    Fault::Switchover {
+                        to: (kind == 1).then_some(member),
+                        in_secs,
+                        force: rng.chance(100),
+                        cancel_after_ms,
+                    }
+                }
+                2 => Fault::Failover {
+                    to: member,
+                    force: rng.chance(300),
+                },
+                _ => Fault::Maintenance {
+                    ms: rng.range(2_000, 20_000),
+                },
+            };
+            calls.push((at, call));
+            at += rng.range(3_000, 15_000);
+        }
+        calls
     }
 
     fn draw(&self, rng: &mut Rng, members: usize) -> Option<Fault> {

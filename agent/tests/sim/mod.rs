@@ -15,22 +15,48 @@
 //!   and still time out at the caller; watch events are lost while cut;
 //! - etcd: revisions, leases expiring `ttl` after the keepalive *arrived* and
 //!   swept every 500 ms, the shell's transactions (`create_revision == 0`,
-//!   term-guarded writes), and leader elections that answer nothing for a
-//!   while, then extend every lease;
+//!   term-guarded writes, the `switchover` intent recorded, cleared and
+//!   cancelled as `Dcs` does, `config` swapped on its revision), and leader
+//!   elections that answer nothing for a while, then extend every lease;
 //! - PostgreSQL: WAL histories as branches (so diverged timelines are seen),
 //!   a primary taking writes until a stop signal, standbys streaming through a
 //!   slot with lag, promote, start, stop, initdb, pg_basebackup, pg_rewind,
-//!   crashes, a postmaster that will not start, and the watchdog's fast
-//!   shutdown (SIGINT: no more writes at once, nor a start or a promotion);
+//!   CHECKPOINT, crashes, a postmaster that will not start, and the watchdog's
+//!   fast shutdown (SIGINT: no more writes at once, nor a start or a
+//!   promotion). A primary reports `pg_stat_replication`: its connected
+//!   standbys (running, pointed at it, through their slot, on a history that
+//!   contains theirs), `catchup` until they first reached its end, then
+//!   `streaming`, with their flush position. A fast shutdown of a primary
+//!   ends only once every connected standby has all its WAL (the walsenders
+//!   wait for the standbys' flush); a crash does not wait, nor does the
+//!   immediate shutdown `Postgres::stop` escalates to after `retry_timeout`.
+//!   A shutdown soon after a CHECKPOINT is short;
 //! - the shell: the cycle, keepalive task and fencing watchdog of
-//!   `shell.rs`/`dcs.rs`, with their waits and timeouts (see [`agent`]).
+//!   `shell.rs`/`dcs.rs`, with their waits and timeouts (see [`agent`]);
+//! - wall clocks: each member's is up to ±1.5 s off, so a scheduled
+//!   switchover becomes due at slightly different moments on each;
+//! - the operator (`operator`): switchovers (to a member or the best
+//!   replica, at once or a few seconds ahead, sometimes cancelled), failovers
+//!   (sometimes forced) and maintenance-mode windows, drawn with the faults,
+//!   checked against what the operator reads in etcd as `control.rs` checks
+//!   them, and written with the control API's guards.
 //!
 //! Checked after every event (`invariants`): one writer (§3.1), promotion only
 //! with the key (§3.2, at the moment the shell acts), no standby pointed at a
 //! diverged upstream (§3.5, counted unless strict), `Core::decide` never
-//! panics; and at the end, a leader within `3 * ttl + 10 s` of the end of the
-//! last fault (scheduled, or a cut of the `targeted-cut` nemesis).
-//! The first broken one ends the history with the seed and the last events.
+//! panics; for the operator's intents: the first promotion after a
+//! switchover's stop keeps every write the old primary acknowledged if the
+//! new primary streamed from it to the end of a clean stop (a target that
+//! streamed at its start but missed its end is counted, fatal only with
+//! `strict_switchover`), nobody but an intent's target takes the key in maintenance
+//! mode (a running primary may reclaim its own), a leader never hands over
+//! again for an intent that already made another member leader, and a
+//! switchover whose leader released the key in maintenance mode gets a new
+//! leader within `2 * ttl` unless a fault struck since the intent was
+//! written. At the end: a leader within `3 * ttl + 10 s` of the end of the
+//! last fault (scheduled, a cut of the `targeted-cut` nemesis, or the end of
+//! maintenance mode), and no intent left pending under it. The first broken
+//! one ends the history with the seed and the last events.
 //!
 //! Everything random comes from one seed through [`rng::Rng`], and every
 //! collection iterates in a fixed order, so a seed replays the same history.
@@ -40,6 +66,7 @@ mod env;
 pub mod etcd;
 pub mod faults;
 mod invariants;
+mod operator;
 mod pg_ops;
 pub mod postgres;
 pub mod rng;
@@ -58,6 +85,8 @@ const FAULTS_FROM_MS: u64 = 8_000;
 const EARLY_FAULTS_PER_MILLE: u64 = 200;
 /// When the last fault may start.
 const FAULTS_UNTIL_MS: u64 = 60_000;
+/// How far a member's wall clock may be off real time (NTP-synced machines).
+const MAX_WALL_CLOCK_SKEW_MS: u64 = 1_500;
 /// How often primaries write and standbys receive.
 const WAL_TICK_MS: u64 = 100;
 
@@ -97,6 +126,11 @@ pub struct SimConfig {
     /// to stream then (no data mixes), and the core rewinds only former
     /// primaries, so by default this is counted, not fatal.
     pub strict_divergence: bool,
+    /// Fail on a switchover target that streamed when the old primary's stop
+    /// began but missed its last writes (it disconnected during the stop, or
+    /// the stop was escalated to an immediate shutdown). The core cannot see
+    /// the stopped primary's final position, so by default this is counted.
+    pub strict_switchover: bool,
     /// Trace lines kept for the failure report.
     pub trace_lines: usize,
     /// Print every trace line as it happens.
@@ -109,6 +143,7 @@ impl Default for SimConfig {
             faults: FaultProfile::default_profile(),
             plant: None,
             strict_divergence: false,
+            strict_switchover: false,
             trace_lines: 50,
             echo: false,
         }
@@ -128,6 +163,19 @@ pub enum ViolationKind {
     CoreAssertion,
     /// Liveness: no leader within the bound after the last fault.
     NoLeader,
+    /// A switchover lost writes the old primary acknowledged although the
+    /// new leader streamed from it.
+    LostWrites,
+    /// In maintenance mode, a member took the leader key without an
+    /// operator's intent for it.
+    PausedTakeover,
+    /// A leader handed over a second time for the same intent.
+    IntentTwice,
+    /// An intent was still pending at the end, under a healthy leader.
+    IntentLeftOver,
+    /// A switchover's old leader released the key in maintenance mode and
+    /// nobody took it, without any fault to explain it.
+    StalledSwitchover,
 }
 
 /// A broken invariant, with what is needed to reproduce and read it.
@@ -182,8 +230,19 @@ pub struct RunStats {
     pub promotions: u64,
     /// Standbys that PostgreSQL refused to stream to (diverged history).
     pub diverged: u64,
+    /// Switchover targets promoted without the old primary's last writes,
+    /// having missed the end of its stop (fatal with `strict_switchover`).
+    pub switchover_losses: u64,
     /// Time from the last fault to a healthy leader.
     pub recovery_ms: u64,
+    /// Operator calls made (switchover, failover, cancel, pause).
+    pub operator_calls: u64,
+    /// Intents the operator recorded (past the checks and the guards).
+    pub intents: u64,
+    /// Switchover stops begun by a leader.
+    pub handovers: u64,
+    /// Of those, stops that ended cleanly (not escalated, not crashed).
+    pub clean_handovers: u64,
     /// Hash of the whole trace, to compare two runs of a seed.
     pub fingerprint: u64,
 }
@@ -221,6 +280,17 @@ pub fn run(seed: u64, config: &SimConfig) -> Result<RunStats, Failure> {
             kind: ViolationKind::NoLeader,
             message: format!(
                 "no member holds the leader key with a primary accepting writes {}s after the last fault",
+                bound / 1000
+            ),
+            at_ms: end,
+        };
+        return Err(fail(&world, violation));
+    }
+    if let Some(intent) = world.env.leftover_intent() {
+        let violation = Violation {
+            kind: ViolationKind::IntentLeftOver,
+            message: format!(
+                "the intent {intent} is still pending {}s after the last fault, under a healthy leader",
                 bound / 1000
             ),
             at_ms: end,
@@ -265,9 +335,17 @@ fn build_world(seed: u64, config: &SimConfig) -> World {
     } else {
         FAULTS_FROM_MS
     };
-    let faults = config
+    let mut faults = config
         .faults
         .schedule(&mut fault_rng, members, faults_from, FAULTS_UNTIL_MS);
+    // Drawn from a stream of their own: the other faults of a seed stay.
+    let mut operator_rng = fault_rng.fork();
+    faults.extend(config.faults.operator_schedule(
+        &mut operator_rng,
+        members,
+        FAULTS_FROM_MS,
+        FAULTS_UNTIL_MS,
+    ));
     let quiet_from = faults
         .iter()
         .map(|(at, fault)| at + fault.duration())
@@ -278,6 +356,12 @@ fn build_world(seed: u64, config: &SimConfig) -> World {
     for (at, fault) in faults {
         env.schedule(at, Event::Fault(fault));
     }
+    let mut wall_rng = rng.fork();
+    env.wall_offset_ms = (0..members)
+        .map(|_| {
+            wall_rng.range(0, 2 * MAX_WALL_CLOCK_SKEW_MS) as i64 - MAX_WALL_CLOCK_SKEW_MS as i64
+        })
+        .collect();
     env.schedule(etcd::SWEEP_EVERY_MS, Event::EtcdSweep);
     env.schedule(WAL_TICK_MS, Event::WalTick);
     World {

@@ -4,8 +4,13 @@
 
 use super::agent::AgentEvent;
 use super::env::{Env, Event};
+use super::invariants::StopKind;
 use super::postgres::{Data, Files, OpKind, PendingOp, Process, Segment, Wal};
 use super::ViolationKind;
+use jai_proto::{Lsn, StandbyLink};
+
+/// A fast shutdown within this long (real ms) of a `CHECKPOINT` is short.
+const RECENT_CHECKPOINT_MS: u64 = 5_000;
 
 impl Env {
     /// Starts a PostgreSQL operation: `Ok(Some(id))` when it completes later
@@ -37,6 +42,7 @@ impl Env {
                 pg.process = Process::Starting;
                 pg.generation += 1;
                 pg.shutting_down = false;
+                pg.caught_up = false;
                 self.rng.range(300, 1_500)
             }
             OpKind::Stop => {
@@ -46,7 +52,12 @@ impl Env {
                     Process::Running { accepting, .. } => *accepting = false,
                     Process::Starting => {}
                 }
-                if self.rng.chance(50) {
+                let checkpointed = pg
+                    .checkpointed_at
+                    .is_some_and(|at| self.now < at + RECENT_CHECKPOINT_MS);
+                if checkpointed {
+                    self.rng.range(50, 300)
+                } else if self.rng.chance(50) {
                     self.rng.range(600, 2_500)
                 } else {
                     self.rng.range(50, 600)
@@ -73,6 +84,12 @@ impl Env {
                 }
                 self.rng.range(300, 2_500)
             }
+            OpKind::Checkpoint => {
+                if !self.pgs[member].is_running() {
+                    return Err("PostgreSQL: connection refused".into());
+                }
+                self.rng.range(50, 800)
+            }
         };
         let id = self.id();
         self.pgs[member].op = Some(PendingOp { id, kind });
@@ -97,8 +114,9 @@ impl Env {
             Process::Running {
                 primary, upstream, ..
             } => {
-                if !*primary {
+                if !*primary && *upstream != follow {
                     *upstream = follow;
+                    self.pgs[member].caught_up = false;
                 }
                 Ok(())
             }
@@ -136,11 +154,17 @@ impl Env {
         }
     }
 
-    /// An operation finished: applies its effect and tells the agent.
+    /// An operation finished: applies its effect and tells the agent. A fast
+    /// shutdown of a primary ends only once every connected standby has all
+    /// its WAL (the walsenders wait for the standbys' flush at shutdown).
     pub(super) fn complete_op(&mut self, member: usize, op: u64) {
         let Some(pending) = self.pgs[member].op.filter(|pending| pending.id == op) else {
             return;
         };
+        if pending.kind == OpKind::Stop && self.walsenders_pending(member) {
+            let at = self.now + self.rng.range(20, 60);
+            return self.schedule(at, Event::PgComplete { member, op });
+        }
         self.pgs[member].op = None;
         let result = match pending.kind {
             OpKind::InitDb => {
@@ -150,6 +174,9 @@ impl Env {
             OpKind::Clone { from } => self.finish_clone(member, from),
             OpKind::Start => self.finish_start(member),
             OpKind::Stop => {
+                if self.pgs[member].has_postmaster() {
+                    self.note_stop(member, StopKind::Clean);
+                }
                 self.pgs[member].process = Process::Stopped;
                 self.log(format!("{}: PG stopped", self.names[member]));
                 // The postmaster was our child: its exit wakes the loop.
@@ -158,6 +185,15 @@ impl Env {
             }
             OpKind::Promote => self.finish_promote(member),
             OpKind::Rewind { from } => self.finish_rewind(member, from),
+            OpKind::Checkpoint => {
+                let running = self.pgs[member].is_running();
+                if running {
+                    self.pgs[member].checkpointed_at = Some(self.now);
+                }
+                running
+                    .then_some(())
+                    .ok_or_else(|| "CHECKPOINT: PostgreSQL is gone".to_owned())
+            }
         };
         self.notify_agent(member, AgentEvent::PgDone { id: op, result });
     }
@@ -237,6 +273,12 @@ impl Env {
         }
         let files = pg.files_mut().expect("checked when the start began");
         let primary = !files.standby_signal;
+        if primary && self.handover.as_ref().is_some_and(|h| h.from == member) {
+            // The old primary runs again: that switchover is over.
+            self.handover = None;
+        }
+        let pg = &mut self.pgs[member];
+        let files = pg.files_mut().expect("checked when the start began");
         files.control_primary = primary;
         let upstream = if primary { None } else { files.conf_follow };
         let wal = files.wal.describe();
@@ -272,6 +314,9 @@ impl Env {
             // pg_promote against a postmaster in fast shutdown: the startup
             // process is terminated before the promotion ends.
             return Err("PostgreSQL: the database system is shutting down".into());
+        }
+        if let Some(wal) = self.pgs[member].files().map(|files| files.wal.clone()) {
+            self.check_switchover_kept_writes(member, &wal);
         }
         self.next_branch += 1;
         let branch = self.next_branch;
@@ -347,11 +392,112 @@ impl Env {
         self.schedule(self.now + exit_after, Event::PgExit { member, generation });
     }
 
-    /// The signalled postmaster exits, unless another one runs by now.
+    /// The signalled postmaster exits, unless another one runs by now; like
+    /// any fast shutdown, once its connected standbys have all its WAL.
     pub(super) fn pg_exit(&mut self, member: usize, generation: u64) {
-        if self.pgs[member].generation == generation {
-            self.stop_postmaster(member, "PG stopped (fenced)");
+        if self.pgs[member].generation != generation {
+            return;
         }
+        if self.walsenders_pending(member) {
+            let at = self.now + self.rng.range(20, 60);
+            return self.schedule(at, Event::PgExit { member, generation });
+        }
+        self.note_stop(member, StopKind::Clean);
+        self.stop_postmaster(member, "PG stopped (fenced)");
+    }
+
+    /// Arms `Postgres::stop`'s escalation of the stop `op` at real time `at`.
+    pub fn escalate_stop_at(&mut self, member: usize, op: u64, at: u64) {
+        self.schedule(at, Event::PgEscalate { member, op });
+    }
+
+    /// `Postgres::stop`'s escalation: a fast shutdown still under way after
+    /// the grace (`retry_timeout`) becomes an immediate one (SIGQUIT), which
+    /// does not wait for the standbys.
+    pub fn escalate_stop(&mut self, member: usize, op: u64) {
+        let pending = self.pgs[member].op.is_some_and(|pending| pending.id == op);
+        if !pending || !self.pgs[member].has_postmaster() {
+            return;
+        }
+        if self.paused[member] {
+            // The agent that would send SIGQUIT is stopped itself.
+            return self.schedule(self.now + 50, Event::PgEscalate { member, op });
+        }
+        self.note_stop(member, StopKind::Immediate);
+        self.stop_postmaster(
+            member,
+            "PG stopped (fast shutdown too slow: immediate shutdown)",
+        );
+    }
+
+    /// Whether `standby` streams from `upstream` now: running as its standby,
+    /// through its slot, on a history that contains its own.
+    pub(super) fn walsender_to(&self, standby: usize, upstream: usize) -> bool {
+        let Process::Running {
+            primary: false,
+            upstream: Some(source),
+            ..
+        } = self.pgs[standby].process
+        else {
+            return false;
+        };
+        if source != upstream || standby == upstream || !self.pgs[upstream].is_running() {
+            return false;
+        }
+        let slot = jai_agent::ha::slot_name(&self.names[standby]);
+        match (self.pgs[standby].files(), self.pgs[upstream].files()) {
+            (Some(mine), Some(theirs)) => {
+                theirs.slots.contains(&slot) && !mine.wal.diverges_from(&theirs.wal)
+            }
+            _ => false,
+        }
+    }
+
+    /// The members streaming from `member` now.
+    pub(super) fn walsenders(&self, member: usize) -> Vec<usize> {
+        (0..self.pgs.len())
+            .filter(|standby| self.walsender_to(*standby, member))
+            .collect()
+    }
+
+    /// A primary's walsenders still have WAL to send.
+    fn walsenders_pending(&self, member: usize) -> bool {
+        let pg = &self.pgs[member];
+        let primary = matches!(pg.process, Process::Running { primary: true, .. });
+        let end = pg.files().map_or(0, |files| files.wal.lsn);
+        primary
+            && self.walsenders(member).iter().any(|standby| {
+                self.pgs[*standby]
+                    .files()
+                    .is_some_and(|files| files.wal.lsn < end)
+            })
+    }
+
+    /// `pg_stat_replication` on `member`: its connected standbys, `streaming`
+    /// once they caught up on its timeline, else `catchup`.
+    pub fn standby_links(&self, member: usize) -> Vec<StandbyLink> {
+        if !matches!(
+            self.pgs[member].process,
+            Process::Running { primary: true, .. }
+        ) {
+            return Vec::new();
+        }
+        let timeline = self.pgs[member].files().map(|files| files.wal.timeline());
+        self.walsenders(member)
+            .into_iter()
+            .map(|standby| {
+                let pg = &self.pgs[standby];
+                let wal = pg.files().map(|files| &files.wal);
+                let streaming = pg.caught_up && wal.map(|wal| wal.timeline()) == timeline;
+                StandbyLink {
+                    name: self.names[standby].clone(),
+                    state: if streaming { "streaming" } else { "catchup" }.into(),
+                    flush_lsn: wal.map(|wal| Lsn(wal.lsn)),
+                    replay_lag_ms: None,
+                    synchronous: false,
+                }
+            })
+            .collect()
     }
 
     /// The postmaster is gone: operations waiting on it end, the agent wakes.
@@ -371,6 +517,7 @@ impl Env {
 
     /// PostgreSQL alone dies.
     pub(super) fn crash_pg(&mut self, member: usize) {
+        self.note_stop(member, StopKind::Crash);
         self.stop_postmaster(member, "PG crashed");
     }
 
@@ -402,21 +549,26 @@ impl Env {
         }
     }
 
-    /// One tick of streaming from `upstream`.
+    /// One tick of streaming from `upstream`: the standby counts as caught up
+    /// (`streaming`) from the tick it reached the upstream's end while connected.
     pub(super) fn stream(&mut self, member: usize, upstream: usize) {
+        let reached = self.stream_wal(member, upstream);
+        let pg = &mut self.pgs[member];
+        pg.caught_up = reached.is_some_and(|reached| reached || pg.caught_up);
+    }
+
+    /// Receives what the tick allows; `None` when not connected, else
+    /// whether the standby reached the upstream's end.
+    fn stream_wal(&mut self, member: usize, upstream: usize) -> Option<bool> {
         if upstream == member || !self.pgs[upstream].is_running() {
-            return;
+            return None;
         }
         let slot = jai_agent::ha::slot_name(&self.names[member]);
-        let Some(source) = self.pgs[upstream].files().cloned() else {
-            return;
-        };
+        let source = self.pgs[upstream].files()?.clone();
         if !source.slots.contains(&slot) {
-            return; // "replication slot does not exist": no streaming yet.
+            return None; // "replication slot does not exist": no streaming yet.
         }
-        let Some(mine) = self.pgs[member].files() else {
-            return;
-        };
+        let mine = self.pgs[member].files()?;
         if mine.wal.diverges_from(&source.wal) {
             let key = (member, upstream, mine.wal.branch(), source.wal.branch());
             if self.diverged_seen.insert(key) {
@@ -435,7 +587,7 @@ impl Env {
                     self.log(message);
                 }
             }
-            return;
+            return None;
         }
         if source.wal.lsn > mine.wal.lsn {
             let upto = source
@@ -444,6 +596,8 @@ impl Env {
                 .min(mine.wal.lsn + self.rng.range(0, 512 * 1024));
             let files = self.pgs[member].files_mut().expect("checked above");
             files.wal.receive_from(&source.wal, upto);
+            return Some(upto == source.wal.lsn);
         }
+        Some(true)
     }
 }

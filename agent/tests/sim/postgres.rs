@@ -8,7 +8,7 @@
 //! (real PostgreSQL refuses a timeline that forked before its position).
 
 use jai_agent::ha::{DataDir, PgProcess, PgRole, RunningPostgres};
-use jai_proto::Lsn;
+use jai_proto::{Lsn, StandbyLink};
 
 /// A stretch of WAL written on one branch, from `start` to the next segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +151,8 @@ pub enum OpKind {
         /// The source member.
         from: usize,
     },
+    /// `CHECKPOINT` on the local server.
+    Checkpoint,
 }
 
 /// An operation in progress.
@@ -178,6 +180,12 @@ pub struct PgSim {
     /// The postmaster got SIGINT (fast shutdown): it never again answers as
     /// ready or finishes a promotion; it only exits.
     pub shutting_down: bool,
+    /// A standby has caught up with its upstream since it connected:
+    /// `pg_stat_replication` shows it `streaming` (before: `catchup`).
+    pub caught_up: bool,
+    /// When the last `CHECKPOINT` finished (real ms): a fast shutdown soon
+    /// after it has little left to write.
+    pub checkpointed_at: Option<u64>,
 }
 
 impl PgSim {
@@ -190,6 +198,8 @@ impl PgSim {
             generation: 0,
             broken_until: 0,
             shutting_down: false,
+            caught_up: false,
+            checkpointed_at: None,
         }
     }
 
@@ -232,8 +242,13 @@ impl PgSim {
     }
 
     /// What `Postgres::observe` and `inspect_data_dir` would report.
-    /// `following` is the agent's memory of what it configured.
-    pub fn observe(&self, following: Option<String>) -> (PgProcess, DataDir) {
+    /// `following` is the agent's memory of what it configured; `standbys`
+    /// what `pg_stat_replication` shows (on a primary).
+    pub fn observe(
+        &self,
+        following: Option<String>,
+        standbys: Vec<StandbyLink>,
+    ) -> (PgProcess, DataDir) {
         // A base backup or a rewound directory has a backup_label until it
         // starts: inspect_data_dir reports it as no former primary.
         let data_dir = match &self.data {
@@ -263,7 +278,7 @@ impl PgSim {
                     replay_lsn: if primary { None } else { lsn },
                     following: if primary { None } else { following },
                     slots: files.slots.clone(),
-                    standbys: Vec::new(),
+                    standbys: if primary { standbys } else { Vec::new() },
                     sync_names: Default::default(),
                 })
             }

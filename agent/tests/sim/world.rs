@@ -4,6 +4,8 @@
 use super::agent::{Agent, AgentEvent, Clock};
 use super::env::{Env, Event};
 use super::faults::Fault;
+use super::invariants::StopKind;
+use super::operator::Call;
 use super::postgres::Process;
 use super::{Plant, Violation, WAL_TICK_MS};
 use jai_agent::ha::Identity;
@@ -106,6 +108,13 @@ impl World {
             }
             Event::PgComplete { member, op } => self.env.complete_op(member, op),
             Event::PgExit { member, generation } => self.env.pg_exit(member, generation),
+            Event::PgEscalate { member, op } => self.env.escalate_stop(member, op),
+            Event::Operator(call) => {
+                if !matches!(call, Call::Write { .. }) {
+                    self.env.stats.operator_calls += 1;
+                }
+                self.env.operator(call)
+            }
             Event::Fault(fault) => self.inject(fault),
             Event::Restart { member } => self.start_agent(member),
             Event::Resume { member } => self.resume(member),
@@ -116,7 +125,11 @@ impl World {
     /// Makes `fault` happen now; links and PostgreSQL heal by themselves when
     /// its duration ends, crashed and stopped agents through a scheduled event.
     pub(super) fn inject(&mut self, fault: Fault) {
+        if fault.is_operator() {
+            return self.operate(fault);
+        }
         self.env.stats.faults += 1;
+        self.env.last_fault_at = self.env.now;
         let now = self.env.now;
         let text = fault.describe(&self.env.names);
         self.env.log(format!("FAULT {text}"));
@@ -152,6 +165,35 @@ impl World {
                 self.env.etcd.unavailable_until = self.env.etcd.unavailable_until.max(until);
                 self.env.schedule(until, Event::EtcdRecovered);
             }
+            Fault::Switchover { .. } | Fault::Failover { .. } | Fault::Maintenance { .. } => {
+                unreachable!("operator calls are not faults")
+            }
+        }
+    }
+
+    /// An operator's call now, and the follow-up it planned (a cancel, the
+    /// end of maintenance mode).
+    fn operate(&mut self, fault: Fault) {
+        let now = self.env.now;
+        self.env
+            .log(format!("OPERATOR {}", fault.describe(&self.env.names)));
+        let (call, later) = match fault {
+            Fault::Switchover {
+                to,
+                in_secs,
+                force,
+                cancel_after_ms,
+            } => (
+                Call::Switchover { to, in_secs, force },
+                cancel_after_ms.map(|ms| (ms, Call::Cancel)),
+            ),
+            Fault::Failover { to, force } => (Call::Failover { to, force }, None),
+            Fault::Maintenance { ms } => (Call::SetPause(true), Some((ms, Call::SetPause(false)))),
+            other => unreachable!("{other:?} is no operator call"),
+        };
+        self.env.schedule(now, Event::Operator(call));
+        if let Some((after, call)) = later {
+            self.env.schedule(now + after, Event::Operator(call));
         }
     }
 
@@ -166,6 +208,9 @@ impl World {
         self.env.paused[member] = false;
         self.env.snapshots[member] = None;
         self.env.incarnations[member] += 1;
+        if self.env.pgs[member].has_postmaster() {
+            self.env.note_stop(member, StopKind::Crash);
+        }
         let pg = &mut self.env.pgs[member];
         pg.process = Process::Stopped;
         pg.op = None;
