@@ -181,6 +181,26 @@ impl OneWriterChecker {
         Ok(Self { rounds, stop, task })
     }
 
+    /// Waits until a round saw `writer` accept a write: on a loaded machine a
+    /// probe can time out, so the test waits for evidence instead of
+    /// assuming the checker saw what happened.
+    async fn wait_seen(&self, writer: &str) -> Result<()> {
+        let rounds = self.rounds.clone();
+        wait::until(
+            &format!("the checker to see {writer} accept a write"),
+            WITHIN,
+            || {
+                let seen = rounds
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|writers| writers.iter().any(|name| name == writer));
+                async move { Ok(seen.then_some(())) }
+            },
+        )
+        .await
+    }
+
     /// Stops probing; returns the sequence of writers seen, one per round.
     async fn finish(self) -> Result<Vec<Vec<String>>> {
         self.stop.cancel();
@@ -228,9 +248,11 @@ async fn a_primary_cut_off_from_etcd_demotes_before_a_replica_promotes() -> Resu
     let mut lab = Lab::up(spec(&dir, 3)).await?;
     let old = lab.wait_healthy(WITHIN).await?;
     let checker = OneWriterChecker::start(&lab).await?;
+    checker.wait_seen(&old).await?;
 
     lab.cut_from_etcd(&old)?;
     let new = wait_new_primary(&lab, &old).await?;
+    checker.wait_seen(&new).await?;
     lab.heal_etcd(&old)?;
     assert_eq!(
         lab.wait_healthy(WITHIN).await?,
