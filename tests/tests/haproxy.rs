@@ -65,7 +65,17 @@ async fn write_port_only_reaches(lab: &Lab, primary: &str) -> Result<Option<()>>
 async fn the_write_port_follows_a_failover_without_waiting_for_checks() -> Result<()> {
     let dir = lab_dir()?;
     let mut lab = slow_check_lab(&dir).await?;
-    kill_the_leader_and_follow(&mut lab).await?;
+    let new = kill_the_leader_and_follow(&mut lab).await?;
+    // The new primary leaves the read backend by the same push.
+    wait::until(
+        "the new primary out of the read backend",
+        PUSHED_WITHIN,
+        || async {
+            let up = servers_up(&lab)?;
+            Ok((up.get(&format!("jai_read/{new}")) == Some(&false)).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -317,5 +327,45 @@ async fn jaictl_renders_a_valid_config_and_a_missing_member_is_added_at_runtime(
     write_port_only_reaches(&lab, &primary)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the write port reached another member than {primary}"))?;
+    Ok(())
+}
+
+/// `backend/server` → whether HAProxy has it up (`srv_op_state` not 0).
+fn servers_up(lab: &Lab) -> Result<std::collections::BTreeMap<String, bool>> {
+    let state = lab.haproxy_command("show servers state")?;
+    Ok(state
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() > 6 && !fields[0].starts_with('#'))
+        .map(|fields| (format!("{}/{}", fields[1], fields[3]), fields[5] != "0"))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_port_is_pushed_replicas_only_without_noloadbalance() -> Result<()> {
+    let dir = lab_dir()?;
+    let quiet = jai_proto::Tags {
+        noloadbalance: true,
+        ..Default::default()
+    };
+    let lab = Lab::up(LabSpec {
+        haproxy_check_interval: VERY_SLOW_CHECKS,
+        tags: [("pg3".to_owned(), quiet)].into(),
+        ..common::spec(&dir, 3, 1)
+    })
+    .await?;
+    let primary = lab.wait_healthy(WITHIN).await?;
+    // HAProxy starts every server up; checks this slow cannot have run. Only
+    // the leader's push explains the read backend: streaming replicas up, the
+    // primary and the `noloadbalance` replica down.
+    wait::until("the read backend pushed", PUSHED_WITHIN, || async {
+        let up = servers_up(&lab)?;
+        let wanted = lab.node_names().into_iter().all(|node| {
+            let readable = node != primary && node != "pg3";
+            up.get(&format!("jai_read/{node}")) == Some(&readable)
+        });
+        Ok(wanted.then_some(()))
+    })
+    .await?;
     Ok(())
 }
