@@ -224,7 +224,6 @@ async fn an_unreachable_haproxy_delays_no_failover_and_is_logged_once_per_outage
         },
     )
     .await?;
-    server.abort();
     let failed = format!("HAProxy push failed: {socket}");
     wait::until(
         "the end of the outage in the log",
@@ -246,6 +245,8 @@ async fn an_unreachable_haproxy_delays_no_failover_and_is_logged_once_per_outage
             "{node}: one line per outage"
         );
     }
+    // Only now: once it is gone, the next reconcile starts a new outage.
+    server.abort();
     Ok(())
 }
 
