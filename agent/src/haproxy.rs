@@ -671,4 +671,60 @@ mod tests {
         *balancers.last_reconcile.lock().unwrap() = Some(Instant::now());
         assert!(balancers.reconcile_due());
     }
+
+    /// A stand-in HAProxy on a Unix socket: records each request line and
+    /// answers `answer` to `show servers state`, nothing to anything else.
+    fn fake_haproxy(
+        dir: &tempfile::TempDir,
+        answer: &'static str,
+    ) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::AsyncBufReadExt;
+        let path = dir.path().join("admin.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let mut stream = tokio::io::BufReader::new(stream);
+                let mut line = String::new();
+                let _ = stream.read_line(&mut line).await;
+                let line = line.trim().to_owned();
+                let reply = if line == "show servers state" {
+                    answer
+                } else {
+                    ""
+                };
+                let _ = stream.get_mut().write_all(reply.as_bytes()).await;
+                log.lock().unwrap().push(line);
+            }
+        });
+        (path.display().to_string(), received)
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_overtaken_by_a_step_down_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, received) = fake_haproxy(&dir, "1\n2 jai_write 1 pg1 x 2 0\n");
+        let mut config = config();
+        config.sockets = vec![socket];
+        config.read_backend = None;
+        let balancers = Balancers::new(config);
+        let members = vec![member("pg1", MemberRole::Primary, "0/3000000")];
+        let routing = Routing::new("pg1", &members, None, 0);
+        let before = balancers.epoch.load(Ordering::SeqCst);
+        balancers.push(&stop_writes_to("jai_write", "pg1")).await;
+        balancers.reconcile_since(&routing, before).await;
+        assert_eq!(
+            *received.lock().unwrap(),
+            ["set server jai_write/pg1 health down; shutdown sessions server jai_write/pg1"]
+        );
+        // A reconcile from now on goes through.
+        balancers.reconcile(&routing).await;
+        let received = received.lock().unwrap();
+        assert_eq!(
+            received[1..],
+            ["show servers state", "set server jai_write/pg1 health up"]
+        );
+        assert!(outages(&balancers).values().all(|down| !down));
+    }
 }
