@@ -311,6 +311,9 @@ impl AgentConfig {
                 "must differ from postgresql.superuser.username",
             );
         }
+        if let Some(haproxy) = &self.haproxy {
+            haproxy.validate()?;
+        }
         self.bootstrap
             .dcs
             .validate()

@@ -77,8 +77,8 @@ struct Agent {
     last_rewind: Option<RewindOutcome>,
     /// Asks peers for their WAL positions during an election.
     http: reqwest::Client,
-    /// When the leader last sent its routing to HAProxy.
-    last_haproxy_reconcile: Option<Instant>,
+    /// The HAProxys to push routing to, with their outage state.
+    haproxy: Option<Arc<crate::haproxy::Balancers>>,
     /// Operator requests from the control API, run between two decisions.
     operator_requests: mpsc::Receiver<OperatorRequest>,
 }
@@ -91,9 +91,6 @@ struct FenceTarget {
     /// Demotion margin in milliseconds.
     margin_ms: AtomicU64,
 }
-
-/// How often the leader re-sends its routing to HAProxy (see `reconcile_haproxy`).
-const HAPROXY_RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a peer's API may take to report its WAL position in an election.
 const PEER_TIMEOUT: Duration = Duration::from_millis(300);
@@ -208,7 +205,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         snapshot,
         fence,
         last_rewind: None,
-        last_haproxy_reconcile: None,
+        haproxy: config.haproxy.clone().map(crate::haproxy::Balancers::new),
         operator_requests,
         http: reqwest::Client::builder()
             .no_proxy()
@@ -299,9 +296,11 @@ impl Agent {
         recheck
     }
 
-    /// The leader re-sends its routing to every HAProxy every
-    /// `HAPROXY_RECONCILE_EVERY`, so a restarted HAProxy or a missed push heals
-    /// by itself. Only while it is a writable primary: what `/primary` says.
+    /// The leader re-sends its routing to every HAProxy in the background: at
+    /// its first round as leader (start-up), every `haproxy::RECONCILE_EVERY`,
+    /// and every round to one in an outage until it answers, so a restarted
+    /// HAProxy or a missed push heals by itself. Only while it is a writable
+    /// primary: what `/primary` says.
     async fn reconcile_haproxy(&mut self, observation: &Observation) {
         let writable_primary = matches!(&observation.pg.process, PgProcess::Running(pg) if pg.role == PgRole::Primary)
             && observation
@@ -313,12 +312,10 @@ impl Agent {
                 .dcs
                 .lease()
                 .is_valid_beyond(self.dynamic.demote_margin());
-        let due = self
-            .last_haproxy_reconcile
-            .is_none_or(|at| at.elapsed() >= HAPROXY_RECONCILE_EVERY);
-        if writable_primary && due {
-            self.last_haproxy_reconcile = Some(Instant::now());
-            self.route_haproxy_writes_here().await;
+        if let Some(haproxy) = self.haproxy.clone().filter(|_| writable_primary) {
+            if haproxy.reconcile_due() {
+                haproxy.reconcile_in_background(self.haproxy_routing(&haproxy));
+            }
         }
     }
 
@@ -854,38 +851,31 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    /// Tells every configured HAProxy to send writes here and nowhere else.
+    /// Tells every configured HAProxy to send writes here and nowhere else,
+    /// and reads to the replicas within the lag bound.
     async fn route_haproxy_writes_here(&mut self) {
-        let Some(haproxy) = self.config.haproxy.clone() else {
-            return;
-        };
-        let failures = crate::haproxy::route_writes_only_to(
-            &haproxy.sockets,
-            &haproxy.write_backend,
-            &self.config.name,
-        )
-        .await;
-        self.note_push_outcome(failures);
+        if let Some(haproxy) = self.haproxy.clone() {
+            haproxy.reconcile(&self.haproxy_routing(&haproxy)).await;
+        }
     }
 
-    fn note_push_outcome(&mut self, failures: Vec<String>) {
-        if failures.is_empty() {
-            self.note_success("HAProxy push failed");
-        }
-        for failure in failures {
-            self.note_error("HAProxy push failed", &anyhow!(failure));
-        }
+    /// The routing this member, as leader, wants from every HAProxy.
+    fn haproxy_routing(&self, haproxy: &crate::haproxy::Balancers) -> crate::haproxy::Routing {
+        let (members, position) = self.view.as_ref().map_or((&[][..], None), |view| {
+            (
+                &view.members[..],
+                view.last_leader.as_ref().map(|last| last.optime),
+            )
+        });
+        crate::haproxy::Routing::new(&self.config.name, members, position, haproxy.max_read_lag())
     }
 
     /// Sends the commands `build` makes for the write backend to every
     /// configured HAProxy; failures are logged once per outage, never fatal.
     async fn push_to_haproxy(&mut self, build: impl FnOnce(&str) -> String) {
-        let Some(haproxy) = self.config.haproxy.clone() else {
-            return;
-        };
-        let commands = build(&haproxy.write_backend);
-        let failures = crate::haproxy::push(&haproxy.sockets, &commands).await;
-        self.note_push_outcome(failures);
+        if let Some(haproxy) = self.haproxy.clone() {
+            haproxy.push(&build(&haproxy.config().write_backend)).await;
+        }
     }
 
     /// The core decided on a lease it saw; actions before this one (publishing

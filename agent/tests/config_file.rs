@@ -103,3 +103,36 @@ fn a_wildcard_listen_address_needs_a_connect_address() {
     assert_eq!(code, 2);
     assert!(stderr.contains("postgresql.connect_address"), "{stderr}");
 }
+
+#[test]
+fn the_haproxy_section_is_checked_key_by_key() {
+    let with = |section: &str| format!("{GOOD}haproxy:\n{section}");
+    let (code, stderr) = check(Some(&with(
+        "  sockets: [/run/haproxy/admin.sock, 127.0.0.1:9999]\n  read_backend: jai_ro\n  max_read_lag: 16MB\n  check_interval: 1s\n",
+    )));
+    assert_eq!(code, 0, "{stderr}");
+    for (section, key, reason) in [
+        ("  sockets: [admin.sock]\n", "haproxy.sockets[0]", "neither"),
+        ("  sockets: []\n", "haproxy.sockets", "at least one"),
+        (
+            "  sockets: [/a.sock]\n  max_read_lag: 16XB\n",
+            "haproxy.max_read_lag",
+            "unknown unit",
+        ),
+        (
+            "  sockets: [/a.sock]\n  read_backend: jai_write\n",
+            "haproxy.read_backend",
+            "must differ",
+        ),
+    ] {
+        let (code, stderr) = check(Some(&with(section)));
+        assert_eq!(code, 2, "{section}: {stderr}");
+        assert!(
+            stderr.contains(&format!("agent.yaml: {key}: ")) && stderr.contains(reason),
+            "{section}: {stderr}"
+        );
+    }
+    let (code, stderr) = check(Some(&with("  sockets: [/a.sock]\n  read_lag: 1\n")));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("read_lag"), "{stderr}");
+}

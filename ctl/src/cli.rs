@@ -55,6 +55,8 @@ pub enum Command {
     Config(ConfigCommand),
     /// A connection string for the primary or a replica.
     Dsn(DsnArgs),
+    /// Print a complete haproxy.cfg for the cluster's registered members.
+    HaproxyConfig(HaproxyConfigArgs),
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -220,4 +222,31 @@ pub enum DsnRole {
     Primary,
     /// A running replica (the least lagging).
     Replica,
+}
+
+/// `jaictl haproxy-config`.
+#[derive(Debug, Args)]
+pub struct HaproxyConfigArgs {
+    /// Where the write listener binds (routed to the primary).
+    #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:5000")]
+    pub write_port: String,
+    /// Where the read listener binds (balanced over the replicas).
+    #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:5001")]
+    pub read_port: String,
+    /// The admin runtime API the agents push to: a Unix path or HOST:PORT.
+    #[arg(long, value_name = "SOCKET", default_value = "/run/haproxy/admin.sock")]
+    pub stats_socket: String,
+    /// Health-check interval; set the agents' `haproxy.check_interval` to the same.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub check_interval: std::time::Duration,
+    /// Read listener check: `/replica?lag=BYTES`; set the agents'
+    /// `haproxy.max_read_lag` to the same.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    pub max_read_lag: u64,
+    /// Name of the write listener (the agents' `haproxy.write_backend`).
+    #[arg(long, value_name = "NAME", default_value = "jai_write")]
+    pub write_backend: String,
+    /// Name of the read listener (the agents' `haproxy.read_backend`).
+    #[arg(long, value_name = "NAME", default_value = "jai_read")]
+    pub read_backend: String,
 }

@@ -61,6 +61,10 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Resume => session.set_pause(false).await,
         Command::Config(command) => session.config(command).await,
         Command::Dsn(args) => session.dsn(&args),
+        Command::HaproxyConfig(args) => {
+            print!("{}", crate::haproxy::render(&session.state, &args)?);
+            Ok(())
+        }
         Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     }
 }

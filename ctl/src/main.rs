@@ -3,7 +3,7 @@
 //! Layout: [`cli`] holds the clap definitions (and so the man page and
 //! completions), [`config`] the `jaictl.yaml` file, [`cluster`] reads the
 //! cluster from etcd, [`agents`] calls the agents' control API, [`render`]
-//! prints, and [`commands`] has one function per subcommand. Errors carry
+//! prints, [`haproxy`] renders `haproxy.cfg`, and [`commands`] has one function per subcommand. Errors carry
 //! their exit code ([`error::CtlError`]).
 
 mod agents;
@@ -12,6 +12,7 @@ mod cluster;
 mod commands;
 mod config;
 mod error;
+mod haproxy;
 mod render;
 
 use clap::Parser;

@@ -8,6 +8,7 @@
 //! - [`dynamic`]: the cluster-wide settings under `config`, with their validation.
 //! - [`record`]: the small records the leader keeps under `status` and `history`.
 //! - [`lsn`]: PostgreSQL WAL positions, parsed and printed as PostgreSQL does.
+//! - [`haproxy_cfg`]: a complete `haproxy.cfg` rendered from the members.
 //! - [`patch`]: merge patches, `key=value` assignments and diffs of the config.
 //! - [`grpc`]: the control API compiled from `jai.proto` (client and server).
 //!
@@ -15,6 +16,7 @@
 //! the generated gRPC stubs (tonic) that both ends of the control API share.
 
 pub mod dynamic;
+pub mod haproxy_cfg;
 pub mod keys;
 pub mod lsn;
 pub mod member;
@@ -22,6 +24,7 @@ pub mod patch;
 pub mod record;
 
 pub use dynamic::{ConfigError, DynamicConfig, SynchronousMode};
+pub use haproxy_cfg::{render_haproxy_cfg, BalancedMember, HaproxyCfgOptions};
 pub use keys::ClusterKeys;
 pub use lsn::Lsn;
 pub use member::{MemberRole, MemberState, MemberStatus, StandbyLink, Tags};

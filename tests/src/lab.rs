@@ -42,6 +42,9 @@ pub struct LabSpec {
     pub dcs: Option<jai_proto::DynamicConfig>,
     /// Tags per node name.
     pub tags: BTreeMap<String, jai_proto::Tags>,
+    /// More HAProxy runtime API sockets (Unix path or `HOST:PORT`) every agent
+    /// pushes to besides the lab's HAProxy: e.g. one nobody answers on.
+    pub haproxy_extra_sockets: Vec<String>,
 }
 
 impl LabSpec {
@@ -60,6 +63,7 @@ impl LabSpec {
             secrets_from: None,
             dcs: None,
             tags: BTreeMap::new(),
+            haproxy_extra_sockets: Vec::new(),
         }
     }
 }
@@ -141,6 +145,12 @@ pub struct HaproxyInfo {
     pub config: PathBuf,
     /// Process ID.
     pub pid: Option<i32>,
+    /// More runtime API sockets the agents push to (`LabSpec::haproxy_extra_sockets`).
+    #[serde(default)]
+    pub extra_sockets: Vec<String>,
+    /// Health-check interval of its servers, in milliseconds.
+    #[serde(default)]
+    pub check_interval_ms: u64,
 }
 
 /// One PostgreSQL node.
@@ -386,6 +396,8 @@ impl Lab {
             stats_socket: dir.join("haproxy/admin.sock"),
             config: dir.join("haproxy/haproxy.cfg"),
             pid: None,
+            extra_sockets: spec.haproxy_extra_sockets.clone(),
+            check_interval_ms: spec.haproxy_check_interval.as_millis() as u64,
         };
         let mut lab = Lab {
             desc: LabDescription {
@@ -435,7 +447,7 @@ impl Lab {
             .with_context(|| format!("writing {}", lab.desc.jaictl_config.display()))?;
         std::fs::write(
             &lab.desc.haproxy.config,
-            haproxy_cfg(&lab.desc, spec.haproxy_check_interval),
+            haproxy_cfg(&lab.desc, spec.haproxy_check_interval)?,
         )?;
         std::fs::write(
             dir.join("agent-binary"),
@@ -1332,11 +1344,7 @@ fn agent_yaml(
         node.grpc.trim_start_matches("http://"),
         desc.control_token_file.display()
     );
-    let _ = writeln!(
-        yaml,
-        "haproxy:\n  sockets: [{}]",
-        desc.haproxy.stats_socket.display()
-    );
+    yaml.push_str(&agent_haproxy_section(&desc.haproxy));
     if let Some(tags) = tags {
         let _ = writeln!(
             yaml,
@@ -1368,33 +1376,36 @@ fn jaictl_yaml(desc: &LabDescription) -> String {
     )
 }
 
-fn haproxy_cfg(desc: &LabDescription, check_interval: Duration) -> String {
-    let inter = check_interval.as_millis();
-    let mut cfg = format!(
-        "# Written by jai-lab.\n\
-         global\n    stats socket {socket} mode 600 level admin\n    stats timeout 30s\n\n\
-         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30m\n    timeout server 30m\n    timeout check 1s\n\n",
-        socket = desc.haproxy.stats_socket.display()
-    );
-    for (name, bind, path) in [
-        ("jai_write", &desc.haproxy.write, "/primary"),
-        ("jai_read", &desc.haproxy.read, "/replica"),
-    ] {
-        let _ = write!(
-            cfg,
-            "listen {name}\n    bind {bind}\n    balance roundrobin\n    option httpchk\n    \
-             http-check send meth GET uri {path}\n    http-check expect status 200\n    \
-             default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall 2 rise 1 on-marked-down shutdown-sessions\n"
-        );
-        for node in &desc.nodes {
-            let api_port = node.api.rsplit(':').next().unwrap_or_default();
-            let _ = writeln!(
-                cfg,
-                "    server {} {} check port {api_port}",
-                node.name, node.pg
-            );
-        }
-        cfg.push('\n');
+/// The `haproxy` section of an agent's config: the lab's HAProxy, any extra
+/// sockets, and the servers' check interval (for servers added at runtime).
+fn agent_haproxy_section(haproxy: &HaproxyInfo) -> String {
+    let sockets: Vec<String> = std::iter::once(haproxy.stats_socket.display().to_string())
+        .chain(haproxy.extra_sockets.iter().cloned())
+        .map(|socket| format!("{socket:?}"))
+        .collect();
+    let mut section = format!("haproxy:\n  sockets: [{}]\n", sockets.join(", "));
+    if haproxy.check_interval_ms > 0 {
+        let _ = writeln!(section, "  check_interval: {}ms", haproxy.check_interval_ms);
     }
-    cfg
+    section
+}
+
+/// `DIR/haproxy/haproxy.cfg`, rendered as `jaictl haproxy-config` does.
+fn haproxy_cfg(desc: &LabDescription, check_interval: Duration) -> Result<String> {
+    let members = desc
+        .nodes
+        .iter()
+        .map(|node| {
+            jai_proto::BalancedMember::from_urls(&node.name, &node.pg, &node.api)
+                .ok_or_else(|| anyhow!("node {}: no host:port in {}", node.name, node.api))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = jai_proto::HaproxyCfgOptions {
+        write_bind: desc.haproxy.write.clone(),
+        read_bind: desc.haproxy.read.clone(),
+        stats_socket: desc.haproxy.stats_socket.display().to_string(),
+        check_interval,
+        ..Default::default()
+    };
+    Ok(jai_proto::render_haproxy_cfg(&members, &options))
 }

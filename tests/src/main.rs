@@ -37,6 +37,10 @@ enum Verb {
         /// HAProxy health-check interval.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         haproxy_check_interval: Duration,
+        /// More HAProxy runtime API sockets (Unix path or HOST:PORT,
+        /// comma-separated) every agent pushes to, e.g. one nobody answers on.
+        #[arg(long, value_delimiter = ',', value_name = "SOCKET")]
+        haproxy_extra_socket: Vec<String>,
         /// How long to wait for a healthy cluster.
         #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -121,6 +125,7 @@ async fn run(verb: Verb) -> Result<()> {
             etcd_endpoints,
             cluster,
             haproxy_check_interval,
+            haproxy_extra_socket,
             timeout,
         } => {
             let spec = LabSpec {
@@ -128,6 +133,7 @@ async fn run(verb: Verb) -> Result<()> {
                 etcd_members,
                 external_etcd: etcd_endpoints,
                 haproxy_check_interval,
+                haproxy_extra_sockets: haproxy_extra_socket,
                 timeout,
                 ..LabSpec::new(dir, nodes)
             };
