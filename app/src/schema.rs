@@ -133,6 +133,8 @@ pub async fn migrate(db: &Database) -> Result<usize, DbError> {
         let ran = db
             .write_with_retry(|mut client| async move {
                 let tx = client.transaction().await?;
+                tx.batch_execute("SET LOCAL client_min_messages = warning")
+                    .await?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                     .await?;
                 tx.batch_execute(
