@@ -25,6 +25,10 @@ pub struct AgentConfig {
     pub etcd: EtcdConfig,
     /// The health and status HTTP API.
     pub api: ApiConfig,
+    /// The gRPC control API `jaictl` drives (optional: without it the
+    /// member can only be operated through etcd by the other agents).
+    #[serde(default)]
+    pub grpc: Option<GrpcConfig>,
     /// The PostgreSQL this agent supervises.
     pub postgresql: PostgresConfig,
     /// Election and routing tags of this member.
@@ -55,6 +59,39 @@ pub struct ApiConfig {
     /// URL other members and tools use to reach it; defaults to `http://<listen>`.
     #[serde(default)]
     pub connect_url: Option<String>,
+}
+
+/// The gRPC control API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Address to listen on, e.g. `0.0.0.0:8010`.
+    pub listen: SocketAddr,
+    /// URL `jaictl` uses to reach it; defaults to `http://<listen>`.
+    #[serde(default)]
+    pub connect_url: Option<String>,
+    /// File whose first line is the control token every mutating call must
+    /// present. A file, never inline, so it stays out of the config and ps.
+    pub token_file: PathBuf,
+}
+
+/// Shortest control token accepted: guessing must be hopeless.
+pub const MIN_TOKEN_LENGTH: usize = 16;
+
+impl GrpcConfig {
+    /// The control token, read from `token_file`.
+    pub fn token(&self) -> anyhow::Result<String> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(&self.token_file)
+            .with_context(|| format!("cannot read {}", self.token_file.display()))?;
+        let token = text.lines().next().unwrap_or_default().trim().to_owned();
+        anyhow::ensure!(
+            token.len() >= MIN_TOKEN_LENGTH,
+            "{}: the token must be at least {MIN_TOKEN_LENGTH} characters",
+            self.token_file.display()
+        );
+        Ok(token)
+    }
 }
 
 /// The PostgreSQL this agent supervises.
@@ -226,6 +263,17 @@ impl AgentConfig {
                 "required when api.listen is a wildcard address: other members need a routable URL",
             );
         }
+        if let Some(grpc) = &self.grpc {
+            if grpc.listen.ip().is_unspecified() && grpc.connect_url.is_none() {
+                return fail(
+                    "grpc.connect_url",
+                    "required when grpc.listen is a wildcard address: jaictl needs a routable URL",
+                );
+            }
+            if grpc.listen == self.api.listen {
+                return fail("grpc.listen", "must differ from api.listen");
+            }
+        }
         if self.postgresql.listen.ip().is_unspecified() && self.postgresql.connect_address.is_none()
         {
             return fail(
@@ -305,6 +353,10 @@ impl AgentConfig {
                 .password()
                 .map_err(|error| invalid(key, format!("{error:#}")))?;
         }
+        if let Some(grpc) = &self.grpc {
+            grpc.token()
+                .map_err(|error| invalid("grpc.token_file", format!("{error:#}")))?;
+        }
         Ok(())
     }
 
@@ -314,6 +366,15 @@ impl AgentConfig {
             .connect_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", self.api.listen))
+    }
+
+    /// The URL of this member's gRPC control API, when it serves one.
+    pub fn grpc_url(&self) -> Option<String> {
+        self.grpc.as_ref().map(|grpc| {
+            grpc.connect_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", grpc.listen))
+        })
     }
 
     /// `host:port` of this member's PostgreSQL as other members see it.

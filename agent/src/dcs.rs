@@ -16,7 +16,9 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
     WatchOptions,
 };
-use jai_proto::{ClusterKeys, DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus};
+use jai_proto::{
+    ClusterKeys, DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus, SwitchoverIntent,
+};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -334,6 +336,7 @@ impl Dcs {
             members: Vec::new(),
             config: fallback_config.clone(),
             last_leader: None,
+            switchover: None,
         };
         for kv in response.kvs() {
             let key = kv.key_str().unwrap_or_default();
@@ -374,6 +377,11 @@ impl Dcs {
                 }
             } else if key == self.keys.status() {
                 view.last_leader = serde_json::from_str(value).ok();
+            } else if key == self.keys.switchover() {
+                match serde_json::from_str::<SwitchoverIntent>(value) {
+                    Ok(intent) => view.switchover = Some(intent),
+                    Err(error) => tracing::warn!("ignoring unreadable {key}: {error}"),
+                }
             } else if self.keys.member_name_of(key).is_some() {
                 match serde_json::from_str::<MemberStatus>(value) {
                     Ok(member) => view.members.push(member),
@@ -517,6 +525,117 @@ impl Dcs {
             .bounded("leader write", client.txn(txn))
             .await?
             .succeeded())
+    }
+
+    /// Deletes the `switchover` intent, only while we lead in term `term`.
+    pub async fn clear_switchover(&self, term: i64) -> Result<Won> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.keys.leader(),
+                CompareOp::Equal,
+                term,
+            )])
+            .and_then([TxnOp::delete(self.keys.switchover(), None)]);
+        let mut client = self.client.clone();
+        Ok(self
+            .bounded("clear switchover", client.txn(txn))
+            .await?
+            .succeeded())
+    }
+
+    /// Records a switchover or failover intent unless one is pending, and only
+    /// if the leader key is still as the caller checked it: held in term
+    /// `leader_term`, or absent for `None`.
+    pub async fn record_switchover(
+        &self,
+        intent: &SwitchoverIntent,
+        leader_term: Option<i64>,
+    ) -> Result<Won> {
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(self.keys.switchover(), CompareOp::Equal, 0),
+                Compare::create_revision(
+                    self.keys.leader(),
+                    CompareOp::Equal,
+                    leader_term.unwrap_or(0),
+                ),
+            ])
+            .and_then([TxnOp::put(
+                self.keys.switchover(),
+                serde_json::to_string(intent)?,
+                None,
+            )]);
+        let mut client = self.client.clone();
+        Ok(self
+            .bounded("record switchover", client.txn(txn))
+            .await?
+            .succeeded())
+    }
+
+    /// Deletes a pending intent; `false` when there was none.
+    pub async fn cancel_switchover(&self) -> Result<bool> {
+        let mut client = self.client.clone();
+        let response = self
+            .bounded(
+                "cancel switchover",
+                client.delete(self.keys.switchover(), None),
+            )
+            .await?;
+        Ok(response.deleted() > 0)
+    }
+
+    /// Replaces `config` with `change(current)` if nobody wrote it meanwhile
+    /// (compare-and-swap on its revision). Returns the config before and after.
+    pub async fn update_config<E>(
+        &self,
+        fallback: &DynamicConfig,
+        change: impl FnOnce(&DynamicConfig) -> std::result::Result<DynamicConfig, E>,
+    ) -> Result<std::result::Result<(DynamicConfig, DynamicConfig), E>> {
+        let key = self.keys.config();
+        let mut client = self.client.clone();
+        let current = self
+            .bounded("read config", client.get(key.clone(), None))
+            .await?;
+        let (before, revision) = match current.kvs().first() {
+            Some(kv) => (
+                serde_json::from_slice::<DynamicConfig>(kv.value())
+                    .with_context(|| format!("the config in etcd ({key}) is unreadable"))?,
+                kv.mod_revision(),
+            ),
+            None => (fallback.clone(), 0),
+        };
+        let after = match change(&before) {
+            Ok(after) => after,
+            Err(error) => return Ok(Err(error)),
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::put(key, serde_json::to_string(&after)?, None)]);
+        let written = self
+            .bounded("write config", client.txn(txn))
+            .await?
+            .succeeded();
+        anyhow::ensure!(
+            written,
+            "the config changed meanwhile: read it again and retry"
+        );
+        Ok(Ok((before, after)))
+    }
+
+    /// The promotion history, oldest first.
+    pub async fn read_history(&self) -> Result<Vec<HistoryEntry>> {
+        let mut client = self.client.clone();
+        let response = self
+            .bounded("read history", client.get(self.keys.history(), None))
+            .await?;
+        Ok(match response.kvs().first() {
+            Some(kv) => serde_json::from_slice(kv.value()).context("history is unreadable")?,
+            None => Vec::new(),
+        })
     }
 
     /// Leaves the cluster on shutdown: deletes our member key and revokes the lease.

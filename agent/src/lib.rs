@@ -10,6 +10,7 @@
 //! - [`postgres`]: the PostgreSQL process, its files and its queries.
 //! - [`api`]: the HTTP health API HAProxy checks, and `/status`.
 //! - [`haproxy`]: pushes role changes to HAProxy's runtime API.
+//! - [`control`]: the gRPC control API `jaictl` drives (token-checked).
 //! - [`shell`]: the loop that observes, calls the core and executes actions.
 //!
 //! `ha` must never depend on any of the others; they all may depend on `ha`'s
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod config;
+pub mod control;
 pub mod dcs;
 pub mod ha;
 pub mod haproxy;

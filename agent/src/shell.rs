@@ -4,6 +4,7 @@
 
 use crate::api::{self, NodeSnapshot};
 use crate::config::AgentConfig;
+use crate::control::{self, OperatorRequest, OperatorRequestKind};
 use crate::dcs::LeaseTracker;
 use crate::dcs::{self, Dcs};
 use crate::ha::{
@@ -16,7 +17,7 @@ use jai_proto::{DynamicConfig, HistoryEntry, MemberRole, MemberState, MemberStat
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// The agent's monotonic clock, in milliseconds since it started.
@@ -78,6 +79,8 @@ struct Agent {
     http: reqwest::Client,
     /// When the leader last sent its routing to HAProxy.
     last_haproxy_reconcile: Option<Instant>,
+    /// Operator requests from the control API, run between two decisions.
+    operator_requests: mpsc::Receiver<OperatorRequest>,
 }
 
 /// The primary the fencing watchdog must stop if the lease runs out.
@@ -161,6 +164,22 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         api::router(snapshot_rx, dcs.lease()),
         stop.clone(),
     ));
+    let (operator_sender, operator_requests) = mpsc::channel(8);
+    if let Some(grpc) = &config.grpc {
+        let listener = tokio::net::TcpListener::bind(grpc.listen)
+            .await
+            .with_context(|| format!("grpc.listen: cannot listen on {}", grpc.listen))?;
+        let token = grpc.token().context("grpc.token_file")?;
+        let service = control::ControlService::new(
+            dcs.clone(),
+            &config.cluster,
+            &config.name,
+            token,
+            dynamic.clone(),
+            operator_sender,
+        );
+        tokio::spawn(control::serve(listener, service, stop.clone()));
+    }
     dcs.apply_config(&dynamic);
     tokio::spawn(dcs.clone().run_keepalive(wake.clone(), stop.clone()));
     tokio::spawn(dcs.clone().run_watch(wake.clone(), stop.clone()));
@@ -190,6 +209,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         fence,
         last_rewind: None,
         last_haproxy_reconcile: None,
+        operator_requests,
         http: reqwest::Client::builder()
             .no_proxy()
             .timeout(PEER_TIMEOUT)
@@ -210,6 +230,7 @@ fn initial_snapshot(config: &AgentConfig, dynamic: &DynamicConfig) -> NodeSnapsh
             reason: Some("starting up".into()),
             api_url: config.api_url(),
             pg_address: config.pg_address(),
+            grpc_url: config.grpc_url(),
             system_id: None,
             timeline: None,
             write_lsn: None,
@@ -217,6 +238,7 @@ fn initial_snapshot(config: &AgentConfig, dynamic: &DynamicConfig) -> NodeSnapsh
             replay_lsn: None,
             tags: config.tags.clone(),
             standing_down: false,
+            standbys: Vec::new(),
             version: env!("CARGO_PKG_VERSION").into(),
         },
         leader: None,
@@ -245,6 +267,10 @@ impl Agent {
                 _ = stop.cancelled() => {}
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(self.dynamic.loop_wait) => {}
+                Some(request) = self.operator_requests.recv() => {
+                    let outcome = self.run_operator_request(request.kind).await;
+                    let _ = request.reply.send(outcome);
+                }
             }
         }
     }
@@ -338,6 +364,10 @@ impl Agent {
         self.view = dcs.clone();
         Observation {
             now: self.clock.now(),
+            wall_clock_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
             pg: LocalPostgres {
                 data_dir,
                 process,
@@ -392,6 +422,13 @@ impl Agent {
     }
 
     fn adopt_config(&mut self, config: DynamicConfig) {
+        if config.pause != self.dynamic.pause {
+            tracing::warn!(
+                "maintenance mode {}",
+                if config.pause { "on" } else { "off" }
+            );
+        }
+        let parameters_changed = config.postgresql != self.dynamic.postgresql;
         tracing::info!(
             ttl = %humantime::format_duration(config.ttl),
             loop_wait = %humantime::format_duration(config.loop_wait),
@@ -400,6 +437,129 @@ impl Agent {
         );
         self.dcs.apply_config(&config);
         self.dynamic = config;
+        if parameters_changed && self.pg.is_running() {
+            match self.reload_settings() {
+                Ok(()) => {
+                    tracing::info!("PostgreSQL parameters changed in the cluster config: reloaded")
+                }
+                Err(error) => self.note_error("cannot apply the new PostgreSQL parameters", &error),
+            }
+        }
+    }
+
+    /// Rewrites PostgreSQL's configuration for its current role from the
+    /// cluster config in force, and reloads it.
+    fn reload_settings(&mut self) -> Result<()> {
+        let standby = self.pg_is_standby();
+        let follow = self
+            .pg
+            .following()
+            .map(str::to_owned)
+            .and_then(|name| self.with_address(&name));
+        self.write_pg_config(follow, standby)?;
+        self.pg.reload()
+    }
+
+    /// `member` with its PostgreSQL address, when it registered one.
+    fn with_address(&self, member: &str) -> Option<(String, String)> {
+        self.address_of(member)
+            .map(|address| (member.to_owned(), address))
+    }
+
+    /// Writes PostgreSQL's configuration files from the cluster config in
+    /// force: as a standby streaming from `follow` (name, address), or as a
+    /// primary.
+    fn write_pg_config(&mut self, follow: Option<(String, String)>, standby: bool) -> Result<()> {
+        self.pg.configure(
+            &self.dynamic,
+            follow
+                .as_ref()
+                .map(|(name, address)| (name.as_str(), address.as_str())),
+            standby,
+        )
+    }
+
+    /// Whether the running PostgreSQL is a standby, as last published.
+    fn pg_is_standby(&self) -> bool {
+        self.snapshot.borrow().member.role != MemberRole::Primary
+    }
+
+    /// Runs an operator's request from the control API and says what it did.
+    async fn run_operator_request(&mut self, kind: OperatorRequestKind) -> Result<String, String> {
+        tracing::warn!(?kind, "operator request");
+        let outcome = match kind {
+            OperatorRequestKind::Reload => {
+                if !self.pg.is_running() {
+                    return Err("PostgreSQL is not running: nothing to reload".into());
+                }
+                self.reload_settings()
+                    .map(|()| "PostgreSQL settings rewritten and reloaded".to_owned())
+            }
+            OperatorRequestKind::Restart { only_if_pending } => {
+                self.restart_postgres(only_if_pending).await
+            }
+            OperatorRequestKind::Reinitialize => self.reinitialize().await,
+        };
+        outcome.map_err(|error| format!("{error:#}"))
+    }
+
+    /// Stops PostgreSQL and starts it again in the same role. A leader keeps
+    /// its key throughout (a restart is not a failover, DESIGN.md §3.6).
+    async fn restart_postgres(&mut self, only_if_pending: bool) -> Result<String> {
+        let PgProcess::Running(running) = self.pg.observe().await.0 else {
+            anyhow::bail!("PostgreSQL is not running: the agent starts it when it may");
+        };
+        if only_if_pending && !self.pg.restart_pending().await? {
+            return Ok("no setting waits for a restart: nothing done".into());
+        }
+        let primary = running.role == PgRole::Primary;
+        if primary {
+            let me = self.config.name.clone();
+            self.push_to_haproxy(|backend| crate::haproxy::stop_writes_to(backend, &me))
+                .await;
+        }
+        self.pg.stop(self.dynamic.retry_timeout).await?;
+        let start_as = if primary {
+            StartAs::Primary
+        } else {
+            StartAs::Replica {
+                follow: running.following.clone(),
+            }
+        };
+        self.execute(&Action::Start(start_as)).await?;
+        if primary {
+            self.route_haproxy_writes_here().await;
+        }
+        Ok(format!(
+            "PostgreSQL restarted as {}",
+            if primary { "primary" } else { "replica" }
+        ))
+    }
+
+    /// Wipes this member's data directory so the core clones it again from
+    /// the leader. Refused on the leader and when no leader runs.
+    async fn reinitialize(&mut self) -> Result<String> {
+        let view = self
+            .dcs
+            .read_cluster(&self.dynamic)
+            .await
+            .context("etcd must answer before a member is reinitialised")?;
+        let leader = view.leader.as_ref().ok_or_else(|| {
+            anyhow!("no leader to clone from: reinitialising now would leave this member empty")
+        })?;
+        anyhow::ensure!(
+            !leader.mine,
+            "this member is the leader: switch over first (`jaictl switchover --from {}`)",
+            leader.name
+        );
+        self.pg.stop(self.dynamic.retry_timeout).await?;
+        self.pg.wipe_data_dir()?;
+        self.last_rewind = None;
+        tracing::warn!(leader = %leader.name, "data directory wiped on operator request: cloning again");
+        Ok(format!(
+            "data directory wiped; cloning from {} (watch `jaictl status`)",
+            leader.name
+        ))
     }
 
     /// Logs a changed reason, publishes the member status and the API snapshot.
@@ -481,6 +641,7 @@ impl Agent {
             reason: decision.reason.clone(),
             api_url: self.config.api_url(),
             pg_address: self.config.pg_address(),
+            grpc_url: self.config.grpc_url(),
             system_id,
             timeline: running.map(|pg| pg.timeline),
             write_lsn: running.and_then(|pg| pg.write_lsn),
@@ -488,6 +649,7 @@ impl Agent {
             replay_lsn: running.and_then(|pg| pg.replay_lsn),
             tags: self.config.tags.clone(),
             standing_down: self.core.is_standing_down(observation.now),
+            standbys: running.map(|pg| pg.standbys.clone()).unwrap_or_default(),
             version: env!("CARGO_PKG_VERSION").into(),
         }
     }
@@ -560,21 +722,15 @@ impl Agent {
             Action::Start(start_as) => {
                 let follow = match start_as {
                     StartAs::Primary => None,
-                    StartAs::Replica { follow } => follow.as_ref().and_then(|name| {
-                        self.address_of(name).map(|address| (name.clone(), address))
-                    }),
+                    StartAs::Replica { follow } => {
+                        follow.as_deref().and_then(|name| self.with_address(name))
+                    }
                 };
                 let standby = !matches!(start_as, StartAs::Primary);
                 if !standby {
                     self.ensure_lease_allows_writes()?;
                 }
-                self.pg.configure(
-                    &self.dynamic,
-                    follow
-                        .as_ref()
-                        .map(|(name, address)| (name.as_str(), address.as_str())),
-                    standby,
-                )?;
+                self.write_pg_config(follow, standby)?;
                 tracing::info!(?start_as, "starting PostgreSQL");
                 // A primary is guarded by the watchdog from its first moment,
                 // not from the next observation.
@@ -622,21 +778,12 @@ impl Agent {
             }
             Action::Follow(leader) => {
                 let follow = match leader {
-                    Some(name) => {
-                        let address = self.address_of(name).ok_or_else(|| {
-                            anyhow!("leader {name} has not registered its address yet")
-                        })?;
-                        Some((name.clone(), address))
-                    }
+                    Some(name) => Some(self.with_address(name).ok_or_else(|| {
+                        anyhow!("leader {name} has not registered its address yet")
+                    })?),
                     None => None,
                 };
-                self.pg.configure(
-                    &self.dynamic,
-                    follow
-                        .as_ref()
-                        .map(|(name, address)| (name.as_str(), address.as_str())),
-                    true,
-                )?;
+                self.write_pg_config(follow, true)?;
                 self.pg.reload()?;
                 tracing::info!(leader = ?leader, "now following");
             }
@@ -663,6 +810,15 @@ impl Agent {
             Action::PublishLeaderStatus(status) => {
                 let term = self.leader_term()?;
                 self.dcs.publish_leader_status(status, term).await?;
+            }
+            Action::Checkpoint => {
+                self.pg.checkpoint().await.context("CHECKPOINT")?;
+            }
+            Action::ClearSwitchover { reason } => {
+                let term = self.leader_term()?;
+                if self.dcs.clear_switchover(term).await? {
+                    tracing::warn!("switchover intent removed: {reason}");
+                }
             }
         }
         Ok(())

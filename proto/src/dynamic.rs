@@ -29,6 +29,10 @@ pub struct DynamicConfig {
     /// key is released for a failover.
     #[serde(with = "humantime_serde")]
     pub primary_start_timeout: Duration,
+    /// Maintenance mode: agents take no automatic action (no failover, no
+    /// restart, no rewind) and say so in their status. Fencing stays on: a
+    /// primary whose lease is not confirmed still stops writing.
+    pub pause: bool,
     /// PostgreSQL settings every member runs with.
     pub postgresql: PostgresqlSettings,
 }
@@ -49,6 +53,7 @@ impl Default for DynamicConfig {
             retry_timeout: Duration::from_millis(1500),
             maximum_lag_on_failover: 1024 * 1024,
             primary_start_timeout: Duration::from_secs(30),
+            pause: false,
             postgresql: PostgresqlSettings::default(),
         }
     }

@@ -8,17 +8,27 @@
 //! - [`dynamic`]: the cluster-wide settings under `config`, with their validation.
 //! - [`record`]: the small records the leader keeps under `status` and `history`.
 //! - [`lsn`]: PostgreSQL WAL positions, parsed and printed as PostgreSQL does.
+//! - [`patch`]: merge patches, `key=value` assignments and diffs of the config.
+//! - [`grpc`]: the control API compiled from `jai.proto` (client and server).
 //!
-//! This crate must never depend on tokio, etcd-client or PostgreSQL: it is pure data.
+//! This crate must never depend on etcd-client or PostgreSQL: it is data, plus
+//! the generated gRPC stubs (tonic) that both ends of the control API share.
 
 pub mod dynamic;
 pub mod keys;
 pub mod lsn;
 pub mod member;
+pub mod patch;
 pub mod record;
 
 pub use dynamic::{ConfigError, DynamicConfig};
 pub use keys::ClusterKeys;
 pub use lsn::Lsn;
-pub use member::{MemberRole, MemberState, MemberStatus, Tags};
-pub use record::{HistoryEntry, LeaderStatus};
+pub use member::{MemberRole, MemberState, MemberStatus, StandbyLink, Tags};
+pub use record::{HistoryEntry, LeaderStatus, SwitchoverIntent};
+
+/// The gRPC control API (`jai.proto`): the agent serves it, `jaictl` calls it.
+pub mod grpc {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("jai.v1");
+}

@@ -66,6 +66,9 @@ pub struct MemberStatus {
     pub api_url: String,
     /// `host:port` where its PostgreSQL accepts TCP connections.
     pub pg_address: String,
+    /// Base URL of its gRPC control API, e.g. `http://127.0.0.1:8010`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_url: Option<String>,
     /// PostgreSQL system identifier of its data directory, once there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_id: Option<String>,
@@ -88,8 +91,40 @@ pub struct MemberStatus {
     /// asks the others not to count it as a candidate for a while.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub standing_down: bool,
+    /// On a primary: the standbys connected to it (`pg_stat_replication`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standbys: Vec<StandbyLink>,
     /// Version of the agent that wrote this value.
     pub version: String,
+}
+
+/// One standby streaming from a primary, as the primary sees it.
+///
+/// The primary is the only one that knows whether a standby really streams
+/// and how far behind its replay is in time, so it publishes this for
+/// `jaictl status` and for the switchover checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyLink {
+    /// The standby's member name (its `application_name`).
+    pub name: String,
+    /// `pg_stat_replication.state`: `streaming`, `catchup`, `backup`…
+    pub state: String,
+    /// What the standby confirmed flushed to disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_lsn: Option<Lsn>,
+    /// `pg_stat_replication.replay_lag` in milliseconds; `None` when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_lag_ms: Option<u64>,
+    /// `sync_state` is `sync` or `quorum`: commits wait for this standby.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub synchronous: bool,
+}
+
+impl StandbyLink {
+    /// The standby is connected and streaming WAL as it is written.
+    pub fn is_streaming(&self) -> bool {
+        self.state == "streaming"
+    }
 }
 
 impl MemberStatus {
@@ -114,6 +149,7 @@ mod tests {
             reason: None,
             api_url: "http://127.0.0.1:8009".into(),
             pg_address: "127.0.0.1:5433".into(),
+            grpc_url: None,
             system_id: Some("7310".into()),
             timeline: Some(1),
             write_lsn: None,
@@ -121,6 +157,7 @@ mod tests {
             replay_lsn: Some(Lsn(200)),
             tags: Tags::default(),
             standing_down: false,
+            standbys: Vec::new(),
             version: "0.1.0".into(),
         }
     }

@@ -32,3 +32,58 @@ pub struct HistoryEntry {
     /// The member that became leader.
     pub new_leader: String,
 }
+
+/// The value of `switchover`: an operator's request to hand leadership over.
+///
+/// Written by an agent's control API after checking it, carried out by the
+/// leader it names in `from` (a planned switchover), or — with no leader —
+/// by the member named in `to` (a manual failover). The new leader deletes it
+/// once it leads, so it can never fire twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverIntent {
+    /// The leader that must hand over; `None` for a failover without a leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The member to take over; `None`: the best eligible replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Not before this instant (seconds since the Unix epoch); `None`: at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at_unix: Option<u64>,
+    /// When the request was recorded, for operators.
+    pub requested_at_unix: u64,
+    /// The target may be behind the last known leader position (a forced
+    /// failover). Never skips the checks that keep one writer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+impl SwitchoverIntent {
+    /// The intent is due at `now_unix` (wall-clock seconds).
+    pub fn is_due(&self, now_unix: u64) -> bool {
+        self.scheduled_at_unix.is_none_or(|at| at <= now_unix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scheduled_intent_is_due_only_from_its_time() {
+        let intent = SwitchoverIntent {
+            from: Some("pg1".into()),
+            to: None,
+            scheduled_at_unix: Some(100),
+            requested_at_unix: 50,
+            force: false,
+        };
+        assert!(!intent.is_due(99));
+        assert!(intent.is_due(100));
+        let now = SwitchoverIntent {
+            scheduled_at_unix: None,
+            ..intent
+        };
+        assert!(now.is_due(0));
+    }
+}

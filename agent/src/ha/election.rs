@@ -24,25 +24,8 @@ pub fn judge(
     pg: &RunningPostgres,
     cluster: &ClusterView,
 ) -> Result<(), NotEligible> {
-    if identity.tags.nofailover {
-        return Err("tagged nofailover".into());
-    }
+    check_eligible(identity, pg, cluster, LagCheck::Enforce)?;
     let position = pg.wal_position();
-    if let Some(last) = &cluster.last_leader {
-        if pg.timeline < last.timeline {
-            return Err(format!(
-                "on timeline {}, older than the last leader's {}",
-                pg.timeline, last.timeline
-            ));
-        }
-        let lag = last.optime.bytes_since(position);
-        if pg.timeline == last.timeline && lag > cluster.config.maximum_lag_on_failover {
-            return Err(format!(
-                "{lag} bytes behind the last leader's position {}, more than maximum_lag_on_failover ({})",
-                last.optime, cluster.config.maximum_lag_on_failover
-            ));
-        }
-    }
     let former_leader = cluster
         .last_leader
         .as_ref()
@@ -55,7 +38,10 @@ pub fn judge(
         Reverse(identity.name.as_str()),
     );
     for other in cluster.members.iter().filter(|m| m.name != identity.name) {
-        if other.role == MemberRole::Primary && other.state == MemberState::Running {
+        // A member standing down stops its primary before it releases the key,
+        // so its last report of a running primary is already stale.
+        let runs_primary = other.role == MemberRole::Primary && other.state == MemberState::Running;
+        if runs_primary && !other.standing_down {
             return Err(format!("{} still reports a running primary", other.name));
         }
         if let Some(rank) = candidate_rank(other, former_leader) {
@@ -66,6 +52,49 @@ pub fn judge(
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Whether the lag rule applies: an operator may waive it for a failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LagCheck {
+    /// A member behind `maximum_lag_on_failover` is not eligible.
+    Enforce,
+    /// The operator forced this member: its lag is accepted.
+    Waived,
+}
+
+/// The rules every member taking the key must pass, whoever chose it: not
+/// tagged `nofailover`, not on a timeline older than the last leader's, and
+/// (unless waived) not further behind it than `maximum_lag_on_failover`.
+pub fn check_eligible(
+    identity: &Identity,
+    pg: &RunningPostgres,
+    cluster: &ClusterView,
+    lag: LagCheck,
+) -> Result<(), NotEligible> {
+    if identity.tags.nofailover {
+        return Err("tagged nofailover".into());
+    }
+    let Some(last) = &cluster.last_leader else {
+        return Ok(());
+    };
+    if pg.timeline < last.timeline {
+        return Err(format!(
+            "on timeline {}, older than the last leader's {}",
+            pg.timeline, last.timeline
+        ));
+    }
+    let behind = last.optime.bytes_since(pg.wal_position());
+    if lag == LagCheck::Enforce
+        && pg.timeline == last.timeline
+        && behind > cluster.config.maximum_lag_on_failover
+    {
+        return Err(format!(
+            "{behind} bytes behind the last leader's position {}, more than maximum_lag_on_failover ({})",
+            last.optime, cluster.config.maximum_lag_on_failover
+        ));
     }
     Ok(())
 }

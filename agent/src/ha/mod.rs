@@ -19,7 +19,8 @@ pub mod model;
 
 pub use model::*;
 
-use jai_proto::{LeaderStatus, MemberState};
+use election::LagCheck;
+use jai_proto::{LeaderStatus, MemberState, MemberStatus, SwitchoverIntent};
 
 /// The decision logic of one member, plus the little it must remember.
 #[derive(Debug, Clone)]
@@ -36,6 +37,10 @@ pub struct Core {
     /// Until when this member stands down after giving the leader key up
     /// because its PostgreSQL would not come back: the others take over first.
     standing_down_until: Option<Millis>,
+    /// A due switchover or failover intent seen while no member held the key,
+    /// and since when: the others leave its target one `ttl` to take the key,
+    /// then elect as usual, so a target that cannot take over blocks nobody.
+    intent_seen_leaderless: Option<(SwitchoverIntent, Millis)>,
 }
 
 impl Core {
@@ -47,6 +52,7 @@ impl Core {
             started_at: None,
             unrewound_former_primary: false,
             standing_down_until: None,
+            intent_seen_leaderless: None,
         }
     }
 
@@ -279,6 +285,10 @@ impl Core {
             self.primary_down_since = None;
         }
         self.track_former_primary(observation, cluster, was_primary);
+        self.note_intent(observation.now, cluster);
+        if cluster.config.pause {
+            return self.paused(observation, cluster);
+        }
         match &observation.pg.process {
             PgProcess::Stopped if leader_mine => {
                 self.restart_primary_in_place(observation, cluster, was_primary)
@@ -302,23 +312,12 @@ impl Core {
             PgProcess::Running(pg) => {
                 self.primary_down_since = None;
                 match (&cluster.leader, pg.role) {
-                    (Some(leader), PgRole::Primary) if leader.mine => Decision::act(
-                        MemberState::Running,
-                        None::<String>,
-                        self.leader_duties(observation, cluster, pg),
-                    ),
-                    (Some(leader), PgRole::Replica)
-                        if leader.mine && !self.lease_allows_writes(observation) =>
-                    {
-                        Decision::wait(MemberState::Running, LEASE_NOT_CONFIRMED)
+                    (Some(leader), PgRole::Primary) if leader.mine => {
+                        self.lead(observation, cluster, pg, None)
                     }
-                    (Some(leader), PgRole::Replica) if leader.mine => Decision::act(
-                        MemberState::Running,
-                        "holding the leader key: promoting",
-                        vec![Action::Promote {
-                            reason: promotion_reason(&self.identity.name, cluster),
-                        }],
-                    ),
+                    (Some(leader), PgRole::Replica) if leader.mine => {
+                        self.promote_with_key(observation, cluster)
+                    }
                     (Some(leader), PgRole::Replica) if self.unrewound_former_primary => {
                         Decision::act(
                             MemberState::Stopped,
@@ -331,23 +330,180 @@ impl Core {
                             }],
                         )
                     }
-                    (Some(leader), PgRole::Replica) => {
-                        if pg.following.as_deref() == Some(leader.name.as_str()) {
-                            Decision::act(MemberState::Running, None::<String>, vec![])
-                        } else {
-                            Decision::act(
-                                MemberState::Running,
-                                format!("following new leader {}", leader.name),
-                                vec![Action::Follow(Some(leader.name.clone()))],
-                            )
-                        }
-                    }
+                    (Some(leader), PgRole::Replica) => follow(pg, leader, None),
                     (None, PgRole::Replica) => self.run_for_leader(observation, cluster, pg),
                     (_, PgRole::Primary) => {
                         unreachable!("fence_if_unsafe_primary handles a primary without the key")
                     }
                 }
             }
+        }
+    }
+
+    /// The key holder runs a replica: promote it, once the lease allows writes.
+    fn promote_with_key(&self, observation: &Observation, cluster: &ClusterView) -> Decision {
+        if !self.lease_allows_writes(observation) {
+            return Decision::wait(MemberState::Running, LEASE_NOT_CONFIRMED);
+        }
+        Decision::act(
+            MemberState::Running,
+            "holding the leader key: promoting",
+            vec![Action::Promote {
+                reason: promotion_reason(&self.identity.name, cluster),
+            }],
+        )
+    }
+
+    /// The leader's round: hand over if an operator asked for it and it is
+    /// safe, else keep up the leader's duties.
+    fn lead(
+        &mut self,
+        observation: &Observation,
+        cluster: &ClusterView,
+        pg: &RunningPostgres,
+        reason: Option<&str>,
+    ) -> Decision {
+        if let Some(handover) = self.hand_over_if_asked(observation, cluster, pg) {
+            return handover;
+        }
+        Decision::act(
+            MemberState::Running,
+            reason.map(str::to_owned),
+            self.leader_duties(observation, cluster, pg),
+        )
+    }
+
+    /// A due switchover from this leader: a CHECKPOINT (so the shutdown
+    /// checkpoint is short), a clean stop (PostgreSQL's walsenders wait until
+    /// every connected standby flushed all WAL, so the target loses nothing),
+    /// and only then the key is released. Refused, and the intent removed,
+    /// when no target is streaming and eligible.
+    fn hand_over_if_asked(
+        &mut self,
+        observation: &Observation,
+        cluster: &ClusterView,
+        pg: &RunningPostgres,
+    ) -> Option<Decision> {
+        let intent = cluster.switchover.as_ref()?;
+        let from_me = intent.from.as_deref() == Some(self.identity.name.as_str());
+        if !from_me || !intent.is_due(observation.wall_clock_unix) {
+            return None;
+        }
+        Some(
+            match handover_target(&self.identity.name, cluster, pg, intent) {
+                Ok(target) => {
+                    self.standing_down_until =
+                        Some(observation.now + cluster.config.ttl.as_millis() as Millis);
+                    Decision::act(
+                    MemberState::Stopped,
+                    format!(
+                        "switchover to {target}: checkpoint, clean stop, then handing the leader key over"
+                    ),
+                    vec![
+                        Action::Checkpoint,
+                        Action::Stop {
+                            reason: format!("switchover to {target}"),
+                        },
+                        Action::ReleaseLeader,
+                    ],
+                )
+                }
+                Err(why) => {
+                    let mut actions = vec![Action::ClearSwitchover {
+                        reason: format!("switchover abandoned: {why}"),
+                    }];
+                    actions.extend(self.leader_duties(observation, cluster, pg));
+                    Decision::act(
+                        MemberState::Running,
+                        format!("switchover abandoned: {why}"),
+                        actions,
+                    )
+                }
+            },
+        )
+    }
+
+    /// Remembers since when a due intent has been waiting without a leader.
+    fn note_intent(&mut self, now: Millis, cluster: &ClusterView) {
+        match (&cluster.leader, &cluster.switchover) {
+            (None, Some(intent)) => {
+                let seen = self.intent_seen_leaderless.as_ref();
+                if seen.is_none_or(|(seen, _)| seen != intent) {
+                    self.intent_seen_leaderless = Some((intent.clone(), now));
+                }
+            }
+            _ => self.intent_seen_leaderless = None,
+        }
+    }
+
+    /// No leader and a due intent: its target takes the key if it passes the
+    /// rules every leader must pass (lag waived only when forced); the others
+    /// wait for it one `ttl`. `None`: no intent applies, elect as usual.
+    fn follow_intent(
+        &self,
+        observation: &Observation,
+        cluster: &ClusterView,
+        pg: &RunningPostgres,
+    ) -> Option<Decision> {
+        let intent = cluster
+            .switchover
+            .as_ref()
+            .filter(|intent| intent.is_due(observation.wall_clock_unix))?;
+        let kind = intent_kind(intent);
+        let waiting_since = self
+            .intent_seen_leaderless
+            .as_ref()
+            .map_or(observation.now, |(_, since)| *since);
+        let window_open = observation.now.saturating_sub(waiting_since)
+            < cluster.config.ttl.as_millis() as Millis;
+        let lag = if intent.force {
+            LagCheck::Waived
+        } else {
+            LagCheck::Enforce
+        };
+        match intent.to.as_deref() {
+            Some(to) if to == self.identity.name => Some(
+                match election::check_eligible(&self.identity, pg, cluster, lag) {
+                    Ok(()) => Decision::act(
+                        MemberState::Running,
+                        format!("{kind}: this member is the target, taking the leader key"),
+                        vec![Action::AcquireLeader],
+                    ),
+                    Err(why) => Decision::wait(
+                        MemberState::Running,
+                        format!("{kind} targets this member, but it is not eligible: {why}"),
+                    ),
+                },
+            ),
+            Some(to) if window_open => Some(Decision::wait(
+                MemberState::Running,
+                format!("no leader; {kind} to {to} under way: leaving it the leader key"),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Maintenance mode: no automatic action. What still happens: fencing
+    /// (before this is reached), the leader's duties, a switchover or failover
+    /// an operator asked for, and replicas following the leader there is.
+    fn paused(&mut self, observation: &Observation, cluster: &ClusterView) -> Decision {
+        let PgProcess::Running(pg) = &observation.pg.process else {
+            return Decision::wait(current_state(observation), PAUSED);
+        };
+        match (&cluster.leader, pg.role) {
+            (Some(leader), PgRole::Primary) if leader.mine => {
+                self.lead(observation, cluster, pg, Some(PAUSED))
+            }
+            (Some(leader), PgRole::Replica) if leader.mine => {
+                self.promote_with_key(observation, cluster)
+            }
+            (Some(leader), PgRole::Replica) if !self.unrewound_former_primary => {
+                follow(pg, leader, Some(PAUSED))
+            }
+            (None, PgRole::Replica) => self
+                .follow_intent(observation, cluster, pg)
+                .unwrap_or_else(|| Decision::wait(MemberState::Running, PAUSED)),
+            _ => Decision::wait(MemberState::Running, PAUSED),
         }
     }
 
@@ -493,6 +649,9 @@ impl Core {
         cluster: &ClusterView,
         pg: &RunningPostgres,
     ) -> Decision {
+        if let Some(decision) = self.follow_intent(observation, cluster, pg) {
+            return decision;
+        }
         if let Some(wait) = self.wait_for_former_leader(observation, cluster) {
             return wait;
         }
@@ -575,6 +734,23 @@ impl Core {
                 actions.push(Action::DropSlot(slot.clone()));
             }
         }
+        if let Some(intent) = &cluster.switchover {
+            if intent.from.as_deref() != Some(self.identity.name.as_str()) {
+                actions.push(Action::ClearSwitchover {
+                    reason: format!(
+                        "{} {}: {} leads",
+                        intent_kind(intent),
+                        if intent.to.is_none() || intent.to.as_deref() == Some(&self.identity.name)
+                        {
+                            "done"
+                        } else {
+                            "overtaken"
+                        },
+                        self.identity.name
+                    ),
+                });
+            }
+        }
         if let Some(optime) = pg.write_lsn {
             let status = LeaderStatus {
                 leader: self.identity.name.clone(),
@@ -588,6 +764,115 @@ impl Core {
         actions
     }
 }
+
+/// A replica with a leader that is not this member: stream from it.
+fn follow(pg: &RunningPostgres, leader: &LeaderKey, reason: Option<&str>) -> Decision {
+    if pg.following.as_deref() == Some(leader.name.as_str()) {
+        return Decision::act(MemberState::Running, reason.map(str::to_owned), vec![]);
+    }
+    Decision::act(
+        MemberState::Running,
+        format!("following new leader {}", leader.name),
+        vec![Action::Follow(Some(leader.name.clone()))],
+    )
+}
+
+/// Which replica a switchover from this leader hands over to: the one the
+/// intent names, or the most advanced one, provided it is eligible, on this
+/// timeline, streaming from this primary right now, and (unless forced)
+/// within `maximum_lag_on_failover` of it.
+pub fn handover_target(
+    me: &str,
+    cluster: &ClusterView,
+    pg: &RunningPostgres,
+    intent: &SwitchoverIntent,
+) -> Result<String, String> {
+    let check = |member: &MemberStatus| -> Result<u64, String> {
+        let name = &member.name;
+        if !election::is_candidate(member) {
+            return Err(format!(
+                "{name} is not an eligible running replica ({}{})",
+                if member.tags.nofailover {
+                    "tagged nofailover, "
+                } else {
+                    ""
+                },
+                serde_state(member)
+            ));
+        }
+        if member.timeline != Some(pg.timeline) {
+            return Err(format!("{name} is not on timeline {}", pg.timeline));
+        }
+        let link = pg
+            .standbys
+            .iter()
+            .find(|link| &link.name == name)
+            .ok_or_else(|| format!("{name} is not connected to this primary"))?;
+        if !link.is_streaming() {
+            return Err(format!("{name} is {}, not streaming", link.state));
+        }
+        let behind = pg
+            .wal_position()
+            .bytes_since(link.flush_lsn.unwrap_or_default());
+        if !intent.force && behind > cluster.config.maximum_lag_on_failover {
+            return Err(format!(
+                "{name} is {behind} bytes behind, more than maximum_lag_on_failover ({})",
+                cluster.config.maximum_lag_on_failover
+            ));
+        }
+        Ok(behind)
+    };
+    match intent.to.as_deref() {
+        Some(to) if to == me => Err(format!("{to} is already the leader")),
+        Some(to) => {
+            let member = cluster
+                .member(to)
+                .ok_or_else(|| format!("{to} is not a registered member"))?;
+            check(member).map(|_| to.to_owned())
+        }
+        None => {
+            let mut reasons = Vec::new();
+            let mut best: Option<(u64, std::cmp::Reverse<u32>, &str)> = None;
+            for member in cluster.members.iter().filter(|member| member.name != me) {
+                match check(member) {
+                    Ok(behind) => {
+                        let rank = (
+                            behind,
+                            std::cmp::Reverse(member.tags.failover_priority),
+                            member.name.as_str(),
+                        );
+                        if best.is_none_or(|best| rank < best) {
+                            best = Some(rank);
+                        }
+                    }
+                    Err(why) => reasons.push(why),
+                }
+            }
+            best.map(|(_, _, name)| name.to_owned()).ok_or_else(|| {
+                if reasons.is_empty() {
+                    "no other member is registered".into()
+                } else {
+                    reasons.join("; ")
+                }
+            })
+        }
+    }
+}
+
+fn serde_state(member: &MemberStatus) -> String {
+    format!("{:?} {:?}", member.role, member.state).to_lowercase()
+}
+
+/// "switchover" (a leader hands over) or "failover" (no leader to hand over).
+fn intent_kind(intent: &SwitchoverIntent) -> &'static str {
+    if intent.from.is_some() {
+        "switchover"
+    } else {
+        "failover"
+    }
+}
+
+const PAUSED: &str = "maintenance mode: taking no automatic action (`jaictl resume` ends it)";
 
 /// The member says it runs PostgreSQL as a primary.
 fn leader_runs_primary(cluster: &ClusterView, name: &str) -> bool {
@@ -617,6 +902,13 @@ pub fn slot_name(name: &str) -> String {
 }
 
 fn promotion_reason(me: &str, cluster: &ClusterView) -> String {
+    if let Some(intent) = &cluster.switchover {
+        match &intent.from {
+            Some(from) => return format!("switchover from {from}"),
+            None if intent.to.as_deref() == Some(me) => return "manual failover".into(),
+            None => {}
+        }
+    }
     match &cluster.last_leader {
         Some(status) if status.leader == me => "restart of the former leader".into(),
         Some(status) => format!("failover from {}", status.leader),
@@ -649,8 +941,15 @@ pub fn assert_safe(identity: &Identity, observation: &Observation, decision: &De
     let lease_ok = observation
         .lease
         .is_valid_beyond(observation.now, demote_margin(identity, observation));
-    for action in &decision.actions {
+    let runs_primary =
+        matches!(&observation.pg.process, PgProcess::Running(pg) if pg.role == PgRole::Primary);
+    for (index, action) in decision.actions.iter().enumerate() {
+        let stopped_before = decision.actions[..index]
+            .iter()
+            .any(|earlier| matches!(earlier, Action::Stop { .. }));
         let ok = match action {
+            // §3.1: the key goes only once this member cannot take writes.
+            Action::ReleaseLeader => !runs_primary || stopped_before,
             // §3.2: promotion only with the key, and a lease that outlives the margin.
             Action::Promote { .. } => holds_key && lease_ok,
             // A primary starts only for its own bootstrap or while holding the key.

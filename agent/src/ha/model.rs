@@ -1,6 +1,9 @@
 //! What the core sees ([`Observation`]) and what it asks for ([`Decision`]).
 
-use jai_proto::{DynamicConfig, LeaderStatus, Lsn, MemberState, MemberStatus, Tags};
+use jai_proto::{
+    DynamicConfig, LeaderStatus, Lsn, MemberState, MemberStatus, StandbyLink, SwitchoverIntent,
+    Tags,
+};
 use std::time::Duration;
 
 /// Milliseconds on the agent's monotonic clock. The shell owns the clock; the
@@ -27,6 +30,9 @@ pub struct Identity {
 pub struct Observation {
     /// The instant of the observation.
     pub now: Millis,
+    /// Wall-clock seconds since the Unix epoch, only to know when a scheduled
+    /// switchover is due; never used for lease arithmetic.
+    pub wall_clock_unix: u64,
     /// The local PostgreSQL.
     pub pg: LocalPostgres,
     /// The cluster as etcd showed it; `None` when etcd did not answer in time.
@@ -112,6 +118,8 @@ pub struct RunningPostgres {
     pub following: Option<String>,
     /// Physical replication slots present on this server.
     pub slots: Vec<String>,
+    /// On a primary, the standbys connected to it (`pg_stat_replication`).
+    pub standbys: Vec<StandbyLink>,
 }
 
 impl RunningPostgres {
@@ -137,6 +145,8 @@ pub struct ClusterView {
     pub config: DynamicConfig,
     /// The `status` key: the last leader's WAL position.
     pub last_leader: Option<LeaderStatus>,
+    /// The `switchover` key: an operator's pending handover.
+    pub switchover: Option<SwitchoverIntent>,
 }
 
 impl ClusterView {
@@ -238,6 +248,13 @@ pub enum Action {
     DropSlot(String),
     /// Write `status`.
     PublishLeaderStatus(LeaderStatus),
+    /// `CHECKPOINT` on the local primary, so the shutdown that follows is short.
+    Checkpoint,
+    /// Delete the `switchover` intent (done, moot, or impossible), saying why.
+    ClearSwitchover {
+        /// Why, for the log and the operator waiting on it.
+        reason: String,
+    },
 }
 
 impl Action {
@@ -246,7 +263,10 @@ impl Action {
     pub fn warrants_immediate_recheck(&self) -> bool {
         !matches!(
             self,
-            Action::CreateSlot(_) | Action::DropSlot(_) | Action::PublishLeaderStatus(_)
+            Action::CreateSlot(_)
+                | Action::DropSlot(_)
+                | Action::PublishLeaderStatus(_)
+                | Action::ClearSwitchover { .. }
         )
     }
 }

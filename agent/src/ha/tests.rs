@@ -5,6 +5,7 @@ use jai_proto::{DynamicConfig, LeaderStatus, Lsn, MemberRole, MemberStatus, Tags
 use std::time::Duration;
 
 const NOW: Millis = 100_000;
+const WALL: u64 = 1_800_000_000;
 
 fn identity(name: &str) -> Identity {
     Identity {
@@ -31,6 +32,7 @@ fn cluster() -> ClusterView {
         members: vec![],
         config: DynamicConfig::default(),
         last_leader: None,
+        switchover: None,
     }
 }
 
@@ -50,6 +52,7 @@ fn replica_at(lsn: u64) -> RunningPostgres {
         replay_lsn: Some(Lsn(lsn)),
         following: None,
         slots: vec![],
+        standbys: vec![],
     }
 }
 
@@ -62,6 +65,7 @@ fn primary_at(lsn: u64) -> RunningPostgres {
         replay_lsn: None,
         following: None,
         slots: vec![],
+        standbys: vec![],
     }
 }
 
@@ -73,6 +77,7 @@ fn member(name: &str, role: MemberRole, lsn: u64) -> MemberStatus {
         reason: None,
         api_url: String::new(),
         pg_address: String::new(),
+        grpc_url: None,
         system_id: Some("42".into()),
         timeline: Some(1),
         write_lsn: (role == MemberRole::Primary).then_some(Lsn(lsn)),
@@ -80,6 +85,7 @@ fn member(name: &str, role: MemberRole, lsn: u64) -> MemberStatus {
         replay_lsn: (role == MemberRole::Replica).then_some(Lsn(lsn)),
         tags: Tags::default(),
         standing_down: false,
+        standbys: vec![],
         version: "test".into(),
     }
 }
@@ -95,6 +101,7 @@ fn leader(name: &str, mine: bool) -> Option<LeaderKey> {
 fn observe(process: PgProcess, data: DataDir, dcs: Option<ClusterView>) -> Observation {
     Observation {
         now: NOW,
+        wall_clock_unix: WALL,
         pg: LocalPostgres {
             data_dir: data,
             process,
@@ -783,4 +790,261 @@ fn a_released_key_still_seen_as_ours_is_released_again_never_restarted() {
     let mut again = crashed.clone();
     again.now += 100;
     assert_eq!(core.decide(&again).actions, vec![Action::ReleaseLeader]);
+}
+
+// ---- switchover, failover and maintenance mode ----
+
+fn streaming(name: &str, flush: u64) -> jai_proto::StandbyLink {
+    jai_proto::StandbyLink {
+        name: name.into(),
+        state: "streaming".into(),
+        flush_lsn: Some(Lsn(flush)),
+        replay_lag_ms: None,
+        synchronous: false,
+    }
+}
+
+fn intent(from: Option<&str>, to: Option<&str>) -> jai_proto::SwitchoverIntent {
+    jai_proto::SwitchoverIntent {
+        from: from.map(Into::into),
+        to: to.map(Into::into),
+        scheduled_at_unix: None,
+        requested_at_unix: WALL,
+        force: false,
+    }
+}
+
+/// pg1 leads with pg2 and pg3 as replicas; `intent` pending.
+fn leading_with(intent: Option<jai_proto::SwitchoverIntent>) -> (ClusterView, RunningPostgres) {
+    let mut view = cluster();
+    view.leader = leader("pg1", true);
+    view.members = vec![
+        member("pg1", MemberRole::Primary, 1000),
+        member("pg2", MemberRole::Replica, 1000),
+        member("pg3", MemberRole::Replica, 900),
+    ];
+    view.switchover = intent;
+    let mut pg = primary_at(1000);
+    pg.slots = vec![slot_name("pg2"), slot_name("pg3")];
+    pg.standbys = vec![streaming("pg2", 1000), streaming("pg3", 900)];
+    (view, pg)
+}
+
+#[test]
+fn a_due_switchover_checkpoints_stops_cleanly_then_releases_the_key() {
+    let (view, pg) = leading_with(Some(intent(Some("pg1"), Some("pg2"))));
+    let mut core = Core::new(identity("pg1"));
+    let decision = core.decide(&observe(PgProcess::Running(pg), data_dir(true), Some(view)));
+    assert_eq!(
+        decision.actions,
+        vec![
+            Action::Checkpoint,
+            Action::Stop {
+                reason: "switchover to pg2".into()
+            },
+            Action::ReleaseLeader
+        ]
+    );
+    assert!(
+        core.is_standing_down(NOW),
+        "the old leader must not race back at once"
+    );
+}
+
+#[test]
+fn a_switchover_to_a_replica_that_does_not_stream_is_abandoned() {
+    let (view, mut pg) = leading_with(Some(intent(Some("pg1"), Some("pg2"))));
+    pg.standbys.retain(|link| link.name != "pg2");
+    let decision = decide(
+        "pg1",
+        &observe(PgProcess::Running(pg), data_dir(true), Some(view)),
+    );
+    assert!(
+        matches!(
+            decision.actions.first(),
+            Some(Action::ClearSwitchover { reason }) if reason.contains("pg2 is not connected")
+        ),
+        "{decision:?}"
+    );
+    assert!(!decision.actions.contains(&Action::ReleaseLeader));
+}
+
+#[test]
+fn a_switchover_to_any_picks_the_most_advanced_streaming_replica() {
+    let (view, pg) = leading_with(None);
+    let target = handover_target("pg1", &view, &pg, &intent(Some("pg1"), None));
+    assert_eq!(target, Ok("pg2".into()));
+}
+
+#[test]
+fn a_scheduled_switchover_waits_for_its_time() {
+    let mut scheduled = intent(Some("pg1"), Some("pg2"));
+    scheduled.scheduled_at_unix = Some(WALL + 60);
+    let (view, pg) = leading_with(Some(scheduled));
+    let decision = decide(
+        "pg1",
+        &observe(PgProcess::Running(pg), data_dir(true), Some(view)),
+    );
+    assert!(
+        !decision.actions.contains(&Action::ReleaseLeader),
+        "{decision:?}"
+    );
+    assert!(!decision
+        .actions
+        .iter()
+        .any(|action| matches!(action, Action::ClearSwitchover { .. })));
+}
+
+/// pg1 released the key for a switchover; the deciding replica is at `lsn`.
+fn after_release(lsn: u64, to: Option<&str>) -> Observation {
+    let mut view = cluster();
+    let mut former = member("pg1", MemberRole::Primary, 1000);
+    former.standing_down = true;
+    view.members = vec![
+        former,
+        member("pg2", MemberRole::Replica, 1000),
+        member("pg3", MemberRole::Replica, 1000),
+    ];
+    view.last_leader = Some(LeaderStatus {
+        leader: "pg1".into(),
+        timeline: 1,
+        optime: Lsn(1000),
+    });
+    view.switchover = Some(intent(Some("pg1"), to));
+    observe(
+        PgProcess::Running(replica_at(lsn)),
+        data_dir(false),
+        Some(view),
+    )
+}
+
+#[test]
+fn the_switchover_target_takes_the_key_and_the_others_leave_it_to_it() {
+    let target = decide("pg3", &after_release(1000, Some("pg3")));
+    assert_eq!(target.actions, vec![Action::AcquireLeader]);
+    let other = decide("pg2", &after_release(1000, Some("pg3")));
+    assert!(other.actions.is_empty(), "{other:?}");
+}
+
+#[test]
+fn the_others_elect_as_usual_once_the_target_had_one_ttl() {
+    let mut core = Core::new(identity("pg2"));
+    let mut observation = after_release(1000, Some("pg3"));
+    assert!(core.decide(&observation).actions.is_empty());
+    observation.now += DynamicConfig::default().ttl.as_millis() as Millis;
+    assert_eq!(
+        core.decide(&observation).actions,
+        vec![Action::AcquireLeader]
+    );
+}
+
+#[test]
+fn a_switchover_to_any_is_an_election_without_the_old_leader() {
+    let decision = decide("pg2", &after_release(1000, None));
+    assert_eq!(
+        decision.actions,
+        vec![Action::AcquireLeader],
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn the_new_leader_promotes_naming_the_switchover_then_clears_the_intent() {
+    let mut observation = after_release(1000, Some("pg2"));
+    let view = observation.dcs.as_mut().unwrap();
+    view.leader = leader("pg2", true);
+    let decision = decide("pg2", &observation);
+    assert_eq!(
+        decision.actions,
+        vec![Action::Promote {
+            reason: "switchover from pg1".into()
+        }]
+    );
+    let view = observation.dcs.as_mut().unwrap();
+    view.members[1] = member("pg2", MemberRole::Primary, 1000);
+    observation.pg.process = PgProcess::Running(primary_at(1000));
+    let decision = decide("pg2", &observation);
+    assert!(
+        decision.actions.iter().any(
+            |action| matches!(action, Action::ClearSwitchover { reason } if reason.contains("done"))
+        ),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn a_failover_target_behind_the_leader_takes_the_key_only_when_forced() {
+    let mut observation = after_release(10, Some("pg3"));
+    let view = observation.dcs.as_mut().unwrap();
+    view.switchover = Some(intent(None, Some("pg3")));
+    view.config.maximum_lag_on_failover = 100;
+    let refused = decide("pg3", &observation);
+    assert!(refused.actions.is_empty(), "{refused:?}");
+    assert!(refused.reason.unwrap().contains("not eligible"));
+    observation
+        .dcs
+        .as_mut()
+        .unwrap()
+        .switchover
+        .as_mut()
+        .unwrap()
+        .force = true;
+    assert_eq!(
+        decide("pg3", &observation).actions,
+        vec![Action::AcquireLeader]
+    );
+}
+
+#[test]
+fn in_maintenance_mode_nobody_races_and_a_stopped_leader_is_not_restarted() {
+    let mut observation = after_release(1000, None);
+    let view = observation.dcs.as_mut().unwrap();
+    view.switchover = None;
+    view.config.pause = true;
+    let decision = decide("pg2", &observation);
+    assert!(decision.actions.is_empty(), "{decision:?}");
+    assert!(decision.reason.unwrap().contains("maintenance mode"));
+
+    let mut view = cluster();
+    view.config.pause = true;
+    view.leader = leader("pg1", true);
+    let decision = decide(
+        "pg1",
+        &observe(PgProcess::Stopped, data_dir(true), Some(view)),
+    );
+    assert!(decision.actions.is_empty(), "{decision:?}");
+}
+
+#[test]
+fn in_maintenance_mode_an_operator_failover_still_happens() {
+    let mut observation = after_release(1000, Some("pg3"));
+    let view = observation.dcs.as_mut().unwrap();
+    view.switchover = Some(intent(None, Some("pg3")));
+    view.config.pause = true;
+    assert_eq!(
+        decide("pg3", &observation).actions,
+        vec![Action::AcquireLeader]
+    );
+}
+
+#[test]
+fn in_maintenance_mode_a_primary_without_a_lease_is_still_fenced() {
+    let (mut view, pg) = leading_with(None);
+    view.config.pause = true;
+    let mut observation = observe(PgProcess::Running(pg), data_dir(true), Some(view));
+    observation.lease.valid_until = Some(NOW + 10);
+    let decision = decide("pg1", &observation);
+    assert!(
+        matches!(decision.actions.as_slice(), [Action::Stop { .. }]),
+        "{decision:?}"
+    );
+}
+
+#[test]
+#[should_panic(expected = "safety violation")]
+fn the_safety_check_catches_releasing_the_key_while_writable() {
+    let (view, pg) = leading_with(None);
+    let observation = observe(PgProcess::Running(pg), data_dir(true), Some(view));
+    let decision = Decision::act(MemberState::Running, "bug", vec![Action::ReleaseLeader]);
+    assert_safe(&identity("pg1"), &observation, &decision);
 }

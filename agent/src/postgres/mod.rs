@@ -15,7 +15,7 @@ pub mod files;
 use crate::config::AgentConfig;
 use crate::ha::{DataDir, PgProcess, PgRole, RunningPostgres};
 use anyhow::{anyhow, bail, Context, Result};
-use jai_proto::{DynamicConfig, Lsn};
+use jai_proto::{DynamicConfig, Lsn, StandbyLink};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::unix::fs::PermissionsExt;
@@ -354,6 +354,11 @@ impl Postgres {
                 .map_err(Into::into)
         };
         let in_recovery: bool = row.get(0);
+        let standbys = if in_recovery {
+            Vec::new()
+        } else {
+            query_standbys(client).await?
+        };
         let running = RunningPostgres {
             role: if in_recovery {
                 PgRole::Replica
@@ -366,6 +371,7 @@ impl Postgres {
             replay_lsn: lsn(3)?,
             following: if in_recovery { following } else { None },
             slots: row.get(6),
+            standbys,
         };
         Ok((running, row.get(5)))
     }
@@ -471,6 +477,34 @@ impl Postgres {
         checkpoint(host, port, &self.superuser, &self.superuser_password).await
     }
 
+    /// Runs CHECKPOINT on this server and waits for it: before a switchover,
+    /// so that the shutdown checkpoint has little left to write.
+    pub async fn checkpoint(&mut self) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(describe_pg_error)
+    }
+
+    /// Whether a changed setting waits for a restart (`pending_restart`).
+    pub async fn restart_pending(&mut self) -> Result<bool> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_settings WHERE pending_restart",
+                &[],
+            )
+            .await
+            .map_err(describe_pg_error)?;
+        Ok(row.get(0))
+    }
+
+    /// The member this standby is configured to follow, if any.
+    pub fn following(&self) -> Option<&str> {
+        self.following.as_deref()
+    }
+
     /// Checkpoints this server in the background over its own connection, so
     /// that a just-promoted primary is routable before the checkpoint ends.
     pub fn spawn_checkpoint(&self) {
@@ -481,6 +515,14 @@ impl Postgres {
                 tracing::warn!("checkpoint after promotion failed: {error:#}");
             }
         });
+    }
+
+    /// Wipes the data directory for a re-clone (`jaictl reinit`). The
+    /// incomplete-marker stays until the clone finishes, so an agent that dies
+    /// meanwhile still sees an empty directory, never a half one.
+    pub fn wipe_data_dir(&self) -> Result<()> {
+        anyhow::ensure!(!self.is_running(), "PostgreSQL still runs");
+        self.begin_incomplete()
     }
 
     /// Marks the data directory as being written, after wiping what an earlier
@@ -797,4 +839,29 @@ async fn checkpoint(host: &str, port: &str, user: &str, password: &str) -> Resul
         .await
         .map_err(describe_pg_error)
         .with_context(|| format!("CHECKPOINT on {host}:{port}"))
+}
+
+/// The standbys connected to this primary, as `pg_stat_replication` shows them.
+async fn query_standbys(client: &tokio_postgres::Client) -> Result<Vec<StandbyLink>> {
+    const STANDBYS: &str = "SELECT application_name, coalesce(state, ''), flush_lsn::text, \
+        (EXTRACT(EPOCH FROM replay_lag) * 1000)::bigint, sync_state IN ('sync', 'quorum') \
+        FROM pg_stat_replication WHERE application_name <> ''";
+    let rows = tokio::time::timeout(Duration::from_secs(3), client.query(STANDBYS, &[]))
+        .await
+        .map_err(|_| anyhow!("pg_stat_replication query timed out"))?
+        .map_err(describe_pg_error)?;
+    rows.iter()
+        .map(|row| {
+            Ok(StandbyLink {
+                name: row.get(0),
+                state: row.get(1),
+                flush_lsn: row
+                    .get::<_, Option<String>>(2)
+                    .map(|text| text.parse::<Lsn>())
+                    .transpose()?,
+                replay_lag_ms: row.get::<_, Option<i64>>(3).map(|ms| ms.max(0) as u64),
+                synchronous: row.get(4),
+            })
+        })
+        .collect()
 }

@@ -304,6 +304,7 @@ impl Agent {
             reason: Some("starting up".into()),
             api_url: String::new(),
             pg_address: format!("{}:5432", self.name),
+            grpc_url: None,
             system_id: None,
             timeline: None,
             write_lsn: None,
@@ -311,6 +312,7 @@ impl Agent {
             replay_lsn: None,
             tags: self.tags.clone(),
             standing_down: false,
+            standbys: Vec::new(),
             version: "sim".into(),
         }
     }
@@ -780,6 +782,7 @@ impl Agent {
             members: Vec::new(),
             config: self.dynamic.clone(),
             last_leader: None,
+            switchover: None,
         };
         for (key, kv) in kvs {
             let mine = self.lease_id.is_some() && kv.lease == self.lease_id;
@@ -821,6 +824,7 @@ impl Agent {
         let (process, data_dir) = pg;
         let observation = Observation {
             now: self.now(env),
+            wall_clock_unix: 0,
             pg: LocalPostgres {
                 data_dir,
                 process,
@@ -917,6 +921,7 @@ impl Agent {
             reason: decision.reason.clone(),
             api_url: String::new(),
             pg_address: format!("{}:5432", self.name),
+            grpc_url: None,
             system_id,
             timeline: running.map(|pg| pg.timeline),
             write_lsn: running.and_then(|pg| pg.write_lsn),
@@ -924,6 +929,7 @@ impl Agent {
             replay_lsn: running.and_then(|pg| pg.replay_lsn),
             tags: self.tags.clone(),
             standing_down: self.core.is_standing_down(observation.now),
+            standbys: Vec::new(),
             version: "sim".into(),
         }
     }
@@ -1227,6 +1233,9 @@ impl Agent {
                 )
             }
             (Action::PublishLeaderStatus(_), _) => Done(input.reply().map(drop)),
+            // The simulated cluster has no operator yet: no intent, so the
+            // core never asks for these (they would be no-ops here).
+            (Action::Checkpoint | Action::ClearSwitchover { .. }, _) => Done(Ok(())),
         }
     }
 

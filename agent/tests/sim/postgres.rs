@@ -263,6 +263,7 @@ impl PgSim {
                     replay_lsn: if primary { None } else { lsn },
                     following: if primary { None } else { following },
                     slots: files.slots.clone(),
+                    standbys: Vec::new(),
                 })
             }
         };
