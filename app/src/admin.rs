@@ -373,7 +373,7 @@ async fn render_edit(
     let Some(id) = validate::id(Some(id)) else {
         return no_such_poll(app);
     };
-    match store::poll(&app.db, id).await {
+    match store::poll_on_primary(&app.db, id).await {
         Ok(Some(poll)) => page(
             app,
             status,

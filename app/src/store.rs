@@ -189,6 +189,15 @@ pub async fn poll(db: &Database, id: i64) -> Result<Option<Poll>, DbError> {
         .await
 }
 
+/// A poll read on the primary, for the admin who just changed it (a replica
+/// may not have the change yet).
+pub async fn poll_on_primary(db: &Database, id: i64) -> Result<Option<Poll>, DbError> {
+    let attempted = db
+        .write_with_retry(|client| async move { fetch_poll(&client, id).await })
+        .await?;
+    Ok(attempted.value)
+}
+
 /// A poll's results, `None` when it does not exist.
 pub async fn results(db: &Database, id: i64) -> Result<Option<Results>, DbError> {
     db.read_once(|client| async move {
