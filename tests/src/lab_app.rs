@@ -374,6 +374,22 @@ impl AppClient {
         self.read(response).await
     }
 
+    /// `GET url` until it answers 200 (a new poll reaches the replicas and
+    /// the app's caches within seconds), keeping cookies.
+    pub async fn get_ok(&mut self, url: &str, timeout: Duration) -> Result<Page> {
+        let start = std::time::Instant::now();
+        loop {
+            let page = self.get_mut(url).await?;
+            if page.status == 200 {
+                return Ok(page);
+            }
+            if start.elapsed() > timeout {
+                bail!("GET {url} still answers {} after {timeout:?}", page.status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `POST url` with a form body (`application/x-www-form-urlencoded`).
     pub async fn post(&mut self, url: &str, fields: &[(&str, &str)]) -> Result<Page> {
         let body = fields

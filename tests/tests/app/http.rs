@@ -23,8 +23,9 @@ impl Voter {
     /// Opens the poll page (the first visit sets the voter cookie).
     pub async fn open(app: &AppInfo, poll: i64) -> Result<Voter> {
         let mut client = AppClient::new()?;
-        let page = client.get_mut(&format!("{}/polls/{poll}", app.url)).await?;
-        ensure!(page.status == 200, "poll page answered {}", page.status);
+        let page = client
+            .get_ok(&format!("{}/polls/{poll}", app.url), WITHIN)
+            .await?;
         Ok(Voter { client, page })
     }
 

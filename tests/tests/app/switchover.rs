@@ -95,6 +95,17 @@ pub async fn run(lab: &Lab) -> Result<()> {
         acked.len(),
         failures.len()
     );
+    for instance in &app.instances {
+        let metrics = jai_lab::lab_app::AppClient::new()?
+            .get(&format!("{}/metrics", instance.admin_url))
+            .await?;
+        let retried = metrics
+            .body
+            .lines()
+            .find(|line| line.starts_with("jai_app_votes_total{result=\"retried\"}"))
+            .unwrap_or("no vote needed a retry");
+        eprintln!("{}: {retried}", instance.name);
+    }
     ensure!(
         failures.is_empty(),
         "vote requests failed during the switchover: {failures:?}"
