@@ -103,20 +103,31 @@ BEGIN
                       WHERE id = p_option AND poll_id = p_poll AND NOT removed) THEN
         v_result := 'unknown_option';
     ELSE
-        SELECT option_id INTO v_current FROM votes
-        WHERE poll_id = p_poll AND voter = p_voter FOR UPDATE;
-        IF NOT FOUND THEN
-            INSERT INTO votes (poll_id, voter, option_id) VALUES (p_poll, p_voter, p_option);
-            v_result := 'recorded';
-        ELSIF v_current = p_option THEN
-            v_result := 'unchanged';
-        ELSIF v_revote THEN
-            UPDATE votes SET option_id = p_option, updated_at = now()
-            WHERE poll_id = p_poll AND voter = p_voter;
-            v_result := 'moved';
-        ELSE
-            v_result := 'already_voted';
-        END IF;
+        -- Two first votes of one voter may race: the loser of the insert
+        -- waits for the winner, then sees its row and decides again.
+        LOOP
+            SELECT option_id INTO v_current FROM votes
+            WHERE poll_id = p_poll AND voter = p_voter FOR UPDATE;
+            IF NOT FOUND THEN
+                INSERT INTO votes (poll_id, voter, option_id) VALUES (p_poll, p_voter, p_option)
+                ON CONFLICT (poll_id, voter) DO NOTHING;
+                IF FOUND THEN
+                    v_result := 'recorded';
+                    EXIT;
+                END IF;
+            ELSIF v_current = p_option THEN
+                v_result := 'unchanged';
+                EXIT;
+            ELSIF v_revote THEN
+                UPDATE votes SET option_id = p_option, updated_at = now()
+                WHERE poll_id = p_poll AND voter = p_voter;
+                v_result := 'moved';
+                EXIT;
+            ELSE
+                v_result := 'already_voted';
+                EXIT;
+            END IF;
+        END LOOP;
     END IF;
     UPDATE vote_requests SET outcome = v_result
     WHERE voter = p_voter AND idempotency_key = p_key;

@@ -759,6 +759,10 @@ impl Lab {
 
     /// Stops everything the lab started: agents gracefully, then whatever is left.
     pub fn down(&mut self) -> Result<()> {
+        // The app first: it flushes its counted views while PostgreSQL runs.
+        if let Some(app) = &mut self.desc.app {
+            crate::lab_app::stop(app);
+        }
         let agents: Vec<i32> = self
             .desc
             .nodes

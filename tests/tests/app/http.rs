@@ -103,6 +103,7 @@ pub async fn run(lab: &Lab) -> Result<()> {
 
     pages_escape_and_cache(app, poll).await?;
     vote_is_counted_once_and_moves(lab, app, poll).await?;
+    concurrent_votes_of_one_voter(lab, app, poll).await?;
     bad_votes_are_refused(app, poll, other_poll).await?;
     rate_limit_is_hit(app, other_poll).await?;
     admin_needs_session_and_csrf(app).await?;
@@ -202,6 +203,55 @@ async fn vote_is_counted_once_and_moves(lab: &Lab, app: &AppInfo, poll: i64) -> 
     ensure!(
         rows[0].get::<_, i64>(1) == 2,
         "two submissions expected (the retry is not one)"
+    );
+    Ok(())
+}
+
+/// One voter submitting from several tabs at once: every submission is
+/// answered, one vote row results.
+async fn concurrent_votes_of_one_voter(lab: &Lab, app: &AppInfo, poll: i64) -> Result<()> {
+    let voter = Voter::open(app, poll).await?;
+    let options = voter.options();
+    let csrf = voter.field("csrf");
+    let mut tabs = Vec::new();
+    for tab in 0..8 {
+        let mut client = voter.client.clone();
+        let (url, csrf) = (format!("{}/polls/{poll}/vote", app.url), csrf.clone());
+        let option = options[tab % options.len()].clone();
+        tabs.push(tokio::spawn(async move {
+            let key = format!("concurrent-tab-{tab:02}");
+            client
+                .post(&url, &[("csrf", &csrf), ("key", &key), ("option", &option)])
+                .await
+        }));
+    }
+    for tab in tabs {
+        let page = tab.await??;
+        ensure!(
+            page.status == 303,
+            "a concurrent vote answered {}: {}",
+            page.status,
+            page.body
+        );
+    }
+    let voter_id = voter
+        .client
+        .cookies
+        .get("jai_voter")
+        .and_then(|cookie| cookie.rsplit_once('.'))
+        .map(|(id, _)| id.to_owned())
+        .unwrap_or_default();
+    let db = lab.connect_app(&lab.desc.haproxy.write).await?;
+    let row = db
+        .query_one(
+            "SELECT count(*) FROM votes WHERE poll_id = $1 AND voter = $2",
+            &[&poll, &voter_id],
+        )
+        .await?;
+    ensure!(
+        row.get::<_, i64>(0) == 1,
+        "concurrent votes left {} rows",
+        row.get::<_, i64>(0)
     );
     Ok(())
 }
