@@ -186,7 +186,7 @@ async fn vote_script(
          function request()\n\
          \x20 counter = counter + 1\n\
          \x20 local voter = voters[math.random(#voters)]\n\
-         \x20 local body = \"csrf=\" .. voter[2] .. \"&key=wrk-\" .. id .. \"-\" .. counter .. \"-bench\" ..\n\
+         \x20 local body = \"csrf=\" .. voter[2] .. \"&key=\" .. string.format(\"wrk-%d-%012d\", id, counter) ..\n\
          \x20   \"&option=\" .. options[math.random(#options)]\n\
          \x20 return wrk.format(\"POST\", \"/polls/{poll}/vote\",\n\
          \x20   {{[\"Content-Type\"] = \"application/x-www-form-urlencoded\", [\"Cookie\"] = voter[1]}}, body)\n\
