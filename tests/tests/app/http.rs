@@ -109,6 +109,7 @@ pub async fn run(lab: &Lab) -> Result<()> {
     admin_needs_session_and_csrf(app).await?;
     views_are_counted(app, other_poll, &mut admin).await?;
     degraded_mode_refuses_votes_politely(app, other_poll, &mut admin).await?;
+    admin_edits_reach_the_vote(app, &mut admin).await?;
     metrics_are_exposed(app).await?;
     Ok(())
 }
@@ -615,6 +616,121 @@ async fn degraded_mode_refuses_votes_politely(
         .await?;
     }
     Ok(())
+}
+
+/// Posts an admin form found on `page_path` (its CSRF token) to `action`.
+async fn admin_post(
+    app: &AppInfo,
+    admin: &mut AppClient,
+    page_path: &str,
+    action: &str,
+    fields: &[(&str, &str)],
+) -> Result<Page> {
+    let page = admin
+        .get_mut(&format!("{}{page_path}", app.admin_url))
+        .await?;
+    let csrf = page
+        .field("csrf")
+        .ok_or_else(|| anyhow!("{page_path}: no csrf ({})", page.status))?;
+    let mut all = vec![("csrf", csrf.as_str())];
+    all.extend_from_slice(fields);
+    admin
+        .post(&format!("{}{action}", app.admin_url), &all)
+        .await
+}
+
+/// Closing a poll, removing an option and editing the title take effect on
+/// the public site and on votes.
+async fn admin_edits_reach_the_vote(app: &AppInfo, admin: &mut AppClient) -> Result<()> {
+    let poll = admin
+        .create_poll(
+            &app.admin_url,
+            "Edited poll",
+            &["Keep", "Abusive option"],
+            true,
+        )
+        .await?;
+    let mut voter = Voter::open(app, poll).await?;
+    let options = voter.options();
+    let csrf = voter.field("csrf");
+    let edit = format!("/polls/{poll}");
+    let removed = admin_post(
+        app,
+        admin,
+        &edit,
+        &format!("{edit}/options/{}/remove", options[1]),
+        &[],
+    )
+    .await?;
+    ensure!(
+        removed.status == 303,
+        "removing an option answered {}",
+        removed.status
+    );
+    let page = voter
+        .post(
+            app,
+            poll,
+            &[
+                ("csrf", &csrf),
+                ("key", "vote-for-removed-option"),
+                ("option", &options[1]),
+            ],
+        )
+        .await?;
+    ensure!(
+        page.status == 400,
+        "a vote for a removed option answered {}",
+        page.status
+    );
+    let closed = admin_post(app, admin, &edit, &format!("{edit}/open"), &[("open", "0")]).await?;
+    ensure!(closed.status == 303, "closing answered {}", closed.status);
+    let page = voter
+        .post(
+            app,
+            poll,
+            &[
+                ("csrf", &csrf),
+                ("key", "vote-in-a-closed-poll"),
+                ("option", &options[0]),
+            ],
+        )
+        .await?;
+    ensure!(
+        page.status == 409 && page.body.contains("closed"),
+        "a vote in a closed poll answered {}",
+        page.status
+    );
+    let renamed = admin_post(
+        app,
+        admin,
+        &edit,
+        &edit,
+        &[("title", "Renamed poll"), ("description", "")],
+    )
+    .await?;
+    ensure!(
+        renamed.status == 303,
+        "renaming answered {}",
+        renamed.status
+    );
+    let results = format!("{}/polls/{poll}/results", app.url);
+    let client = AppClient::new()?;
+    wait::until(
+        "the new title and no removed option on the results",
+        WITHIN,
+        || {
+            let (client, results) = (&client, &results);
+            async move {
+                let page = client.get(results).await?;
+                Ok(
+                    (page.body.contains("Renamed poll") && !page.body.contains("Abusive option"))
+                        .then_some(()),
+                )
+            }
+        },
+    )
+    .await
 }
 
 async fn metrics_are_exposed(app: &AppInfo) -> Result<()> {

@@ -6,13 +6,16 @@
 //! - [`browser`]: headless Chromium votes, re-votes, meets a CSRF refusal,
 //!   logs in to the admin and creates a poll (screenshots as artefacts);
 //! - [`switchover`]: a switchover under a steady vote load: no failed vote,
-//!   every acknowledged vote counted exactly once.
+//!   every acknowledged vote counted exactly once;
+//! - [`no_primary`] (last: it kills the database): the site stays up
+//!   read-only with cached results, votes are refused politely.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod browser;
 mod http;
+mod no_primary;
 mod switchover;
 
 use jai_lab::lab_app::{admin_password, AppClient, AppInfo, AppSpec};
@@ -39,9 +42,10 @@ async fn voting_app_end_to_end() -> anyhow::Result<()> {
         }),
         ..common::spec(&dir, 2, 1)
     };
-    let lab = Lab::up(spec).await?;
+    let mut lab = Lab::up(spec).await?;
     http::run(&lab).await?;
     browser::run(&lab).await?;
     switchover::run(&lab).await?;
+    no_primary::run(&mut lab).await?;
     Ok(())
 }
