@@ -254,8 +254,15 @@ async fn vote(
     }
 }
 
-/// Checks a vote submission in order (body, poll, limits, CSRF, fields),
-/// then records it; returns the poll and option ids.
+/// A vote submission that passed every check made before the database.
+struct Submission {
+    poll: i64,
+    voter: String,
+    key: String,
+    option: i64,
+}
+
+/// Checks a vote submission, then records it; returns the poll and option ids.
 async fn vote_inner(
     app: &App,
     peer: SocketAddr,
@@ -263,6 +270,36 @@ async fn vote_inner(
     headers: &HeaderMap,
     form: Result<Form<Fields>, FormRejection>,
 ) -> Result<(i64, i64), Refusal> {
+    let submission = check_submission(app, peer, id, headers, form)?;
+    record(app, &submission).await?;
+    Ok((submission.poll, submission.option))
+}
+
+fn too_many() -> Refusal {
+    Refusal::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many votes",
+        "You are voting too quickly. Please wait a minute and try again.",
+    )
+}
+
+fn forged() -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        "Vote not accepted",
+        "This form has expired or was not sent from this site. Reload the poll page and vote again.",
+    )
+}
+
+/// The checks in order: body, poll id, address limit, CSRF, voter limit,
+/// fields, operator switch. Cheap ones first; nothing here touches the database.
+fn check_submission(
+    app: &App,
+    peer: SocketAddr,
+    id: &str,
+    headers: &HeaderMap,
+    form: Result<Form<Fields>, FormRejection>,
+) -> Result<Submission, Refusal> {
     let fields = http::form_fields(form)
         .map_err(|(status, text)| Refusal::new(status, "Vote not accepted", text))?;
     let poll = validate::id(Some(id)).ok_or_else(|| {
@@ -274,23 +311,9 @@ async fn vote_inner(
     })?;
     let now = Instant::now();
     let address = http::client_address(headers, peer, app.config.limits.trust_forwarded_for);
-    let too_many = || {
-        Refusal::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many votes",
-            "You are voting too quickly. Please wait a minute and try again.",
-        )
-    };
     if !app.ip_limit.allow(&address, now) {
         return Err(too_many());
     }
-    let forged = || {
-        Refusal::new(
-            StatusCode::FORBIDDEN,
-            "Vote not accepted",
-            "This form has expired or was not sent from this site. Reload the poll page and vote again.",
-        )
-    };
     let voter = voter(app, headers).ok_or_else(forged)?;
     let csrf = fields.get("csrf").map(String::as_str).unwrap_or("");
     if !app.signer.verify(Purpose::VoteCsrf, &voter, csrf) {
@@ -315,7 +338,18 @@ async fn vote_inner(
             "Voting is paused for a moment. Your vote was not recorded: please try again shortly.",
         ));
     }
-    let attempted = match store::vote(&app.db, &voter, key, poll, option).await {
+    Ok(Submission {
+        poll,
+        key: key.to_owned(),
+        voter,
+        option,
+    })
+}
+
+/// Records the vote (retried through a failover) and maps its outcome.
+async fn record(app: &App, vote: &Submission) -> Result<(), Refusal> {
+    let attempted = match store::vote(&app.db, &vote.voter, &vote.key, vote.poll, vote.option).await
+    {
         Ok(attempted) => attempted,
         Err(DbError::Unavailable { waited, last }) => {
             tracing::warn!(?waited, "vote refused, no primary: {last}");
@@ -340,8 +374,8 @@ async fn vote_inner(
     }
     match attempted.value {
         outcome if outcome.accepted() => {
-            app.results.invalidate(&poll);
-            Ok((poll, option))
+            app.results.invalidate(&vote.poll);
+            Ok(())
         }
         VoteOutcome::AlreadyVoted => Err(Refusal::new(
             StatusCode::CONFLICT,
