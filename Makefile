@@ -36,14 +36,25 @@ BENCH_DIR ?= /tmp/jai-bench
 RUNS ?= 5
 BENCH_FLAGS ?=
 
-.PHONY: bench bench-failover
+.PHONY: bench bench-failover bench-switchover bench-status
 
-bench: bench-failover
+bench: bench-failover bench-switchover bench-status
 
 ## SIGKILL the primary RUNS times under a writer: write unavailability, time to a new leader, lost writes.
 bench-failover: build
 	@if [ -f $(BENCH_DIR)/lab.json ]; then $(LAB) down --dir $(BENCH_DIR) >/dev/null; fi
 	$(BENCH) failover --runs $(RUNS) --dir $(BENCH_DIR) $(BENCH_FLAGS)
+
+## `jaictl switchover` RUNS times under the same writer: write unavailability (gap), lost writes (must be 0).
+bench-switchover: build
+	@if [ -f $(BENCH_DIR)/lab.json ]; then $(LAB) down --dir $(BENCH_DIR) >/dev/null; fi
+	$(BENCH) switchover --runs $(RUNS) --dir $(BENCH_DIR) $(BENCH_FLAGS)
+
+## How fast `jaictl status` answers on a lab: STATUS_RUNS invocations of the real binary.
+STATUS_RUNS ?= 50
+bench-status: build
+	@if [ -f $(BENCH_DIR)/lab.json ]; then $(LAB) down --dir $(BENCH_DIR) >/dev/null; fi
+	$(BENCH) status --runs $(STATUS_RUNS) --dir $(BENCH_DIR) $(BENCH_FLAGS)
 
 ## Deterministic simulation of the HA core: SEEDS histories (docs/architecture.md).
 SEEDS ?= 10000

@@ -147,7 +147,7 @@ impl ControlService {
         if let Some(pending) = &view.switchover {
             return Err(Status::failed_precondition(format!(
                 "a switchover is already pending ({}): cancel it first with `jaictl switchover --cancel`",
-                describe_intent(pending)
+                pending.describe()
             )));
         }
         let intent = SwitchoverIntent {
@@ -180,7 +180,7 @@ impl ControlService {
             ));
         }
         let when = match at_unix {
-            Some(at) => format!("scheduled for {}", format_unix(at)),
+            Some(at) => format!("scheduled for {}", jai_proto::record::format_unix(at)),
             None => "now".into(),
         };
         let to_text = to.unwrap_or_else(|| format!("the best replica (now {target})"));
@@ -270,7 +270,7 @@ impl Control for ControlService {
             at if at + 5 < unix_now() => {
                 return Err(Status::invalid_argument(format!(
                     "at: {} is in the past",
-                    format_unix(at)
+                    jai_proto::record::format_unix(at)
                 )))
             }
             at => Some(at),
@@ -300,9 +300,9 @@ impl Control for ControlService {
                 "no switchover is pending any more (it ran or was cancelled meanwhile)",
             ));
         }
-        tracing::warn!("switchover cancelled: {}", describe_intent(&pending));
+        tracing::warn!("switchover cancelled: {}", pending.describe());
         Ok(Response::new(OperationReply {
-            message: format!("cancelled: {}", describe_intent(&pending)),
+            message: format!("cancelled: {}", pending.describe()),
             warnings: vec![],
         }))
     }
@@ -575,21 +575,6 @@ fn member_reply(view: &ClusterView, member: &MemberStatus) -> Member {
     }
 }
 
-/// "from pg1 to pg2 at 2026-11-27T05:00:00Z", for messages.
-pub fn describe_intent(intent: &SwitchoverIntent) -> String {
-    let from = intent.from.as_deref().unwrap_or("(no leader)");
-    let to = intent.to.as_deref().unwrap_or("the best replica");
-    match intent.scheduled_at_unix {
-        Some(at) => format!("from {from} to {to} at {}", format_unix(at)),
-        None => format!("from {from} to {to}"),
-    }
-}
-
-fn format_unix(seconds: u64) -> String {
-    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
-        .to_string()
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -623,20 +608,5 @@ mod tests {
         assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
         assert!(!constant_time_eq(b"secret", b"secret-token-123"));
         assert!(!constant_time_eq(b"", b"x"));
-    }
-
-    #[test]
-    fn intents_read_as_operators_say_them() {
-        let intent = SwitchoverIntent {
-            from: Some("pg1".into()),
-            to: None,
-            scheduled_at_unix: Some(0),
-            requested_at_unix: 0,
-            force: false,
-        };
-        assert_eq!(
-            describe_intent(&intent),
-            "from pg1 to the best replica at 1970-01-01T00:00:00Z"
-        );
     }
 }

@@ -53,6 +53,32 @@ fn offending_field(patch: &Value, message: &str) -> String {
     }
 }
 
+/// The merge patch that turns `before` into `after`: changed and added keys
+/// with their new values, removed keys as `null` (`jaictl config edit`).
+pub fn difference(before: &Value, after: &Value) -> Value {
+    match (before, after) {
+        (Value::Object(old), Value::Object(new)) => {
+            let mut patch = Map::new();
+            for (key, value) in new {
+                match old.get(key) {
+                    Some(previous) if previous == value => {}
+                    Some(previous) => {
+                        patch.insert(key.clone(), difference(previous, value));
+                    }
+                    None => {
+                        patch.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+            for key in old.keys().filter(|key| !new.contains_key(*key)) {
+                patch.insert(key.clone(), Value::Null);
+            }
+            Value::Object(patch)
+        }
+        _ => after.clone(),
+    }
+}
+
 /// Turns `jaictl config set KEY=VALUE` into a merge patch.
 ///
 /// `KEY` is a dotted path (`ttl`, `postgresql.parameters.work_mem`). `VALUE`
@@ -174,6 +200,17 @@ mod tests {
         assert_eq!(error.field, "ttll");
         let error = patched(&config, &json!({"loop_wait": "soon"})).unwrap_err();
         assert_eq!(error.field, "loop_wait", "{error}");
+    }
+
+    #[test]
+    fn difference_is_the_patch_between_two_documents() {
+        let before = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": 4});
+        let after = json!({"a": 1, "b": {"c": 5, "d": 3}, "f": 6});
+        let patch = difference(&before, &after);
+        assert_eq!(patch, json!({"b": {"c": 5}, "e": null, "f": 6}));
+        let mut merged = before.clone();
+        merge(&mut merged, &patch);
+        assert_eq!(merged, after);
     }
 
     #[test]

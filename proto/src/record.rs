@@ -59,10 +59,26 @@ pub struct SwitchoverIntent {
 }
 
 impl SwitchoverIntent {
+    /// In words, for logs and `jaictl`: "from pg1 to pg2 at 2026-…Z".
+    pub fn describe(&self) -> String {
+        let from = self.from.as_deref().unwrap_or("(no leader)");
+        let to = self.to.as_deref().unwrap_or("the best replica");
+        match self.scheduled_at_unix {
+            Some(at) => format!("from {from} to {to} at {}", format_unix(at)),
+            None => format!("from {from} to {to}"),
+        }
+    }
+
     /// The intent is due at `now_unix` (wall-clock seconds).
     pub fn is_due(&self, now_unix: u64) -> bool {
         self.scheduled_at_unix.is_none_or(|at| at <= now_unix)
     }
+}
+
+/// Seconds since the Unix epoch as RFC 3339 UTC, e.g. `2026-11-27T05:00:00Z`.
+pub fn format_unix(seconds: u64) -> String {
+    let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+    humantime_serde::re::humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]
@@ -85,5 +101,20 @@ mod tests {
             ..intent
         };
         assert!(now.is_due(0));
+    }
+
+    #[test]
+    fn intents_read_as_operators_say_them() {
+        let intent = SwitchoverIntent {
+            from: Some("pg1".into()),
+            to: None,
+            scheduled_at_unix: Some(0),
+            requested_at_unix: 0,
+            force: false,
+        };
+        assert_eq!(
+            intent.describe(),
+            "from pg1 to the best replica at 1970-01-01T00:00:00Z"
+        );
     }
 }

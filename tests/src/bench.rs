@@ -135,6 +135,14 @@ impl Writer {
         })
     }
 
+    /// The last acknowledgement before `before`.
+    pub fn last_ack_before(&self, before: Instant) -> Option<Ack> {
+        self.with_log(|log| {
+            let end = log.acks.partition_point(|ack| ack.at < before);
+            end.checked_sub(1).map(|last| log.acks[last].clone())
+        })
+    }
+
     /// Acknowledgements by `member` after `after`.
     pub fn acks_by_after(&self, member: &str, after: Instant) -> Vec<Ack> {
         self.with_log(|log| {
@@ -281,13 +289,26 @@ async fn connect(config: &WriterConfig) -> Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// What a run does to the primary at T0. A planned switchover will be another
-/// variant: same writer, same measurement, another trigger and recovery.
+/// What a run does to the primary at T0: same writer, same measurement,
+/// another trigger and recovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// SIGKILL to the primary's agent and postmaster at once (the machine
     /// dies); recovery starts the node again and waits until it streams.
     KillPrimary,
+    /// `jaictl switchover --force` to the best replica; the old primary
+    /// rejoins by itself. Unavailability is the gap between the old primary's
+    /// last acknowledged write and the new one's first (the old primary keeps
+    /// taking writes while it checkpoints).
+    Switchover,
+}
+
+/// What `inject` left running, for `recover` to finish.
+pub enum Injected {
+    /// Nothing.
+    Nothing,
+    /// The `jaictl` process, which waits for the new leader.
+    Jaictl(std::process::Child),
 }
 
 impl Fault {
@@ -295,22 +316,45 @@ impl Fault {
     pub fn bench_name(self) -> &'static str {
         match self {
             Fault::KillPrimary => "failover",
+            Fault::Switchover => "switchover",
         }
     }
 
     /// Applies the fault to `primary`; called right after T0.
-    fn inject(self, lab: &mut Lab, primary: &str) -> Result<()> {
+    fn inject(self, lab: &mut Lab, primary: &str) -> Result<Injected> {
         match self {
             Fault::KillPrimary => {
-                tokio::task::block_in_place(|| lab.stop_node(primary, StopSignal::Kill))
+                tokio::task::block_in_place(|| lab.stop_node(primary, StopSignal::Kill))?;
+                Ok(Injected::Nothing)
+            }
+            Fault::Switchover => {
+                let child = lab
+                    .jaictl(&["switchover", "--force", "--from", primary])?
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .context("starting jaictl")?;
+                Ok(Injected::Jaictl(child))
             }
         }
     }
 
     /// Undoes the fault once the measurement is over.
-    fn recover(self, lab: &mut Lab, primary: &str) -> Result<()> {
-        match self {
-            Fault::KillPrimary => tokio::task::block_in_place(|| lab.start_node(primary)),
+    fn recover(self, lab: &mut Lab, primary: &str, injected: Injected) -> Result<()> {
+        match (self, injected) {
+            (Fault::KillPrimary, _) => tokio::task::block_in_place(|| lab.start_node(primary)),
+            (Fault::Switchover, Injected::Jaictl(child)) => {
+                let output = tokio::task::block_in_place(|| child.wait_with_output())?;
+                anyhow::ensure!(
+                    output.status.success(),
+                    "jaictl switchover failed ({}): {}{}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                Ok(())
+            }
+            (Fault::Switchover, Injected::Nothing) => Ok(()),
         }
     }
 
@@ -318,6 +362,7 @@ impl Fault {
     fn describe(self, primary: &str) -> String {
         match self {
             Fault::KillPrimary => format!("SIGKILL {primary} (primary)"),
+            Fault::Switchover => format!("jaictl switchover --from {primary}"),
         }
     }
 }
@@ -342,8 +387,12 @@ pub struct RunResult {
     pub old_primary: String,
     /// The member named by the leader key afterwards.
     pub new_leader: String,
-    /// T0 → first acknowledged write by another member.
+    /// Writes unavailable: for a kill, T0 → the first write acknowledged by
+    /// another member; for a switchover, the gap between the last write
+    /// acknowledged before that one and it.
     pub unavailable: Duration,
+    /// T0 → the first write acknowledged by another member.
+    pub first_ack: Duration,
     /// The member that acknowledged it.
     pub first_ack_by: String,
     /// T0 → the leader key names another member.
@@ -352,6 +401,10 @@ pub struct RunResult {
     pub leader_gone: Option<Duration>,
     /// T0 → the new leader's `/primary` answers 200 (None: not seen before the write).
     pub primary_api: Option<Duration>,
+    /// The routing share: the new leader's `/primary` first 200 (it is
+    /// promoted and holds the lease) → the first write acknowledged through
+    /// HAProxy by it. `None` when the write came before `/primary` was seen.
+    pub routing: Option<Duration>,
     /// Writes acknowledged by the old primary after T0.
     pub old_primary_acks: usize,
     /// Failed write attempts between T0 and the first acknowledgement.
@@ -502,7 +555,7 @@ async fn one_run(
     let leader_key = jai_proto::ClusterKeys::new(&lab.desc.cluster).leader();
 
     let t0 = Instant::now();
-    fault.inject(lab, &primary)?;
+    let injected = fault.inject(lab, &primary)?;
 
     let mut leader_gone = None;
     let mut new_leader: Option<(String, Duration)> = None;
@@ -568,7 +621,7 @@ async fn one_run(
     let old_primary_acks = writer.acks_by_after(&primary, t0).len();
     let failed_attempts = writer.snapshot().failures - failures_before;
 
-    fault.recover(lab, &primary)?;
+    fault.recover(lab, &primary, injected)?;
     wait_settled(lab, remaining()).await.with_context(|| {
         format!(
             "{primary} did not rejoin after the measurement (failed over to {new_leader} {} ms after T0)",
@@ -581,7 +634,17 @@ async fn one_run(
         fault: fault.describe(&primary),
         old_primary: primary,
         new_leader,
-        unavailable: first_ack.at - t0,
+        unavailable: match fault {
+            Fault::KillPrimary => first_ack.at - t0,
+            Fault::Switchover => {
+                first_ack.at
+                    - writer
+                        .last_ack_before(first_ack.at)
+                        .map_or(t0, |ack| ack.at)
+            }
+        },
+        first_ack: first_ack.at - t0,
+        routing: primary_api.map(|api| (first_ack.at - t0).saturating_sub(api)),
         first_ack_by: first_ack.member,
         leader,
         leader_gone,
@@ -593,6 +656,39 @@ async fn one_run(
         lost_sample: Vec::new(),
         t0,
     })
+}
+
+/// Runs `jaictl status` `runs` times and reports how long each took, end to
+/// end (process start to exit), the way an operator experiences it.
+pub fn status_bench(lab: &Lab, runs: usize) -> Result<String> {
+    anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    let mut took = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let output = lab.jaictl(&["status"])?.output()?;
+        took.push(started.elapsed());
+        anyhow::ensure!(
+            output.status.success(),
+            "jaictl status failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let micros = |d: Duration| d.as_micros() as f64 / 1000.0;
+    let mut sorted = took.clone();
+    sorted.sort_unstable();
+    let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
+    let (min, median, max) = min_median_max(&took);
+    Ok(format!(
+        "jaictl status, {runs} runs against {} nodes: min {:.1} ms, median {:.1} ms, p90 {:.1} ms, max {:.1} ms\n\
+         status_ms median={median} p90={:.1} max={max} min={min} runs={runs}\n",
+        lab.desc.nodes.len(),
+        micros(sorted[0]),
+        micros(sorted[sorted.len() / 2]),
+        micros(p90),
+        micros(sorted[sorted.len() - 1]),
+        micros(p90),
+    ))
 }
 
 /// How long every replica's WAL sender must have been streaming for the
@@ -706,7 +802,7 @@ fn optional_ms(duration: Option<Duration>) -> String {
 fn run_line(run: &RunResult) -> String {
     format!(
         "run {}: {}; leader key gone +{}, names {} +{} ms, its /primary 200 +{}; \
-         first write acked by {} +{} ms; old primary acked {} after T0; {} failed attempts",
+         first write acked by {} +{} ms (unavailable {} ms); old primary acked {} after T0; {} failed attempts",
         run.index,
         run.fault,
         optional_ms(run.leader_gone),
@@ -714,6 +810,7 @@ fn run_line(run: &RunResult) -> String {
         ms(run.leader),
         optional_ms(run.primary_api),
         run.first_ack_by,
+        ms(run.first_ack),
         ms(run.unavailable),
         run.old_primary_acks,
         run.failed_attempts,
@@ -765,6 +862,8 @@ impl Report {
         let leader: Vec<Duration> = self.runs.iter().map(|run| run.leader).collect();
         let (min, median, max) = min_median_max(&unavailable);
         let (leader_min, leader_median, leader_max) = min_median_max(&leader);
+        let routing: Vec<Duration> = self.runs.iter().filter_map(|run| run.routing).collect();
+        let (_, routing_median, routing_max) = min_median_max(&routing);
         let _ = writeln!(
             text,
             "write unavailability: min {min} ms, median {median} ms, max {max} ms"
@@ -775,12 +874,18 @@ impl Report {
         );
         let _ = writeln!(
             text,
+            "routing (new leader's /primary 200 -> first write through HAProxy): median {routing_median} ms, max {routing_max} ms ({} of {} runs measured)",
+            routing.len(),
+            self.runs.len()
+        );
+        let _ = writeln!(
+            text,
             "acknowledged writes: {}, lost: {}",
             self.acked, self.lost_acked
         );
         let _ = writeln!(
             text,
-            "{}_unavailable_ms median={median} max={max} min={min} leader_ms_median={leader_median} lost_acked={} runs={}",
+            "{}_unavailable_ms median={median} max={max} min={min} leader_ms_median={leader_median} routing_ms_median={routing_median} lost_acked={} runs={}",
             self.name,
             self.lost_acked,
             self.runs.len()
@@ -814,6 +919,8 @@ mod tests {
             old_primary: "pg1".into(),
             new_leader: "pg2".into(),
             unavailable: Duration::from_millis(unavailable),
+            first_ack: Duration::from_millis(unavailable),
+            routing: None,
             first_ack_by: "pg2".into(),
             leader: Duration::from_millis(leader),
             leader_gone: None,
@@ -835,9 +942,9 @@ mod tests {
         assert_eq!(
             text.lines().last(),
             Some(
-                "failover_unavailable_ms median=6500 max=7000 min=6000 leader_ms_median=5100 lost_acked=0 runs=3"
+                "failover_unavailable_ms median=6500 max=7000 min=6000 leader_ms_median=5100 routing_ms_median=0 lost_acked=0 runs=3"
             )
         );
-        assert_eq!(text.lines().count(), 3 + 4);
+        assert_eq!(text.lines().count(), 3 + 5);
     }
 }

@@ -93,6 +93,12 @@ pub struct LabDescription {
     /// The voting app, when the lab runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<AppInfo>,
+    /// `jaictl -c THIS status` works against the lab.
+    #[serde(default)]
+    pub jaictl_config: PathBuf,
+    /// File holding the control token the agents' gRPC API requires.
+    #[serde(default)]
+    pub control_token_file: PathBuf,
 }
 
 /// One etcd member started by the lab.
@@ -153,6 +159,9 @@ pub struct NodeInfo {
     pub pg: String,
     /// Base URL of its agent's HTTP API.
     pub api: String,
+    /// Base URL of its agent's gRPC control API.
+    #[serde(default)]
+    pub grpc: String,
     /// PostgreSQL data directory.
     pub data_dir: PathBuf,
     /// The agent's configuration file.
@@ -320,12 +329,14 @@ impl Lab {
             write_secret(file, &secret)?;
         }
         let app_password = random_password();
+        let control_token_file = dir.join("secrets/control-token");
+        write_secret(&control_token_file, &random_password())?;
 
         let node_names: Vec<String> = (1..=spec.nodes)
             .map(|index| format!("{}{index}", spec.node_prefix))
             .collect();
         let port_count = spec.etcd_members * (2 + spec.nodes)
-            + spec.nodes * 2
+            + spec.nodes * 3
             + 2
             + crate::lab_app::ports_needed(spec.app.as_ref());
         let mut ports = free_ports(host, port_count)?.into_iter();
@@ -374,6 +385,7 @@ impl Lab {
                     etcd: node_etcd,
                     pg: format!("{host}:{}", next_port()),
                     api: format!("http://{host}:{}", next_port()),
+                    grpc: format!("http://{host}:{}", next_port()),
                     data_dir: node_dir.join("data"),
                     config: node_dir.join("agent.yaml"),
                     log: node_dir.join("agent.log"),
@@ -411,6 +423,8 @@ impl Lab {
                 nodes,
                 firewall_chain: None,
                 app,
+                jaictl_config: dir.join("jaictl.yaml"),
+                control_token_file: control_token_file.clone(),
             },
             owned: true,
             http: http_client(),
@@ -436,6 +450,8 @@ impl Lab {
             std::fs::write(&node.config, yaml)
                 .with_context(|| format!("writing {}", node.config.display()))?;
         }
+        std::fs::write(&lab.desc.jaictl_config, jaictl_yaml(&lab.desc))
+            .with_context(|| format!("writing {}", lab.desc.jaictl_config.display()))?;
         std::fs::write(
             &lab.desc.haproxy.config,
             haproxy_cfg(&lab.desc, spec.haproxy_check_interval),
@@ -538,11 +554,21 @@ impl Lab {
         }
         self.start_haproxy()?;
         self.save()?;
+        // Ready once the socket answers *as the new process*: an answer from
+        // an instance still on its way out would be a false start.
+        let pid = self.desc.haproxy.pid.expect("started above");
+        let answers_as_new = |lab: &Self| {
+            lab.haproxy_command("show info").is_ok_and(|info| {
+                info.lines()
+                    .any(|line| line.trim() == format!("Pid: {pid}"))
+            })
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.haproxy_command("show info").is_err() {
+        while !answers_as_new(self) {
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
-                "HAProxy's admin socket did not come back within 10 s"
+                "HAProxy (pid {pid}) did not answer on its admin socket within 10 s; see {}",
+                self.desc.dir.join("logs/haproxy.log").display()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1006,12 +1032,15 @@ impl Lab {
         let dir = self.desc.dir.display();
         let exe = std::env::current_exe()?;
         let lab = exe.display();
+        let jaictl = exe.with_file_name("jaictl");
+        let jaictl = jaictl.display();
         let primary_api = &self.desc.nodes[0].api;
         Ok(format!(
             "\nThe cluster is up. Try:\n\
              \x20 writes (HAProxy -> primary):  PGPASSFILE={dir}/pgpass psql -h {write_host} -p {write_port} -U {user} {db}\n\
              \x20 reads  (HAProxy -> replicas): PGPASSFILE={dir}/pgpass psql -h {write_host} -p {read_port} -U {user} {db}\n\
-             \x20 cluster state:                {lab} status --dir {dir}\n\
+             \x20 cluster state:                {jaictl} -c {dir}/jaictl.yaml status\n\
+             \x20 planned switchover:           {jaictl} -c {dir}/jaictl.yaml switchover --force\n\
              \x20 one agent's view:             curl -s {primary_api}/status\n\
              \x20 health checks HAProxy uses:   curl -si {primary_api}/primary ; curl -si {primary_api}/replica\n\
              \x20 fail a node, revive it:       {lab} stop-node pg1 --dir {dir} --signal KILL ; {lab} start-node pg1 --dir {dir}\n\
@@ -1061,6 +1090,30 @@ impl Lab {
         self.desc.app = Some(app);
         self.save()?;
         started
+    }
+
+    /// The `jaictl` binary built with this lab's agent (they sit side by side).
+    pub fn jaictl_binary(&self) -> Result<PathBuf> {
+        let agent = std::fs::read_to_string(self.desc.dir.join("agent-binary"))
+            .context("reading agent-binary in the lab directory")?;
+        let jaictl = Path::new(agent.trim()).with_file_name("jaictl");
+        anyhow::ensure!(
+            jaictl.is_file(),
+            "{} not found: run `cargo build --workspace` first",
+            jaictl.display()
+        );
+        Ok(jaictl)
+    }
+
+    /// A `jaictl -c DIR/jaictl.yaml ARGS…` command for this lab.
+    pub fn jaictl(&self, args: &[&str]) -> Result<std::process::Command> {
+        let mut command = std::process::Command::new(self.jaictl_binary()?);
+        command
+            .arg("-c")
+            .arg(&self.desc.jaictl_config)
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        Ok(command)
     }
 
     /// The leader key: the leader's name and its term (the key's create revision).
@@ -1349,6 +1402,12 @@ fn agent_yaml(
     );
     let _ = writeln!(
         yaml,
+        "grpc:\n  listen: {}\n  token_file: {}",
+        node.grpc.trim_start_matches("http://"),
+        desc.control_token_file.display()
+    );
+    let _ = writeln!(
+        yaml,
         "haproxy:\n  sockets: [{}]",
         desc.haproxy.stats_socket.display()
     );
@@ -1367,6 +1426,20 @@ fn agent_yaml(
         );
     }
     yaml
+}
+
+/// `DIR/jaictl.yaml`: the lab's cluster, its etcd and its control token.
+fn jaictl_yaml(desc: &LabDescription) -> String {
+    format!(
+        "# Written by jai-lab: jaictl -c {config} status\n\
+         cluster: {cluster}\n\
+         etcd:\n  endpoints: [{endpoints}]\n\
+         token_file: {token}\n",
+        config = desc.jaictl_config.display(),
+        cluster = desc.cluster,
+        endpoints = desc.etcd.join(", "),
+        token = desc.control_token_file.display(),
+    )
 }
 
 fn haproxy_cfg(desc: &LabDescription, check_interval: Duration) -> String {

@@ -101,3 +101,46 @@ async fn a_restarted_or_stale_haproxy_is_reconciled_by_the_leader() -> Result<()
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_switchover_no_session_to_the_old_primary_survives() -> Result<()> {
+    let dir = lab_dir()?;
+    let lab = slow_check_lab(&dir).await?;
+    let old = lab.wait_healthy(WITHIN).await?;
+    let held = lab
+        .connect_superuser(&lab.desc.haproxy.write, "postgres")
+        .await?;
+    let reached: String = held
+        .query_one("SELECT current_setting('cluster_name')", &[])
+        .await?
+        .get(0);
+    assert_eq!(reached, old);
+
+    let output = tokio::task::block_in_place(|| {
+        lab.jaictl(&["switchover", "--force"])?
+            .output()
+            .map_err(anyhow::Error::from)
+    })?;
+    anyhow::ensure!(
+        output.status.success(),
+        "jaictl switchover: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let new = wait::until("a new primary", WITHIN, || async {
+        Ok(lab.primaries().await.into_iter().find(|name| *name != old))
+    })
+    .await?;
+    wait::until(
+        "the write port to reach only the new primary",
+        PUSHED_WITHIN,
+        || write_port_only_reaches(&lab, &new),
+    )
+    .await?;
+    let survived = held.query_one("SELECT 1", &[]).await;
+    assert!(
+        survived.is_err(),
+        "a session to the old primary {old} survived the switchover"
+    );
+    Ok(())
+}

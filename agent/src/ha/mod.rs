@@ -284,6 +284,10 @@ impl Core {
         if !leader_mine {
             self.primary_down_since = None;
         }
+        if cluster.leader.is_some() && !leader_mine {
+            // Another member leads: standing down has served its purpose.
+            self.standing_down_until = None;
+        }
         self.track_former_primary(observation, cluster, was_primary);
         self.note_intent(observation.now, cluster);
         if cluster.config.pause {
@@ -296,6 +300,14 @@ impl Core {
             PgProcess::Stopped => match &cluster.leader {
                 Some(leader) if self.unrewound_former_primary => {
                     self.rejoin_former_primary(observation, cluster, leader)
+                }
+                // Handed the key over: starting without a leader to follow
+                // would only be stopped again for the rewind check.
+                None if self.unrewound_former_primary && self.is_standing_down(observation.now) => {
+                    Decision::wait(
+                        MemberState::Stopped,
+                        "gave the leader key up: waiting for the new leader before rejoining",
+                    )
                 }
                 _ => Decision::act(
                     MemberState::Starting,
@@ -790,15 +802,14 @@ pub fn handover_target(
     let check = |member: &MemberStatus| -> Result<u64, String> {
         let name = &member.name;
         if !election::is_candidate(member) {
-            return Err(format!(
-                "{name} is not an eligible running replica ({}{})",
-                if member.tags.nofailover {
-                    "tagged nofailover, "
-                } else {
-                    ""
-                },
-                serde_state(member)
-            ));
+            let why = if member.tags.nofailover {
+                "tagged nofailover".to_owned()
+            } else if member.standing_down {
+                "standing down after giving leadership up".to_owned()
+            } else {
+                format!("{:?} {:?}", member.role, member.state).to_lowercase()
+            };
+            return Err(format!("{name} is not an eligible running replica ({why})"));
         }
         if member.timeline != Some(pg.timeline) {
             return Err(format!("{name} is not on timeline {}", pg.timeline));
@@ -857,10 +868,6 @@ pub fn handover_target(
             })
         }
     }
-}
-
-fn serde_state(member: &MemberStatus) -> String {
-    format!("{:?} {:?}", member.role, member.state).to_lowercase()
 }
 
 /// "switchover" (a leader hands over) or "failover" (no leader to hand over).

@@ -1048,3 +1048,27 @@ fn the_safety_check_catches_releasing_the_key_while_writable() {
     let decision = Decision::act(MemberState::Running, "bug", vec![Action::ReleaseLeader]);
     assert_safe(&identity("pg1"), &observation, &decision);
 }
+
+#[test]
+fn a_member_stops_standing_down_once_another_member_leads() {
+    let (view, pg) = leading_with(Some(intent(Some("pg1"), Some("pg2"))));
+    let mut core = Core::new(identity("pg1"));
+    core.decide(&observe(
+        PgProcess::Running(pg),
+        data_dir(true),
+        Some(view.clone()),
+    ));
+    assert!(core.is_standing_down(NOW));
+    let mut led_by_pg2 = view;
+    led_by_pg2.leader = leader("pg2", false);
+    led_by_pg2.switchover = None;
+    core.decide(&observe(
+        PgProcess::Stopped,
+        data_dir(true),
+        Some(led_by_pg2),
+    ));
+    assert!(
+        !core.is_standing_down(NOW),
+        "a switchover back must be possible at once"
+    );
+}

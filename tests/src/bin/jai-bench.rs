@@ -21,6 +21,13 @@ enum Bench {
     /// SIGKILL the primary (agent and PostgreSQL) under a writer, N times:
     /// write unavailability, time to a new leader key, lost acknowledged writes.
     Failover(Common),
+    /// `jaictl switchover` under a writer, N times: write unavailability (the
+    /// gap between the last write on the old primary and the first on the
+    /// new), time to a new leader key, lost acknowledged writes (must be 0).
+    Switchover(Common),
+    /// Runs the real `jaictl status` N times on a healthy lab: how fast an
+    /// operator gets the table (process start, etcd read, rendering).
+    Status(Common),
 }
 
 /// What every benchmark takes.
@@ -83,7 +90,9 @@ fn main() -> ExitCode {
 
 async fn run(bench: Bench) -> Result<()> {
     let (fault, common) = match bench {
-        Bench::Failover(common) => (Fault::KillPrimary, common),
+        Bench::Failover(common) => (Some(Fault::KillPrimary), common),
+        Bench::Switchover(common) => (Some(Fault::Switchover), common),
+        Bench::Status(common) => (None, common),
     };
     let mut lab = if common.reuse {
         Lab::open(&common.dir)?
@@ -102,9 +111,14 @@ async fn run(bench: Bench) -> Result<()> {
         };
         Lab::up(spec).await.context("starting the lab")?
     };
+    let Some(fault) = fault else {
+        bench::wait_settled(&lab, common.run_timeout).await?;
+        print!("{}", bench::status_bench(&lab, common.runs)?);
+        return Ok(());
+    };
     anyhow::ensure!(
         lab.desc.nodes.len() >= 2,
-        "a failover needs at least 2 nodes; the lab has {}",
+        "a failover or switchover needs at least 2 nodes; the lab has {}",
         lab.desc.nodes.len()
     );
     let options = BenchOptions {

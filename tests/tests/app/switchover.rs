@@ -1,4 +1,4 @@
-//! A switchover under a steady vote load: no vote request fails, and every
+//! A switchover (`jaictl switchover`) under a steady vote load: no vote request fails, and every
 //! acknowledged vote is in the database exactly once (checked by its
 //! idempotency key), with each voter's last acknowledged choice in `votes`.
 
@@ -113,20 +113,17 @@ pub async fn run(lab: &Lab) -> Result<()> {
     check_exactly_once(lab, poll, &acked).await
 }
 
-/// Writes the switchover intent the leader carries out (as the control API does).
+/// `jaictl switchover --from FROM --to TO --force`, as an operator would run
+/// it; jaictl itself waits for the outcome (up to its default 30 s).
 async fn request_switchover(lab: &Lab, from: &str, to: &str) -> Result<()> {
-    let intent = jai_proto::SwitchoverIntent {
-        from: Some(from.to_owned()),
-        to: Some(to.to_owned()),
-        scheduled_at_unix: None,
-        requested_at_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs(),
-        force: false,
-    };
-    let key = jai_proto::ClusterKeys::new(&lab.desc.cluster).switchover();
-    let mut etcd = lab.etcd().await?;
-    etcd.put(key, serde_json::to_string(&intent)?, None).await?;
+    let mut command = lab.jaictl(&["switchover", "--force", "--from", from, "--to", to])?;
+    let output = tokio::task::spawn_blocking(move || command.output()).await??;
+    ensure!(
+        output.status.success(),
+        "jaictl switchover failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }
 

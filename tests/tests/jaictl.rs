@@ -1,0 +1,356 @@
+//! The real `jaictl` binary against a real lab: status, switchover (named,
+//! any, scheduled, cancelled), config changes, history, maintenance mode and
+//! failover without a leader, plus the control API's token check.
+
+mod common;
+
+use anyhow::{Context, Result};
+use common::{lab_dir, WITHIN};
+use jai_lab::{wait, Lab, StopSignal};
+use std::time::{Duration, Instant};
+
+/// What one `jaictl` run printed and how it exited.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+fn jaictl(lab: &Lab, args: &[&str]) -> Result<Run> {
+    let output = tokio::task::block_in_place(|| lab.jaictl(args)?.output().context("jaictl"))?;
+    Ok(Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Runs `jaictl` and requires exit 0.
+fn jaictl_ok(lab: &Lab, args: &[&str]) -> Result<Run> {
+    let run = jaictl(lab, args)?;
+    anyhow::ensure!(run.code == 0, "jaictl {args:?} failed: {run}");
+    Ok(run)
+}
+
+/// `jaictl status -o json`, parsed.
+fn status_json(lab: &Lab) -> Result<serde_json::Value> {
+    let run = jaictl_ok(lab, &["status", "-o", "json"])?;
+    serde_json::from_str(&run.stdout).with_context(|| format!("status JSON: {run}"))
+}
+
+/// The leader as `jaictl status -o json` reports it, once it runs a primary.
+fn running_leader(status: &serde_json::Value) -> Option<String> {
+    let leader = status["leader"].as_str()?;
+    let row = status["members"]
+        .as_array()?
+        .iter()
+        .find(|row| row["member"] == leader)?;
+    (row["role"] == "Leader" && row["state"] == "running").then(|| leader.to_owned())
+}
+
+/// Waits until `want` (or, with `None`, any member but `not`) leads a
+/// cluster where every other member streams again.
+async fn wait_led_by(lab: &Lab, not: &str, want: Option<&str>) -> Result<String> {
+    wait::until(
+        "a new leader with every replica streaming",
+        WITHIN,
+        || async {
+            let status = status_json(lab)?;
+            let Some(leader) = running_leader(&status) else {
+                return Ok(None);
+            };
+            if leader == not || want.is_some_and(|want| want != leader) {
+                return Ok(None);
+            }
+            let streaming = status["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|row| row["member"] != leader.as_str())
+                .all(|row| row["state"] == "streaming");
+            Ok(streaming.then_some(leader))
+        },
+    )
+    .await
+}
+
+fn other_than(lab: &Lab, not: &str) -> String {
+    lab.node_names()
+        .into_iter()
+        .find(|name| name != not)
+        .expect("a lab of several nodes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_drives_the_cluster_with_jaictl() -> Result<()> {
+    let dir = lab_dir()?;
+    let lab = Lab::up(common::spec(&dir, 3, 1)).await?;
+    let first = lab.wait_healthy(WITHIN).await?;
+    let first = wait_led_by(&lab, "", Some(&first)).await?;
+
+    // status: the table and its JSON twin.
+    let table = jaictl_ok(&lab, &["status"])?;
+    assert!(
+        table
+            .stdout
+            .contains(&format!("Cluster: {}", lab.desc.cluster)),
+        "{table}"
+    );
+    assert!(
+        table.stdout.contains("Leader") && table.stdout.contains("streaming"),
+        "{table}"
+    );
+    let status = status_json(&lab)?;
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3));
+    assert_eq!(status["paused"], false);
+    let list = jaictl_ok(&lab, &["list", "-o", "yaml"])?;
+    assert!(list.stdout.contains(&format!("leader: {first}")), "{list}");
+
+    // An unreachable etcd is exit 3 and names what to check.
+    let unreachable = jaictl(&lab, &["status", "--etcd", "http://127.0.0.1:9"])?;
+    assert_eq!(unreachable.code, 3, "{unreachable}");
+    assert!(
+        unreachable
+            .stderr
+            .contains("etcd unreachable at http://127.0.0.1:9"),
+        "{unreachable}"
+    );
+
+    // config set: an invalid value is refused with the setting named,
+    // nothing is written; a valid one is applied with its diff.
+    let refused = jaictl(&lab, &["config", "set", "ttl=1s", "--force"])?;
+    assert_eq!(refused.code, 2, "{refused}");
+    assert!(refused.stderr.contains("ttl"), "{refused}");
+    let unknown = jaictl(&lab, &["config", "set", "ttll=10s", "--force"])?;
+    assert_eq!(unknown.code, 2, "{unknown}");
+    let applied = jaictl_ok(
+        &lab,
+        &[
+            "config",
+            "set",
+            "postgresql.parameters.work_mem=8MB",
+            "--force",
+        ],
+    )?;
+    assert!(
+        applied
+            .stdout
+            .contains("postgresql.parameters.work_mem: (default) -> 8MB"),
+        "{applied}"
+    );
+    let shown = jaictl_ok(&lab, &["config", "show", "-o", "json"])?;
+    let config: serde_json::Value = serde_json::from_str(&shown.stdout)?;
+    assert_eq!(config["postgresql"]["parameters"]["work_mem"], "8MB");
+    assert_eq!(
+        config["ttl"], "4s",
+        "the refused change must not be written"
+    );
+
+    // Without --force and without a terminal, nothing is asked or done.
+    let unconfirmed = jaictl(&lab, &["switchover"])?;
+    assert_eq!(unconfirmed.code, 2, "{unconfirmed}");
+    assert!(unconfirmed.stderr.contains("add --force"), "{unconfirmed}");
+
+    // Switchover to a named member: done and confirmed with the new table.
+    let target = other_than(&lab, &first);
+    let run = jaictl_ok(&lab, &["switchover", "--to", &target, "--force"])?;
+    assert!(run.stdout.contains(&format!("{target} leads now")), "{run}");
+    let second = wait_led_by(&lab, &first, Some(&target)).await?;
+
+    // Refused with the reason: the target is the leader already.
+    let same = jaictl(&lab, &["switchover", "--to", &second, "--force"])?;
+    assert_eq!(same.code, 1, "{same}");
+    assert!(same.stderr.contains("already the leader"), "{same}");
+
+    // Switchover to "any": the best streaming replica.
+    jaictl_ok(&lab, &["switchover", "--force"])?;
+    let third = wait_led_by(&lab, &second, None).await?;
+
+    // A scheduled switchover is pending, then executed at its time.
+    let scheduled = jaictl_ok(&lab, &["switchover", "--at", "+3s", "--force"])?;
+    assert!(scheduled.stdout.contains("scheduled for"), "{scheduled}");
+    let pending = jaictl_ok(&lab, &["status"])?;
+    assert!(
+        pending.stdout.contains("Pending switchover: from"),
+        "{pending}"
+    );
+    let fourth = wait_led_by(&lab, &third, None).await?;
+    wait::until("the executed intent to be cleared", WITHIN, || async {
+        Ok(status_json(&lab)?["pending_switchover"]
+            .is_null()
+            .then_some(()))
+    })
+    .await?;
+
+    // A cancelled one is not executed.
+    jaictl_ok(&lab, &["switchover", "--at", "+2s", "--force"])?;
+    let cancelled = jaictl_ok(&lab, &["switchover", "--cancel"])?;
+    assert!(cancelled.stdout.contains("cancelled"), "{cancelled}");
+    let watch_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < watch_until {
+        let status = status_json(&lab)?;
+        assert_eq!(
+            status["leader"],
+            fourth.as_str(),
+            "a cancelled switchover ran"
+        );
+        assert!(status["pending_switchover"].is_null());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // History lists every change of leader, with its reason.
+    let history = jaictl_ok(&lab, &["history", "-o", "json"])?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&history.stdout)?;
+    let switchovers: Vec<(String, String)> = entries
+        .iter()
+        .filter(|entry| {
+            entry["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("switchover")
+        })
+        .map(|entry| {
+            (
+                entry["new_leader"].as_str().unwrap_or_default().to_owned(),
+                entry["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        switchovers,
+        vec![
+            (second.clone(), format!("switchover from {first}")),
+            (third.clone(), format!("switchover from {second}")),
+            (fourth.clone(), format!("switchover from {third}")),
+        ],
+        "{history}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_api_refuses_changes_without_the_token() -> Result<()> {
+    use jai_proto::grpc::control_client::ControlClient;
+    use jai_proto::grpc::{SetPauseRequest, StatusRequest};
+    let dir = lab_dir()?;
+    let lab = Lab::up(common::spec(&dir, 1, 1)).await?;
+    lab.wait_healthy(WITHIN).await?;
+    let mut client = ControlClient::connect(lab.desc.nodes[0].grpc.clone()).await?;
+
+    // Reads are open, like the health API.
+    let status = client.status(StatusRequest {}).await?.into_inner();
+    assert_eq!(status.members.len(), 1);
+
+    // A change without a token, or with a wrong one, is refused and not made.
+    let refused = client
+        .set_pause(SetPauseRequest { pause: true })
+        .await
+        .expect_err("pausing without the token must be refused");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(SetPauseRequest { pause: true });
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer not-the-token-at-all".parse()?);
+    let refused = client
+        .set_pause(wrong)
+        .await
+        .expect_err("a wrong token must be refused");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert!(!client.status(StatusRequest {}).await?.into_inner().paused);
+
+    // jaictl with a wrong token file: a configuration error, exit 2.
+    let bad_token = dir.path().join("bad-token");
+    std::fs::write(&bad_token, "definitely-not-the-token\n")?;
+    let config = dir.path().join("bad-jaictl.yaml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&lab.desc.jaictl_config)?.replace(
+            &lab.desc.control_token_file.display().to_string(),
+            &bad_token.display().to_string(),
+        ),
+    )?;
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(lab.jaictl_binary()?)
+            .arg("-c")
+            .arg(&config)
+            .arg("pause")
+            .output()
+            .context("jaictl")
+    })?;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("control token"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_mode_holds_failover_back_until_resumed_or_ordered() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(common::spec(&dir, 3, 1)).await?;
+    let first = lab.wait_healthy(WITHIN).await?;
+    wait_led_by(&lab, "", Some(&first)).await?;
+    let ttl = Duration::from_secs(4);
+
+    // Paused: the primary dies and nobody takes over; status says why.
+    let paused = jaictl_ok(&lab, &["pause"])?;
+    assert!(paused.stdout.contains("maintenance mode on"), "{paused}");
+    lab.stop_node(&first, StopSignal::Kill)?;
+    wait::until("the dead leader's key to expire", WITHIN, || async {
+        Ok(lab.leader_key().await?.is_none().then_some(()))
+    })
+    .await?;
+    let watch_until = Instant::now() + 2 * ttl;
+    while Instant::now() < watch_until {
+        assert_eq!(
+            lab.leader_key().await?,
+            None,
+            "a member took the key while paused"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let table = jaictl_ok(&lab, &["status"])?;
+    assert!(table.stdout.contains("Maintenance mode: on"), "{table}");
+    assert!(table.stdout.contains("No leader"), "{table}");
+
+    // Resumed: the usual failover follows.
+    jaictl_ok(&lab, &["resume"])?;
+    let second = wait::until("a new leader after resume", WITHIN, || async {
+        Ok(running_leader(&status_json(&lab)?).filter(|leader| *leader != first))
+    })
+    .await?;
+
+    // Paused again, the new leader dies too: an operator's failover to a
+    // named member is carried out even in maintenance mode.
+    jaictl_ok(&lab, &["pause"])?;
+    let target = lab
+        .node_names()
+        .into_iter()
+        .find(|name| *name != first && *name != second)
+        .expect("three nodes");
+    lab.stop_node(&second, StopSignal::Kill)?;
+    wait::until("the second leader's key to expire", WITHIN, || async {
+        Ok(lab.leader_key().await?.is_none().then_some(()))
+    })
+    .await?;
+    let refused = jaictl(&lab, &["failover", "--to", &second, "--force"])?;
+    assert_eq!(
+        refused.code, 2,
+        "a dead member cannot be promoted: {refused}"
+    );
+    assert!(refused.stderr.contains("is not a member"), "{refused}");
+    let run = jaictl_ok(&lab, &["failover", "--to", &target, "--force"])?;
+    assert!(run.stdout.contains(&format!("{target} leads now")), "{run}");
+    let history = jaictl_ok(&lab, &["history"])?;
+    assert!(history.stdout.contains("manual failover"), "{history}");
+    jaictl_ok(&lab, &["resume"])?;
+    Ok(())
+}
