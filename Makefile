@@ -65,3 +65,12 @@ sim:
 ## Replays the seeds that show the known core bugs (fails while one remains).
 sim-bugs:
 	JAI_SIM_EXPOSE=1 cargo test --release -p jai-agent --test simulation known_core_bugs -- --ignored --nocapture
+
+## The voting app through HAProxy (wrk) beside pgbench of the same vote SQL on the primary (release build).
+BENCH_APP_DIR ?= /tmp/jai-bench-app
+BENCH_APP_FLAGS ?=
+.PHONY: bench-app
+bench-app: setup
+	cargo build --release --workspace --locked
+	@if [ -f $(BENCH_APP_DIR)/lab.json ]; then $(TARGET_DIR)/release/jai-lab down --dir $(BENCH_APP_DIR) >/dev/null; fi
+	$(TARGET_DIR)/release/jai-bench-app --dir $(BENCH_APP_DIR) $(BENCH_APP_FLAGS)

@@ -11,6 +11,9 @@ command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client-15)
 # The tests cut nodes off etcd with firewall rules on loopback.
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+# The app's browser test (headless) and its benchmark (make bench-app).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2

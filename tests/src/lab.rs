@@ -2,6 +2,7 @@
 //! node, and HAProxy, all bound to a loopback address of the lab's own
 //! (`127.X.Y.1`), so several labs run side by side without port clashes.
 
+use crate::lab_app::{AppInfo, AppSpec};
 use crate::process::{self, is_alive};
 use crate::wait;
 use anyhow::{anyhow, bail, Context, Result};
@@ -45,6 +46,8 @@ pub struct LabSpec {
     /// More HAProxy runtime API sockets (Unix path or `HOST:PORT`) every agent
     /// pushes to besides the lab's HAProxy: e.g. one nobody answers on.
     pub haproxy_extra_sockets: Vec<String>,
+    /// Start the voting app (`jai-app` instances behind HAProxy's HTTP frontend).
+    pub app: Option<AppSpec>,
 }
 
 impl LabSpec {
@@ -64,6 +67,7 @@ impl LabSpec {
             dcs: None,
             tags: BTreeMap::new(),
             haproxy_extra_sockets: Vec::new(),
+            app: None,
         }
     }
 }
@@ -90,6 +94,9 @@ pub struct LabDescription {
     /// The iptables chain the lab created to cut nodes off etcd, if any.
     #[serde(default)]
     pub firewall_chain: Option<String>,
+    /// The voting app, when the lab runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppInfo>,
     /// `jaictl -c THIS status` works against the lab.
     #[serde(default)]
     pub jaictl_config: PathBuf,
@@ -222,7 +229,7 @@ pub struct Lab {
 }
 
 /// The directories a lab writes under DIR, and the only ones `up` removes.
-const LAB_SUBDIRS: &[&str] = &["secrets", "etcd", "nodes", "haproxy", "logs"];
+const LAB_SUBDIRS: &[&str] = &["secrets", "etcd", "nodes", "haproxy", "logs", "app"];
 
 const SUPERUSER: &str = "postgres";
 const REPLICATION_USER: &str = "replicator";
@@ -232,9 +239,14 @@ const APP_DATABASE: &str = "jai";
 impl Lab {
     /// Starts a lab and waits until it is healthy.
     pub async fn up(spec: LabSpec) -> Result<Lab> {
-        let lab = Self::launch(&spec)?;
+        let mut lab = Self::launch(&spec)?;
         lab.wait_healthy(spec.timeout).await?;
         lab.create_app_database().await?;
+        if let Some(app_spec) = &spec.app {
+            lab.start_app(app_spec, spec.bin_dir.as_deref())?;
+            let app = lab.desc.app.as_ref().expect("planned with the spec");
+            crate::lab_app::wait_ready(app, spec.timeout).await?;
+        }
         Ok(lab)
     }
 
@@ -333,7 +345,10 @@ impl Lab {
         let node_names: Vec<String> = (1..=spec.nodes)
             .map(|index| format!("{}{index}", spec.node_prefix))
             .collect();
-        let port_count = spec.etcd_members * (2 + spec.nodes) + spec.nodes * 3 + 2;
+        let port_count = spec.etcd_members * (2 + spec.nodes)
+            + spec.nodes * 3
+            + 2
+            + crate::lab_app::ports_needed(spec.app.as_ref());
         let mut ports = free_ports(host, port_count)?.into_iter();
         let mut next_port = || ports.next().expect("enough ports allocated");
 
@@ -399,6 +414,9 @@ impl Lab {
             extra_sockets: spec.haproxy_extra_sockets.clone(),
             check_interval_ms: spec.haproxy_check_interval.as_millis() as u64,
         };
+        let app = spec.app.as_ref().map(|app_spec| {
+            crate::lab_app::plan(&dir, &host.to_string(), app_spec, &mut next_port)
+        });
         let mut lab = Lab {
             desc: LabDescription {
                 cluster: spec.cluster.clone(),
@@ -416,6 +434,7 @@ impl Lab {
                 haproxy,
                 nodes,
                 firewall_chain: None,
+                app,
                 jaictl_config: dir.join("jaictl.yaml"),
                 control_token_file: control_token_file.clone(),
             },
@@ -778,6 +797,10 @@ impl Lab {
 
     /// Stops everything the lab started: agents gracefully, then whatever is left.
     pub fn down(&mut self) -> Result<()> {
+        // The app first: it flushes its counted views while PostgreSQL runs.
+        if let Some(app) = &mut self.desc.app {
+            crate::lab_app::stop(app);
+        }
         let agents: Vec<i32> = self
             .desc
             .nodes
@@ -797,6 +820,9 @@ impl Lab {
 
     fn kill_everything(&mut self) {
         self.remove_firewall_chain();
+        if let Some(app) = &mut self.desc.app {
+            crate::lab_app::stop(app);
+        }
         for node in &mut self.desc.nodes {
             if let Some(pid) = node.agent_pid.take() {
                 process::signal(pid, Signal::SIGCONT);
@@ -825,7 +851,13 @@ impl Lab {
             .etcd_members
             .iter()
             .filter_map(|member| member.pid);
+        let apps = self
+            .desc
+            .app
+            .iter()
+            .flat_map(|app| app.instances.iter().filter_map(|instance| instance.pid));
         agents
+            .chain(apps)
             .chain(etcd)
             .chain(self.desc.haproxy.pid)
             .any(is_alive)
@@ -1031,7 +1063,45 @@ impl Lab {
             user = access.user,
             db = access.database,
             socket = self.desc.haproxy.stats_socket.display(),
+        ) + &self.app_instructions()?)
+    }
+
+    /// The voting app's lines of the instructions, with the admin credential.
+    fn app_instructions(&self) -> Result<String> {
+        let Some(app) = &self.desc.app else {
+            return Ok(String::new());
+        };
+        Ok(format!(
+            "\nThe voting app (jai-app x{count} behind HAProxy):\n\
+             \x20 site:   {url}\n\
+             \x20 admin:  {admin}   user {user}, password {password}   (also in {file})\n\
+             \x20 logs:   {dir}/app/*/app.log\n",
+            count = app.instances.len(),
+            url = app.url,
+            admin = app.admin_url,
+            user = app.admin_user,
+            password = crate::lab_app::admin_password(app)?,
+            file = app.admin_password_file.display(),
+            dir = self.desc.dir.display(),
         ))
+    }
+
+    /// Starts the app instances (after the application database exists).
+    fn start_app(&mut self, spec: &AppSpec, bin_dir: Option<&Path>) -> Result<()> {
+        let binary = crate::lab_app::find_binary(bin_dir)?;
+        let access = &self.desc.postgres;
+        let db = crate::lab_app::Database {
+            write: &self.desc.haproxy.write,
+            read: &self.desc.haproxy.read,
+            user: &access.user,
+            password: &access.password,
+            database: &access.database,
+        };
+        let mut app = self.desc.app.clone().expect("planned with the spec");
+        let started = crate::lab_app::start(&self.desc.dir, &mut app, spec, &binary, &db);
+        self.desc.app = Some(app);
+        self.save()?;
+        started
     }
 
     /// The `jaictl` binary built with this lab's agent (they sit side by side).
@@ -1262,12 +1332,12 @@ fn free_ports(host: Ipv4Addr, count: usize) -> Result<Vec<u16>> {
         .collect()
 }
 
-fn random_password() -> String {
+pub(crate) fn random_password() -> String {
     use rand::distr::{Alphanumeric, SampleString};
     Alphanumeric.sample_string(&mut rand::rng(), 24)
 }
 
-fn write_secret(file: &Path, secret: &str) -> Result<()> {
+pub(crate) fn write_secret(file: &Path, secret: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut handle = std::fs::OpenOptions::new()
@@ -1281,25 +1351,29 @@ fn write_secret(file: &Path, secret: &str) -> Result<()> {
     Ok(())
 }
 
-/// Finds `jai-agent`: `--bin-dir`, then beside this executable, then one level up
-/// (integration tests run from `target/debug/deps`).
 fn find_agent_binary(bin_dir: Option<&Path>) -> Result<PathBuf> {
+    find_binary("jai-agent", bin_dir)
+}
+
+/// Finds binary `name`: `--bin-dir`, then beside this executable, then one level up
+/// (integration tests run from `target/debug/deps`).
+pub(crate) fn find_binary(name: &str, bin_dir: Option<&Path>) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(dir) = bin_dir {
-        candidates.push(dir.join("jai-agent"));
+        candidates.push(dir.join(name));
     }
     if let Some(dir) = exe.parent() {
-        candidates.push(dir.join("jai-agent"));
+        candidates.push(dir.join(name));
         if let Some(parent) = dir.parent() {
-            candidates.push(parent.join("jai-agent"));
+            candidates.push(parent.join(name));
         }
     }
     candidates
         .iter()
         .find(|candidate| candidate.is_file())
         .cloned()
-        .ok_or_else(|| anyhow!("jai-agent binary not found (looked in {candidates:?}); run `cargo build --workspace` first"))
+        .ok_or_else(|| anyhow!("{name} binary not found (looked in {candidates:?}); run `cargo build --workspace` first"))
 }
 
 fn agent_yaml(
@@ -1390,7 +1464,8 @@ fn agent_haproxy_section(haproxy: &HaproxyInfo) -> String {
     section
 }
 
-/// `DIR/haproxy/haproxy.cfg`, rendered as `jaictl haproxy-config` does.
+/// `DIR/haproxy/haproxy.cfg`: the database listeners as `jaictl
+/// haproxy-config` renders them, then the app's HTTP frontend, if any.
 fn haproxy_cfg(desc: &LabDescription, check_interval: Duration) -> Result<String> {
     let members = desc
         .nodes
@@ -1407,5 +1482,10 @@ fn haproxy_cfg(desc: &LabDescription, check_interval: Duration) -> Result<String
         check_interval,
         ..Default::default()
     };
-    Ok(jai_proto::render_haproxy_cfg(&members, &options))
+    let mut cfg = jai_proto::render_haproxy_cfg(&members, &options);
+    if let Some(app) = &desc.app {
+        cfg.push('\n');
+        cfg.push_str(&crate::lab_app::haproxy_section(app, check_interval));
+    }
+    Ok(cfg)
 }

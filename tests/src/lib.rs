@@ -1,6 +1,7 @@
 //! `jai-lab`: a whole jai cluster on one machine, for the demo and the tests.
 //!
 //! - [`lab`]: start, describe (`lab.json`), fail and revive, and stop a lab.
+//! - [`lab_app`]: the voting app in a lab (HAProxy HTTP frontend, `jai-app` instances) and a form-posting client.
 //! - [`process`]: spawning and signalling the lab's processes by PID.
 //! - [`wait`]: waiting on conditions with deadlines.
 //!
@@ -9,6 +10,7 @@
 
 pub mod bench;
 pub mod lab;
+pub mod lab_app;
 pub mod process;
 pub mod wait;
 

@@ -44,6 +44,9 @@ enum Verb {
         /// How long to wait for a healthy cluster.
         #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Do not start the voting app (two jai-app instances behind HAProxy).
+        #[arg(long)]
+        no_app: bool,
     },
     /// Stop everything the lab in DIR started.
     Down {
@@ -127,8 +130,10 @@ async fn run(verb: Verb) -> Result<()> {
             haproxy_check_interval,
             haproxy_extra_socket,
             timeout,
+            no_app,
         } => {
             let spec = LabSpec {
+                app: (!no_app).then(jai_lab::lab_app::AppSpec::default),
                 cluster,
                 etcd_members,
                 external_etcd: etcd_endpoints,

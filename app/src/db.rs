@@ -1,0 +1,245 @@
+//! Connection pools through HAProxy, and retry with backoff through a failover.
+//!
+//! The write pool goes to HAProxy's write port. During a switchover or a
+//! failover the primary goes away for a few seconds: connections break, a
+//! demoted node answers `read_only_sql_transaction`, a stopping one
+//! `admin_shutdown`. Such errors are transient: the operation is retried with
+//! exponential backoff until `retry_timeout` has passed, so a voter sees a
+//! slower answer rather than an error. Operations retried this way must be
+//! idempotent (a vote carries its idempotency key).
+
+use crate::config::DatabaseConfig;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+/// A database failure, after retries where they apply.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// Transient failures went on past the retry budget: no primary now.
+    #[error("database unavailable for {waited:?}: {last}")]
+    Unavailable {
+        /// How long the operation was retried.
+        waited: Duration,
+        /// The last error seen.
+        last: String,
+    },
+    /// An error that retrying cannot fix.
+    #[error("database error: {0}")]
+    Permanent(String),
+}
+
+/// The pools of one app node.
+#[derive(Clone)]
+pub struct Database {
+    /// Through HAProxy's write port (the primary).
+    pub write: Pool,
+    /// Through the read port (replicas), when configured.
+    pub read: Option<Pool>,
+    retry_timeout: Duration,
+}
+
+/// How an operation went: its value and how many attempts it took.
+#[derive(Debug)]
+pub struct Attempted<T> {
+    /// The result.
+    pub value: T,
+    /// 1 when the first attempt succeeded.
+    pub attempts: u32,
+}
+
+impl Database {
+    /// Builds the pools (connections are opened lazily).
+    pub fn new(config: &DatabaseConfig, password: Option<&str>) -> anyhow::Result<Self> {
+        let write = pool(&config.write, password, config)?;
+        let read = match &config.read {
+            Some(read) => Some(pool(read, password, config)?),
+            None => None,
+        };
+        Ok(Self {
+            write,
+            read,
+            retry_timeout: config.retry_timeout,
+        })
+    }
+
+    /// The pool reads should use: the read port if configured.
+    pub fn reader(&self) -> &Pool {
+        self.read.as_ref().unwrap_or(&self.write)
+    }
+
+    /// Runs `operation` on a write connection, retrying transient failures
+    /// with backoff for up to the retry timeout.
+    pub async fn write_with_retry<T, F, Fut>(&self, operation: F) -> Result<Attempted<T>, DbError>
+    where
+        F: FnMut(Object) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        retry(&self.write, self.retry_timeout, operation).await
+    }
+
+    /// Runs `operation` once on a read connection; on a transient failure of
+    /// the read port, once more on the write port (replicas may all be down).
+    pub async fn read_once<T, F, Fut>(&self, mut operation: F) -> Result<T, DbError>
+    where
+        F: FnMut(Object) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let mut pools = vec![self.reader()];
+        if self.read.is_some() {
+            pools.push(&self.write);
+        }
+        let mut last = String::new();
+        for pool in pools {
+            match attempt(pool, &mut operation).await {
+                Ok(value) => return Ok(value),
+                Err(Failure::Transient(message)) => last = message,
+                Err(Failure::Permanent(message)) => return Err(DbError::Permanent(message)),
+            }
+        }
+        Err(DbError::Unavailable {
+            waited: Duration::ZERO,
+            last,
+        })
+    }
+}
+
+fn pool(conninfo: &str, password: Option<&str>, config: &DatabaseConfig) -> anyhow::Result<Pool> {
+    let mut pg: tokio_postgres::Config = conninfo.parse()?;
+    if let Some(password) = password {
+        pg.password(password);
+    }
+    pg.connect_timeout(config.connect_timeout);
+    pg.application_name("jai-app");
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(config.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.connect_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .build()?)
+}
+
+enum Failure {
+    Transient(String),
+    Permanent(String),
+}
+
+async fn attempt<T, F, Fut>(pool: &Pool, operation: &mut F) -> Result<T, Failure>
+where
+    F: FnMut(Object) -> Fut,
+    Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let client = pool.get().await.map_err(|error| match &error {
+        PoolError::Backend(inner) if !is_transient(inner) => Failure::Permanent(describe(inner)),
+        PoolError::Backend(inner) => Failure::Transient(describe(inner)),
+        _ => Failure::Transient(error.to_string()),
+    })?;
+    operation(client).await.map_err(|error| {
+        if is_transient(&error) {
+            Failure::Transient(describe(&error))
+        } else {
+            Failure::Permanent(describe(&error))
+        }
+    })
+}
+
+async fn retry<T, F, Fut>(
+    pool: &Pool,
+    budget: Duration,
+    mut operation: F,
+) -> Result<Attempted<T>, DbError>
+where
+    F: FnMut(Object) -> Fut,
+    Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let start = Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match attempt(pool, &mut operation).await {
+            Ok(value) => return Ok(Attempted { value, attempts }),
+            Err(Failure::Permanent(message)) => return Err(DbError::Permanent(message)),
+            Err(Failure::Transient(last)) => {
+                let waited = start.elapsed();
+                let Some(pause) = backoff(attempts, budget.saturating_sub(waited)) else {
+                    return Err(DbError::Unavailable { waited, last });
+                };
+                tracing::debug!(
+                    attempts,
+                    ?pause,
+                    "transient database error, retrying: {last}"
+                );
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// The pause before attempt `attempts + 1`: 50 ms doubling up to 1 s, with
+/// jitter so that app nodes do not retry in step; `None` once `left` is spent.
+pub fn backoff(attempts: u32, left: Duration) -> Option<Duration> {
+    if left.is_zero() {
+        return None;
+    }
+    let base = Duration::from_millis(50).saturating_mul(1 << attempts.min(6).saturating_sub(1));
+    let base = base.min(Duration::from_secs(1));
+    let jitter = rand::random_range(0.5..1.0);
+    Some(base.mul_f64(jitter).min(left))
+}
+
+/// True for errors a failover causes: broken or refused connections, a
+/// demoted or stopping server, a serialization conflict.
+pub fn is_transient(error: &tokio_postgres::Error) -> bool {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code();
+        return code == &SqlState::READ_ONLY_SQL_TRANSACTION
+            || code == &SqlState::ADMIN_SHUTDOWN
+            || code == &SqlState::CRASH_SHUTDOWN
+            || code == &SqlState::CANNOT_CONNECT_NOW
+            || code == &SqlState::T_R_SERIALIZATION_FAILURE
+            || code == &SqlState::T_R_DEADLOCK_DETECTED
+            || code.code().starts_with("08");
+    }
+    // No server error: the connection failed, closed or timed out.
+    error.is_closed()
+        || std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>())
+        || error.to_string().contains("timeout")
+}
+
+/// The error with its server detail (tokio-postgres prints only "db error").
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => format!("{error:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_respects_the_budget() {
+        let long = Duration::from_secs(60);
+        let first = backoff(1, long).unwrap();
+        assert!(first >= Duration::from_millis(25) && first <= Duration::from_millis(50));
+        let late = backoff(30, long).unwrap();
+        assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1));
+        assert_eq!(
+            backoff(30, Duration::from_millis(3)),
+            Some(Duration::from_millis(3))
+        );
+        assert_eq!(backoff(1, Duration::ZERO), None);
+    }
+}

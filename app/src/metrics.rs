@@ -1,0 +1,213 @@
+//! Prometheus metrics, served at `/metrics` on the admin listener.
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use deadpool_postgres::Pool;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Labels of an HTTP request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `public` or `admin`.
+    pub listener: &'static str,
+    /// The route pattern, e.g. `/polls/{id}` (never the raw path: bounded cardinality).
+    pub route: String,
+    /// HTTP method.
+    pub method: String,
+    /// Status code.
+    pub status: String,
+}
+
+/// Labels of a latency observation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `public` or `admin`.
+    pub listener: &'static str,
+    /// The route pattern.
+    pub route: String,
+}
+
+/// Labels of a vote counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VoteLabels {
+    /// `accepted`, `retried` (needed more than one attempt) or `refused`.
+    pub result: &'static str,
+}
+
+/// Labels of a pool gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `write` or `read`.
+    pub pool: &'static str,
+    /// `size`, `available` or `waiting`.
+    pub state: &'static str,
+}
+
+type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// All metrics of one app node.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    votes: Family<VoteLabels, Counter>,
+    views_flushed: Counter,
+    pools: Family<PoolLabels, Gauge>,
+    degraded: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms … ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("jai_app");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by listener, route, method and status",
+            requests.clone(),
+        );
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by listener and route",
+            latency.clone(),
+        );
+        let votes = Family::<VoteLabels, Counter>::default();
+        registry.register(
+            "votes",
+            "Vote submissions: accepted, retried through a database failure, refused",
+            votes.clone(),
+        );
+        let views_flushed = Counter::default();
+        registry.register(
+            "views_flushed",
+            "Page views written to the database",
+            views_flushed.clone(),
+        );
+        let pools = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by pool and state",
+            pools.clone(),
+        );
+        let degraded = Gauge::default();
+        registry.register(
+            "degraded",
+            "1 while the site is read-only (no primary or operator switch)",
+            degraded.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            votes,
+            views_flushed,
+            pools,
+            degraded,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a vote submission result.
+    pub fn vote(&self, result: &'static str) {
+        self.votes.get_or_create(&VoteLabels { result }).inc();
+    }
+
+    /// Counts views written.
+    pub fn views_flushed(&self, views: i64) {
+        self.views_flushed.inc_by(views.max(0) as u64);
+    }
+
+    /// The text exposition, with pool gauges and degraded state read now.
+    pub fn render(&self, pools: &[(&'static str, &Pool)], degraded: bool) -> String {
+        for (pool, handle) in pools {
+            let status = handle.status();
+            for (state, value) in [
+                ("size", status.size),
+                ("available", status.available),
+                ("waiting", status.waiting),
+            ] {
+                self.pools
+                    .get_or_create(&PoolLabels { pool, state })
+                    .set(value as i64);
+            }
+        }
+        self.degraded.set(i64::from(degraded));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+
+    fn observe(
+        &self,
+        listener: &'static str,
+        route: String,
+        method: String,
+        status: u16,
+        started: Instant,
+    ) {
+        self.latency
+            .get_or_create(&RouteLabels {
+                listener,
+                route: route.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels {
+                listener,
+                route,
+                method,
+                status: status.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Which listener a tracking middleware serves.
+#[derive(Clone)]
+pub struct Tracked {
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// `public` or `admin`.
+    pub listener: &'static str,
+}
+
+/// Middleware: counts every request and observes its latency.
+pub async fn track(State(tracked): State<Tracked>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    tracked.metrics.observe(
+        tracked.listener,
+        route,
+        method,
+        response.status().as_u16(),
+        started,
+    );
+    response
+}
