@@ -268,7 +268,7 @@ fn reconcile_commands(
     commands
 }
 
-/// The commands that take `member` out of the write backend and cut its sessions.
+/// The commands that take `member` out of `backend` and cut its sessions there.
 pub fn stop_writes_to(backend: &str, member: &str) -> String {
     format!(
         "set server {backend}/{member} health down; shutdown sessions server {backend}/{member}"
@@ -322,6 +322,15 @@ impl Balancers {
     /// The config they were made from.
     pub fn config(&self) -> &HaproxyConfig {
         &self.config
+    }
+
+    /// The commands `build` makes for the write backend, then the read one.
+    pub fn for_each_backend(&self, build: impl Fn(&str) -> String) -> String {
+        std::iter::once(&self.config.write_backend)
+            .chain(self.config.read_backend.as_ref())
+            .map(|backend| build(backend))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// The read-lag bound, in bytes (validated at start-up).

@@ -870,11 +870,11 @@ impl Agent {
         crate::haproxy::Routing::new(&self.config.name, members, position, haproxy.max_read_lag())
     }
 
-    /// Sends the commands `build` makes for the write backend to every
-    /// configured HAProxy; failures are logged once per outage, never fatal.
-    async fn push_to_haproxy(&mut self, build: impl FnOnce(&str) -> String) {
+    /// Sends the commands `build` makes for each backend (write, then read)
+    /// to every configured HAProxy; failures are logged once per outage, never fatal.
+    async fn push_to_haproxy(&mut self, build: impl Fn(&str) -> String) {
         if let Some(haproxy) = self.haproxy.clone() {
-            haproxy.push(&build(&haproxy.config().write_backend)).await;
+            haproxy.push(&haproxy.for_each_backend(build)).await;
         }
     }
 

@@ -895,15 +895,17 @@ impl Lab {
     }
 
     /// One pass of the health check: `Some(primary)` when exactly one running
-    /// node passes `/primary`, every other running node passes `/replica` and
+    /// node passes `/primary`, every other running node passes `/read-only` and
     /// streams from it, and HAProxy's write port reaches it.
     pub async fn healthy_primary(&self) -> Result<Option<String>> {
         let running = self.running_nodes();
         let mut primaries = Vec::new();
+        // Replicas by `/read-only`: `noloadbalance` or not (`/replica` refuses
+        // those, and a lab with one would never count as healthy).
         for node in &running {
             if self.api_code(node, "/primary").await? == 200 {
                 primaries.push(node.name.clone());
-            } else if self.api_code(node, "/replica").await? != 200 {
+            } else if self.api_code(node, "/read-only").await? != 200 {
                 return Ok(None);
             }
         }

@@ -325,9 +325,12 @@ async fn jaictl_renders_a_valid_config_and_a_missing_member_is_added_at_runtime(
         },
     )
     .await?;
-    write_port_only_reaches(&lab, &primary)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("the write port reached another member than {primary}"))?;
+    wait::until(
+        "the write port to reach only the leader",
+        PUSHED_WITHIN,
+        || write_port_only_reaches(&lab, &primary),
+    )
+    .await?;
     Ok(())
 }
 
