@@ -248,6 +248,8 @@ pub struct Agent {
     /// The leader term of the rewind under way.
     rewind_term: i64,
     fence: Option<Fence>,
+    /// The last decision saw PostgreSQL running as a primary.
+    decided_as_primary: bool,
     step: Step,
     wake_permit: bool,
     immediate: u32,
@@ -285,6 +287,7 @@ impl Agent {
             last_rewind: None,
             rewind_term: 0,
             fence: None,
+            decided_as_primary: false,
             step: Step::Idle,
             wake_permit: false,
             immediate: 0,
@@ -800,6 +803,10 @@ impl Agent {
             lease: LeaseView { valid_until },
         };
         self.arm_fence(env, &observation);
+        self.decided_as_primary = matches!(
+            &observation.pg.process,
+            PgProcess::Running(pg) if pg.role == PgRole::Primary
+        );
         let core = &mut self.core;
         let decision = match catch_unwind(AssertUnwindSafe(|| core.decide(&observation))) {
             Ok(decision) => decision,
@@ -1158,7 +1165,7 @@ impl Agent {
                     return no_lease();
                 };
                 if let Some(view) = &self.view {
-                    env.check_paused_takeover(self.member, view);
+                    env.check_paused_takeover(self.member, view, self.decided_as_primary);
                 }
                 self.request(
                     env,
@@ -1358,7 +1365,7 @@ pub fn cluster_view(
             (Key::Status, Value::Status(status)) => view.last_leader = Some(status.clone()),
             (Key::Member(_), Value::Member(member)) => view.members.push((**member).clone()),
             (Key::Switchover, Value::Switchover(intent)) => {
-                view.switchover = Some(intent.clone());
+                view.switchover = Some((**intent).clone());
             }
             _ => {}
         }

@@ -55,7 +55,7 @@ pub(super) enum Event {
         op: u64,
     },
     /// An operator's call to the control API (or its write to etcd).
-    Operator(super::operator::Call),
+    Operator(Box<super::operator::Call>),
     Fault(Fault),
     Restart {
         member: usize,

@@ -49,7 +49,7 @@ pub enum Value {
     /// `history`.
     History(Vec<HistoryEntry>),
     /// `switchover`.
-    Switchover(SwitchoverIntent),
+    Switchover(Box<SwitchoverIntent>),
 }
 
 /// A key's value and metadata, as etcd returns it.
@@ -136,7 +136,7 @@ pub enum Request {
     /// && create_revision(leader) == term` (0: no leader), put.
     RecordSwitchover {
         /// The intent.
-        intent: SwitchoverIntent,
+        intent: Box<SwitchoverIntent>,
         /// The leader term the caller checked, `None` for no leader.
         leader_term: Option<i64>,
     },

@@ -5,7 +5,7 @@
 use super::agent::Agent;
 use super::env::Env;
 use super::etcd::{self, Key, Value};
-use super::postgres::{Process, Wal};
+use super::postgres::Wal;
 use super::ViolationKind;
 use jai_agent::ha::ClusterView;
 
@@ -259,18 +259,14 @@ impl Env {
         }
     }
 
-    /// `member` tries to take the leader key having read `view`: in
-    /// maintenance mode only the target of an operator's intent (any member
-    /// for an intent without a target) may, besides a running primary
-    /// reclaiming it (even one a fast shutdown is stopping: it was seen
-    /// running). (A member that read the cluster just before the pause
+    /// `member` tries to take the leader key having read `view` (and seen
+    /// its PostgreSQL run as a `primary` or not): in maintenance mode only
+    /// the target of an operator's intent (any member for an intent without
+    /// a target) may, besides a primary reclaiming it (seen running: it may
+    /// be stopping by now). (A member that read the cluster just before the pause
     /// may still take the key: the acquisition is not guarded by `config`.)
-    pub fn check_paused_takeover(&mut self, member: usize, view: &ClusterView) {
-        let runs_primary = matches!(
-            self.pgs[member].process,
-            Process::Running { primary: true, .. }
-        );
-        if !view.config.pause || runs_primary {
+    pub fn check_paused_takeover(&mut self, member: usize, view: &ClusterView, primary: bool) {
+        if !view.config.pause || primary {
             return;
         }
         let name = &self.names[member];

@@ -93,7 +93,7 @@ impl Env {
                     what,
                     pause,
                 };
-                self.schedule(at, Event::Operator(write));
+                self.schedule(at, Event::Operator(Box::new(write)));
             }
             Err(why) => self.log(format!("OPERATOR: {call:?} refused: {why}")),
         }
@@ -140,7 +140,7 @@ impl Env {
         let target = ha::handover_target(&leader.name, view, &leader_pg, &intent)?;
         let what = format!("record {intent:?} (now {target})");
         let request = Request::RecordSwitchover {
-            intent,
+            intent: Box::new(intent),
             leader_term: Some(leader.term),
         };
         Ok((request, what))
@@ -193,7 +193,7 @@ impl Env {
         let what = format!("record {intent:?}");
         Ok((
             Request::RecordSwitchover {
-                intent,
+                intent: Box::new(intent),
                 leader_term: None,
             },
             what,
@@ -250,7 +250,7 @@ impl Env {
         if let Call::SetPause(false) = call {
             let at = self.now + RETRY_RESUME_MS;
             self.faults_end = self.faults_end.max(at);
-            self.schedule(at, Event::Operator(Call::SetPause(false)));
+            self.schedule(at, Event::Operator(Box::new(Call::SetPause(false))));
         }
     }
 }

@@ -110,10 +110,10 @@ impl World {
             Event::PgExit { member, generation } => self.env.pg_exit(member, generation),
             Event::PgEscalate { member, op } => self.env.escalate_stop(member, op),
             Event::Operator(call) => {
-                if !matches!(call, Call::Write { .. }) {
+                if !matches!(*call, Call::Write { .. }) {
                     self.env.stats.operator_calls += 1;
                 }
-                self.env.operator(call)
+                self.env.operator(*call)
             }
             Event::Fault(fault) => self.inject(fault),
             Event::Restart { member } => self.start_agent(member),
@@ -191,9 +191,10 @@ impl World {
             Fault::Maintenance { ms } => (Call::SetPause(true), Some((ms, Call::SetPause(false)))),
             other => unreachable!("{other:?} is no operator call"),
         };
-        self.env.schedule(now, Event::Operator(call));
+        self.env.schedule(now, Event::Operator(Box::new(call)));
         if let Some((after, call)) = later {
-            self.env.schedule(now + after, Event::Operator(call));
+            self.env
+                .schedule(now + after, Event::Operator(Box::new(call)));
         }
     }
 
