@@ -79,6 +79,10 @@ struct Agent {
     http: reqwest::Client,
     /// The HAProxys to push routing to, with their outage state.
     haproxy: Option<Arc<crate::haproxy::Balancers>>,
+    /// The decision being carried out hands leadership over (a switchover):
+    /// its stop must be clean however long the WAL senders take, and the
+    /// final WAL position is published before the key goes.
+    handing_over: bool,
     /// Operator requests from the control API, run between two decisions.
     operator_requests: mpsc::Receiver<OperatorRequest>,
 }
@@ -207,6 +211,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         last_rewind: None,
         haproxy: config.haproxy.clone().map(crate::haproxy::Balancers::new),
         operator_requests,
+        handing_over: false,
         http: reqwest::Client::builder()
             .no_proxy()
             .timeout(PEER_TIMEOUT)
@@ -280,6 +285,7 @@ impl Agent {
         self.report(&observation, &decision).await;
         self.reconcile_haproxy(&observation).await;
         let mut recheck = false;
+        self.handing_over = decision.actions.contains(&Action::Checkpoint);
         for action in &decision.actions {
             match self.execute(action).await {
                 Ok(()) => recheck |= action.warrants_immediate_recheck(),
@@ -740,7 +746,15 @@ impl Agent {
                 let me = self.config.name.clone();
                 self.push_to_haproxy(|backend| crate::haproxy::stop_writes_to(backend, &me))
                     .await;
-                self.pg.stop(self.dynamic.retry_timeout).await?;
+                // A switchover's stop waits for the WAL senders to hand the
+                // target every byte; escalating to an immediate shutdown would
+                // cut that short (found by the simulator, seed 15768).
+                let grace = if self.handing_over {
+                    self.config.postgresql.start_timeout
+                } else {
+                    self.dynamic.retry_timeout
+                };
+                self.pg.stop(grace).await?;
             }
             Action::Promote { reason } => self.promote(reason).await?,
             Action::Rewind(leader) => {
@@ -794,6 +808,9 @@ impl Agent {
             }
             Action::ReleaseLeader => {
                 let term = self.leader_term()?;
+                if self.handing_over {
+                    self.publish_final_position(term).await?;
+                }
                 self.dcs.release_leader(term).await?;
                 tracing::warn!("released the leader key");
             }
@@ -840,6 +857,24 @@ impl Agent {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// After a switchover's clean stop: the shutdown checkpoint as the
+    /// leader's last position, so the target promotes only once it has
+    /// received everything (found by the simulator, seed 10796).
+    async fn publish_final_position(&mut self, term: i64) -> Result<()> {
+        let (timeline, optime) = self.pg.final_position().await?;
+        let status = jai_proto::LeaderStatus {
+            leader: self.config.name.clone(),
+            timeline,
+            optime,
+        };
+        anyhow::ensure!(
+            self.dcs.publish_leader_status(&status, term).await?,
+            "the leader key changed before the final position was published"
+        );
+        tracing::info!(%optime, timeline, "switchover: final WAL position published");
         Ok(())
     }
 

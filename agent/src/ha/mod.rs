@@ -538,7 +538,9 @@ impl Core {
         };
         match intent.to.as_deref() {
             Some(to) if to == self.identity.name => Some(
-                match election::check_eligible(&self.identity, pg, cluster, waiver) {
+                match election::check_eligible(&self.identity, pg, cluster, waiver)
+                    .and_then(|()| received_the_handover(intent, cluster, pg))
+                {
                     Ok(()) => Decision::act(
                         MemberState::Running,
                         format!("{kind}: this member is the target, taking the leader key"),
@@ -939,6 +941,30 @@ fn switchover_to_best_is_due(observation: &Observation, cluster: &ClusterView) -
     cluster.switchover.as_ref().is_some_and(|intent| {
         intent.from.is_some() && intent.to.is_none() && intent.is_due(observation.wall_clock_unix)
     })
+}
+
+/// A switchover target takes over only once it has every byte of the old
+/// primary's WAL: that leader published its shutdown checkpoint as its last
+/// position before releasing the key. Forced intents (and failovers) skip
+/// this; the usual lag rule still applies to them.
+fn received_the_handover(
+    intent: &SwitchoverIntent,
+    cluster: &ClusterView,
+    pg: &RunningPostgres,
+) -> Result<(), String> {
+    let (Some(from), Some(last)) = (intent.from.as_deref(), cluster.last_leader.as_ref()) else {
+        return Ok(());
+    };
+    if intent.force || last.leader != from || last.timeline != pg.timeline {
+        return Ok(());
+    }
+    match last.optime.bytes_since(pg.wal_position()) {
+        0 => Ok(()),
+        missing => Err(format!(
+            "{missing} bytes short of {from}'s final position {}",
+            last.optime
+        )),
+    }
 }
 
 /// "switchover" (a leader hands over) or "failover" (no leader to hand over).

@@ -1421,3 +1421,16 @@ fn a_bootstrapping_primary_never_waits_for_standbys_that_cannot_exist_yet() {
         SyncNames::AnyStandby
     );
 }
+
+#[test]
+fn a_switchover_target_short_of_the_final_position_does_not_take_the_key() {
+    let mut observation = after_release(990, Some("pg2"));
+    let decision = decide("pg2", &observation);
+    assert!(decision.actions.is_empty(), "{decision:?}");
+    assert!(decision.reason.unwrap().contains("10 bytes short"));
+    observation.pg.process = PgProcess::Running(replica_at(1000));
+    assert_eq!(
+        decide("pg2", &observation).actions,
+        vec![Action::AcquireLeader]
+    );
+}

@@ -26,6 +26,20 @@ pub fn parse_controldata(output: &str) -> DataDir {
     }
 }
 
+/// Where a cleanly stopped server's WAL ends: its last checkpoint (the
+/// shutdown checkpoint) and that checkpoint's timeline.
+pub fn parse_last_checkpoint(output: &str) -> Option<(u32, jai_proto::Lsn)> {
+    let field = |name: &str| {
+        output.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            (key.trim() == name).then(|| value.trim().to_owned())
+        })
+    };
+    let location = field("Latest checkpoint location")?.parse().ok()?;
+    let timeline = field("Latest checkpoint's TimeLineID")?.parse().ok()?;
+    Some((timeline, location))
+}
+
 /// Whether `dir` is missing or has no entries.
 pub fn is_empty_dir(dir: &Path) -> std::io::Result<bool> {
     match std::fs::read_dir(dir) {
@@ -44,6 +58,18 @@ Catalog version number:               202209061\n\
 Database system identifier:           7310442046547251733\n\
 Database cluster state:               shut down\n\
 pg_control last modified:             Fri 27 Nov 2026 01:00:00 AM UTC\n";
+
+    #[test]
+    fn the_last_checkpoint_is_read_with_its_timeline() {
+        let output = "Latest checkpoint location:           0/4432068\n\
+Latest checkpoint's REDO location:    0/4432068\n\
+Latest checkpoint's TimeLineID:       2\n";
+        assert_eq!(
+            parse_last_checkpoint(output),
+            Some((2, "0/4432068".parse().unwrap()))
+        );
+        assert_eq!(parse_last_checkpoint(PRIMARY), None);
+    }
 
     #[test]
     fn a_cleanly_stopped_primary() {

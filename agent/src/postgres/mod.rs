@@ -222,6 +222,22 @@ impl Postgres {
             .map(|postmaster| postmaster.pid().as_raw())
     }
 
+    /// Where this stopped server's WAL ends (its shutdown checkpoint), from
+    /// the control file: what a switchover target must have received.
+    pub async fn final_position(&self) -> Result<(u32, Lsn)> {
+        anyhow::ensure!(!self.is_running(), "PostgreSQL still runs");
+        let output = Command::new(self.bin_dir.join("pg_controldata"))
+            .arg("-D")
+            .arg(&self.data_dir)
+            .env("LC_ALL", "C")
+            .output()
+            .await
+            .context("running pg_controldata")?;
+        anyhow::ensure!(output.status.success(), "pg_controldata failed");
+        control::parse_last_checkpoint(&String::from_utf8_lossy(&output.stdout))
+            .ok_or_else(|| anyhow!("pg_controldata printed no latest checkpoint"))
+    }
+
     /// What the data directory holds, without starting anything.
     pub async fn inspect_data_dir(&self) -> DataDir {
         if self.state_dir.join(INCOMPLETE_MARKER).exists() {
