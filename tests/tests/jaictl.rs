@@ -354,3 +354,84 @@ async fn maintenance_mode_holds_failover_back_until_resumed_or_ordered() -> Resu
     jaictl_ok(&lab, &["resume"])?;
     Ok(())
 }
+
+/// When the postmaster of the server at `address` started.
+async fn started_at(lab: &Lab, address: &str) -> Result<String> {
+    let client = lab.connect_superuser(address, "postgres").await?;
+    let row = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reload_and_reinit_act_on_one_member() -> Result<()> {
+    let dir = lab_dir()?;
+    let lab = Lab::up(common::spec(&dir, 2, 1)).await?;
+    let leader = lab.wait_healthy(WITHIN).await?;
+    wait_led_by(&lab, "", Some(&leader)).await?;
+    let replica = other_than(&lab, &leader);
+    let (leader_pg, replica_pg) = (
+        lab.node(&leader)?.pg.clone(),
+        lab.node(&replica)?.pg.clone(),
+    );
+    let term = lab.leader_key().await?;
+
+    // Restarting the leader's PostgreSQL is no failover: same key, same term.
+    let before = started_at(&lab, &leader_pg).await?;
+    let run = jaictl_ok(&lab, &["restart", &leader, "--force"])?;
+    assert!(run.stdout.contains("restarted as primary"), "{run}");
+    assert_ne!(started_at(&lab, &leader_pg).await?, before);
+    assert_eq!(
+        lab.leader_key().await?,
+        term,
+        "a restart must not change the leader"
+    );
+
+    // A replica restarts as a replica and streams again; --pending skips it.
+    let run = jaictl_ok(
+        &lab,
+        &["restart", "--role", "replica", "--pending", "--force"],
+    )?;
+    assert!(run.stdout.contains("nothing done"), "{run}");
+    let before = started_at(&lab, &replica_pg).await?;
+    jaictl_ok(&lab, &["restart", &replica, "--force"])?;
+    assert_ne!(started_at(&lab, &replica_pg).await?, before);
+    wait_led_by(&lab, "", Some(&leader)).await?;
+
+    // Reload reaches every member.
+    let run = jaictl_ok(&lab, &["reload"])?;
+    assert_eq!(run.stdout.matches("reloaded").count(), 2, "{run}");
+
+    // Reinitialise: refused on the leader; a replica is wiped, cloned again
+    // and streams.
+    let refused = jaictl(&lab, &["reinit", &leader, "--force"])?;
+    assert_eq!(refused.code, 1, "{refused}");
+    assert!(refused.stderr.contains("is the leader"), "{refused}");
+    let before = started_at(&lab, &replica_pg).await?;
+    let run = jaictl_ok(&lab, &["reinit", &replica, "--force"])?;
+    assert!(run.stdout.contains("cloning from"), "{run}");
+    wait::until("the re-cloned replica to stream", WITHIN, || async {
+        let restarted = started_at(&lab, &replica_pg)
+            .await
+            .ok()
+            .filter(|at| *at != before);
+        let streaming = leads_with_all_streaming(&lab, &leader)?;
+        Ok((restarted.is_some() && streaming).then_some(()))
+    })
+    .await?;
+    assert_eq!(lab.leader_key().await?, term);
+    Ok(())
+}
+
+/// One look: `leader` leads and every other member streams.
+fn leads_with_all_streaming(lab: &Lab, leader: &str) -> Result<bool> {
+    let status = status_json(lab)?;
+    Ok(running_leader(&status).as_deref() == Some(leader)
+        && status["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|row| row["member"] != leader)
+            .all(|row| row["state"] == "streaming"))
+}
