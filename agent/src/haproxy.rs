@@ -384,6 +384,40 @@ impl Balancers {
         sends.join_all().await;
     }
 
+    /// Takes every server of the write backend but `me` down and cuts its
+    /// sessions, on every HAProxy at once, without putting `me` up: what a
+    /// new leader does right before it promotes. The servers come from each
+    /// HAProxy's own state, so a former primary whose member key expired
+    /// (a hung agent) is cut too.
+    pub async fn cut_writes_except(&self, me: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut sends = tokio::task::JoinSet::new();
+        for balancer in &self.balancers {
+            let (balancer, backend, me) = (
+                balancer.clone(),
+                self.config.write_backend.clone(),
+                me.to_owned(),
+            );
+            sends.spawn(async move {
+                balancer
+                    .exchange_logged(3 * PUSH_TIMEOUT, |socket| async move {
+                        let state = exchange_with(&socket, "show servers state").await?;
+                        let commands: Vec<String> = parse_servers_state(&state)
+                            .iter()
+                            .filter(|server| server.backend == backend && server.name != me)
+                            .map(|server| stop_writes_to(&backend, &server.name))
+                            .collect();
+                        if commands.is_empty() {
+                            return Ok(());
+                        }
+                        send(&socket, &commands.join("; ")).await
+                    })
+                    .await
+            });
+        }
+        sends.join_all().await;
+    }
+
     /// [`Self::reconcile`] in the background, unless one is still running: the
     /// decision loop never waits for a slow HAProxy.
     pub fn reconcile_in_background(self: &Arc<Self>, routing: Routing) {

@@ -945,6 +945,13 @@ impl Agent {
             self.pg.reload()?;
             self.pg.confirm_sync_names(&sync_names).await?;
         }
+        // Writes are routed away from every other member before this one can
+        // take any: a former primary whose agent hangs keeps running until it
+        // is fenced, and HAProxy must not hand it sessions while this one is
+        // promoted (found by the chaos suite, seed 8, `sigstop-agent`).
+        if let Some(haproxy) = self.haproxy.clone() {
+            haproxy.cut_writes_except(&self.config.name).await;
+        }
         self.ensure_lease_allows_writes()?;
         self.fence
             .primary_pid
