@@ -65,3 +65,16 @@ sim:
 ## Replays the seeds that show the known core bugs (fails while one remains).
 sim-bugs:
 	JAI_SIM_EXPOSE=1 cargo test --release -p jai-agent --test simulation known_core_bugs -- --ignored --nocapture
+
+## Chaos on real components (docs/benchmarks.md, "Chaos"): a randomized, seeded
+## schedule of faults for CHAOS_DURATION under the writer; summary table; exits
+## non-zero on an invariant violation. CHAOS_SEED (or JAI_CHAOS_SEED) replays one.
+CHAOS_DURATION ?= 15m
+CHAOS_DIR ?= /tmp/jai-chaos
+CHAOS_SEED ?=
+CHAOS_FLAGS ?=
+
+.PHONY: chaos
+chaos: build
+	@if [ -f $(CHAOS_DIR)/lab.json ]; then $(LAB) down --dir $(CHAOS_DIR) >/dev/null; fi
+	$(BENCH) chaos --duration $(CHAOS_DURATION) --dir $(CHAOS_DIR) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) $(CHAOS_FLAGS)

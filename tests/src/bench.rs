@@ -79,6 +79,10 @@ pub struct Ack {
     pub at: Instant,
     /// The member that acknowledged it (`current_setting('cluster_name')`).
     pub member: String,
+    /// The timeline it was written on (0 if unknown): a member's timeline
+    /// changes each time it is promoted, so `(member, timeline)` names one
+    /// tenure as primary.
+    pub timeline: u32,
 }
 
 /// What the writer has recorded so far.
@@ -103,8 +107,8 @@ pub struct Writer {
     task: JoinHandle<()>,
 }
 
-const INSERT: &str =
-    "INSERT INTO bench_writes (id) VALUES ($1) RETURNING current_setting('cluster_name')";
+const INSERT: &str = "INSERT INTO bench_writes (id) VALUES ($1) \
+     RETURNING current_setting('cluster_name'), pg_walfile_name(pg_current_wal_lsn())";
 
 impl Writer {
     /// Starts writing at once.
@@ -219,12 +223,13 @@ async fn write_loop(
         let mut log = log.lock().expect("writer log lock");
         log.attempts += 1;
         match result {
-            Ok(member) => {
+            Ok((member, timeline)) => {
                 log.streak_start.get_or_insert(now);
                 log.acks.push(Ack {
                     id,
                     at: now,
                     member,
+                    timeline,
                 });
             }
             Err(error) => {
@@ -238,12 +243,13 @@ async fn write_loop(
     }
 }
 
-/// One insert, connecting first if needed. Returns the acknowledging member.
+/// One insert, connecting first if needed. Returns the acknowledging member
+/// and the timeline of its WAL insert position.
 async fn insert(
     client: &mut Option<tokio_postgres::Client>,
     config: &WriterConfig,
     id: i64,
-) -> Result<String> {
+) -> Result<(String, u32)> {
     if client
         .as_ref()
         .is_none_or(tokio_postgres::Client::is_closed)
@@ -261,7 +267,13 @@ async fn insert(
     )
     .await
     .map_err(|_| anyhow!("insert timed out"))??;
-    Ok(row.try_get(0)?)
+    // A WAL file name starts with the timeline, 8 hex digits.
+    let wal_file: String = row.try_get(1)?;
+    let timeline = wal_file
+        .get(..8)
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .unwrap_or(0);
+    Ok((row.try_get(0)?, timeline))
 }
 
 async fn connect(config: &WriterConfig) -> Result<tokio_postgres::Client> {
@@ -758,7 +770,7 @@ fn whole_ms(duration: Duration) -> Duration {
     Duration::from_millis(duration.as_millis() as u64)
 }
 
-async fn create_table(lab: &Lab) -> Result<()> {
+pub(crate) async fn create_table(lab: &Lab) -> Result<()> {
     let client = lab.connect_app(&lab.desc.haproxy.write).await?;
     client
         .batch_execute(&format!(
@@ -769,7 +781,7 @@ async fn create_table(lab: &Lab) -> Result<()> {
         .with_context(|| format!("creating {TABLE} through {}", lab.desc.haproxy.write))
 }
 
-async fn stored_ids(lab: &Lab) -> Result<HashSet<i64>> {
+pub(crate) async fn stored_ids(lab: &Lab) -> Result<HashSet<i64>> {
     crate::wait::until(
         &format!("reading {TABLE} through {}", lab.desc.haproxy.write),
         Duration::from_secs(30),

@@ -3,11 +3,15 @@
 //! - [`lab`]: start, describe (`lab.json`), fail and revive, and stop a lab.
 //! - [`process`]: spawning and signalling the lab's processes by PID.
 //! - [`wait`]: waiting on conditions with deadlines.
+//! - [`faults`]: the chaos faults beyond stopping nodes and cutting them off etcd.
+//! - [`bench`], [`chaos`]: benchmarks and the randomized chaos schedule.
 //!
 //! The `jai-lab` binary is a thin CLI over [`lab::Lab`]; the integration tests
 //! in `tests/tests/` use the same library.
 
 pub mod bench;
+pub mod chaos;
+pub mod faults;
 pub mod lab;
 pub mod process;
 pub mod wait;

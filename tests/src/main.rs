@@ -40,6 +40,10 @@ enum Verb {
         /// How long to wait for a healthy cluster.
         #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Prepare the chaos faults: a cgroup per node (for `cut-members`) and
+        /// a small disk per node (for `fill-disk`). Needs root.
+        #[arg(long)]
+        chaos: bool,
     },
     /// Stop everything the lab in DIR started.
     Down {
@@ -83,6 +87,21 @@ enum Verb {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Chaos faults (docs/lab.md): cut two members apart (`cut-members A B`,
+    /// `heal-members A B`), freeze or thaw a PostgreSQL (`freeze-pg NAME`,
+    /// `thaw-pg NAME`), fill or free a node's disk (`fill-disk NAME`,
+    /// `free-disk NAME`), kill etcd members by index (`kill-etcd 0 1`) or
+    /// restart the stopped ones (`restart-etcd`).
+    Fault {
+        /// cut-members, heal-members, freeze-pg, thaw-pg, fill-disk,
+        /// free-disk, kill-etcd, restart-etcd.
+        action: String,
+        /// Node names or etcd member indexes.
+        args: Vec<String>,
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Print the lab's nodes and their state.
     Status {
         /// Lab directory.
@@ -122,8 +141,10 @@ async fn run(verb: Verb) -> Result<()> {
             cluster,
             haproxy_check_interval,
             timeout,
+            chaos,
         } => {
             let spec = LabSpec {
+                chaos,
                 cluster,
                 etcd_members,
                 external_etcd: etcd_endpoints,
@@ -155,6 +176,37 @@ async fn run(verb: Verb) -> Result<()> {
         Verb::HealEtcd { name, dir } => {
             Lab::open(&dir)?.heal_etcd(&name)?;
             println!("{name} reconnected to etcd");
+        }
+        Verb::Fault { action, args, dir } => {
+            let mut lab = Lab::open(&dir)?;
+            let names: Vec<&str> = args.iter().map(String::as_str).collect();
+            match (action.as_str(), names.as_slice()) {
+                ("cut-members", [a, b]) => lab.cut_between(a, b)?,
+                ("heal-members", [a, b]) => lab.heal_between(a, b)?,
+                ("freeze-pg", [name]) => lab.freeze_postgres(name)?,
+                ("thaw-pg", [name]) => lab.thaw_postgres(name)?,
+                ("fill-disk", [name]) => {
+                    let bytes = lab.fill_disk(name)?;
+                    println!("{name}: {} MiB of ballast, disk full", bytes >> 20);
+                }
+                ("free-disk", [name]) => lab.free_disk(name)?,
+                ("kill-etcd", indexes) if !indexes.is_empty() => {
+                    let indexes = indexes
+                        .iter()
+                        .map(|index| index.parse::<usize>())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    println!("killed {}", lab.kill_etcd_members(&indexes)?.join(", "));
+                }
+                ("restart-etcd", []) => {
+                    println!("started {}", lab.restart_etcd_members()?.join(", "));
+                }
+                _ => anyhow::bail!(
+                    "fault {action} {args:?}: expected cut-members A B, heal-members A B, \
+                     freeze-pg NAME, thaw-pg NAME, fill-disk NAME, free-disk NAME, \
+                     kill-etcd INDEX…, restart-etcd"
+                ),
+            }
+            println!("{action} {}: done", args.join(" "));
         }
         Verb::Status { dir } => print!("{}", Lab::open(&dir)?.status_table().await),
     }
