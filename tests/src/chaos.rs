@@ -24,6 +24,7 @@
 //! times (`JAI_CHAOS_SEED`).
 
 use crate::bench::{self, Ack, Writer, WriterConfig};
+use crate::faults::Freeze;
 use crate::lab::Lab;
 use crate::StopSignal;
 use anyhow::{anyhow, Context, Result};
@@ -48,7 +49,10 @@ pub enum FaultKind {
     FreezeAgent,
     /// SIGKILL of one postmaster (a PostgreSQL crash); its agent restarts it.
     KillPostgres,
-    /// SIGSTOP of one PostgreSQL (postmaster and backends); SIGCONT heals.
+    /// SIGSTOP of one postmaster alone (open sessions go on, new
+    /// connections hang); SIGCONT heals.
+    FreezePostmaster,
+    /// SIGSTOP of one PostgreSQL: the postmaster and every child; SIGCONT heals.
     FreezePostgres,
     /// One member cut off etcd (iptables).
     CutFromEtcd,
@@ -68,12 +72,13 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Every kind, in the order of the bounded test.
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 14] = [
         FaultKind::KillPrimary,
         FaultKind::KillReplica,
         FaultKind::KillAgent,
         FaultKind::FreezeAgent,
         FaultKind::KillPostgres,
+        FaultKind::FreezePostmaster,
         FaultKind::FreezePostgres,
         FaultKind::CutFromEtcd,
         FaultKind::CutBetweenMembers,
@@ -92,6 +97,7 @@ impl FaultKind {
             FaultKind::KillAgent => "kill-agent",
             FaultKind::FreezeAgent => "sigstop-agent",
             FaultKind::KillPostgres => "kill-postgres",
+            FaultKind::FreezePostmaster => "sigstop-postmaster",
             FaultKind::FreezePostgres => "sigstop-postgres",
             FaultKind::CutFromEtcd => "cut-from-etcd",
             FaultKind::CutBetweenMembers => "cut-primary-replica",
@@ -849,8 +855,15 @@ async fn one_step(
                 lab.stop_node(&anyone, StopSignal::KillPostgres)?;
                 (format!("{anyone} ({})", role(&anyone)), Injected::Nothing)
             }
+            FaultKind::FreezePostmaster => {
+                lab.freeze_postgres(&anyone, Freeze::Postmaster)?;
+                (
+                    format!("{anyone} ({})", role(&anyone)),
+                    Injected::Postgres(anyone.clone()),
+                )
+            }
             FaultKind::FreezePostgres => {
-                lab.freeze_postgres(&anyone)?;
+                lab.freeze_postgres(&anyone, Freeze::Everything)?;
                 (
                     format!("{anyone} ({})", role(&anyone)),
                     Injected::Postgres(anyone.clone()),

@@ -33,8 +33,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Size of each node's disk in a chaos lab. tmpfs takes memory only for what
-/// is written: a node uses about 100 MiB.
-pub const DISK_MB: u64 = 512;
+/// is written: a node starts with about 100 MiB, and every timeline switch
+/// leaves up to `wal_keep_size` (128 MiB) of WAL segments of its own while the
+/// WAL position is low, about 25 MiB a minute under the chaos schedule.
+pub const DISK_MB: u64 = 1024;
 
 /// The ballast file that fills a node's disk.
 const BALLAST: &str = "ballast";
@@ -320,38 +322,37 @@ impl Lab {
 
     // ---- frozen PostgreSQL ----
 
-    /// Freezes node `name`'s PostgreSQL (SIGSTOP to the postmaster's process
-    /// group: every backend too) while its agent keeps running: a hung
-    /// database under a live agent.
-    pub fn freeze_postgres(&mut self, name: &str) -> Result<()> {
+    /// Freezes node `name`'s PostgreSQL with SIGSTOP while its agent keeps
+    /// running. PostgreSQL's children leave the postmaster's process group
+    /// (`setsid`), so they are signalled one by one, by PID: the postmaster
+    /// first (it can fork no more), then, for [`Freeze::Everything`], each of
+    /// its children (backends, WAL writer, WAL sender or receiver, …).
+    pub fn freeze_postgres(&mut self, name: &str, scope: Freeze) -> Result<()> {
         let index = self.node_index(name)?;
         let node = &mut self.desc.nodes[index];
         let pid = process::postmaster_pid(&node.data_dir)
             .ok_or_else(|| anyhow!("node {name}: PostgreSQL is not running"))?;
-        process::signal_group(pid, Signal::SIGSTOP);
+        process::signal(pid, Signal::SIGSTOP);
+        if scope == Freeze::Everything {
+            for child in children_of(pid) {
+                process::signal(child, Signal::SIGSTOP);
+            }
+        }
         node.postgres_frozen = true;
         self.save()
     }
 
-    /// Thaws what [`Lab::freeze_postgres`] froze (SIGCONT to the group).
+    /// Thaws what [`Lab::freeze_postgres`] froze: SIGCONT to the postmaster
+    /// and every child of it (harmless when nothing is frozen).
     pub fn thaw_postgres(&mut self, name: &str) -> Result<()> {
         let index = self.node_index(name)?;
-        let node = &mut self.desc.nodes[index];
-        if let Some(pid) = process::postmaster_pid(&node.data_dir) {
-            process::signal_group(pid, Signal::SIGCONT);
-        }
-        node.postgres_frozen = false;
+        thaw(&mut self.desc.nodes[index]);
         self.save()
     }
 
-    /// SIGCONT to every node's PostgreSQL (harmless when none is frozen).
+    /// [`Lab::thaw_postgres`] for every node.
     pub(crate) fn thaw_all_postgres(&mut self) {
-        for node in &mut self.desc.nodes {
-            if let Some(pid) = process::postmaster_pid(&node.data_dir) {
-                process::signal_group(pid, Signal::SIGCONT);
-            }
-            node.postgres_frozen = false;
-        }
+        self.desc.nodes.iter_mut().for_each(thaw);
     }
 
     // ---- full disk ----
@@ -427,6 +428,44 @@ impl Lab {
 /// The connection mark of node number `index` (low byte of the mark only).
 fn connection_mark(index: usize) -> String {
     format!("{:#x}/0xff", index + 1)
+}
+
+/// What [`Lab::freeze_postgres`] stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freeze {
+    /// The postmaster alone: sessions already open go on, new connections
+    /// hang, a crashed backend is not cleaned up.
+    Postmaster,
+    /// The postmaster and every process it started: a hung database.
+    Everything,
+}
+
+fn thaw(node: &mut crate::lab::NodeInfo) {
+    if let Some(pid) = process::postmaster_pid(&node.data_dir) {
+        process::signal(pid, Signal::SIGCONT);
+        for child in children_of(pid) {
+            process::signal(child, Signal::SIGCONT);
+        }
+    }
+    node.postgres_frozen = false;
+}
+
+/// The PIDs whose parent is `parent` (from `/proc/*/stat`).
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // After the command name in parentheses: state, then the parent.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
 }
 
 fn pair_key(a: &str, b: &str) -> (String, String) {

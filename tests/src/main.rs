@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use jai_lab::faults::Freeze;
 use jai_lab::{Lab, LabSpec, StopSignal};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,11 +90,11 @@ enum Verb {
     },
     /// Chaos faults (docs/lab.md): cut two members apart (`cut-members A B`,
     /// `heal-members A B`), freeze or thaw a PostgreSQL (`freeze-pg NAME`,
-    /// `thaw-pg NAME`), fill or free a node's disk (`fill-disk NAME`,
+    /// `freeze-postmaster NAME`, `thaw-pg NAME`), fill or free a node's disk (`fill-disk NAME`,
     /// `free-disk NAME`), kill etcd members by index (`kill-etcd 0 1`) or
     /// restart the stopped ones (`restart-etcd`).
     Fault {
-        /// cut-members, heal-members, freeze-pg, thaw-pg, fill-disk,
+        /// cut-members, heal-members, freeze-pg, freeze-postmaster, thaw-pg, fill-disk,
         /// free-disk, kill-etcd, restart-etcd.
         action: String,
         /// Node names or etcd member indexes.
@@ -183,7 +184,8 @@ async fn run(verb: Verb) -> Result<()> {
             match (action.as_str(), names.as_slice()) {
                 ("cut-members", [a, b]) => lab.cut_between(a, b)?,
                 ("heal-members", [a, b]) => lab.heal_between(a, b)?,
-                ("freeze-pg", [name]) => lab.freeze_postgres(name)?,
+                ("freeze-pg", [name]) => lab.freeze_postgres(name, Freeze::Everything)?,
+                ("freeze-postmaster", [name]) => lab.freeze_postgres(name, Freeze::Postmaster)?,
                 ("thaw-pg", [name]) => lab.thaw_postgres(name)?,
                 ("fill-disk", [name]) => {
                     let bytes = lab.fill_disk(name)?;
@@ -202,7 +204,7 @@ async fn run(verb: Verb) -> Result<()> {
                 }
                 _ => anyhow::bail!(
                     "fault {action} {args:?}: expected cut-members A B, heal-members A B, \
-                     freeze-pg NAME, thaw-pg NAME, fill-disk NAME, free-disk NAME, \
+                     freeze-pg NAME, freeze-postmaster NAME, thaw-pg NAME, fill-disk NAME, free-disk NAME, \
                      kill-etcd INDEX…, restart-etcd"
                 ),
             }
