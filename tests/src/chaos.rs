@@ -195,6 +195,8 @@ pub struct FaultRecord {
     pub injected_at: Duration,
     /// When it was injected.
     pub injected: Instant,
+    /// The same on the wall clock, to find it in the agents' logs.
+    pub injected_wall: std::time::SystemTime,
     /// When it was healed.
     pub healed: Instant,
     /// When the cluster was seen recovered (None: not within the bound).
@@ -627,9 +629,12 @@ pub async fn run_chaos(lab: &mut Lab, options: &ChaosOptions) -> Result<ChaosRep
         {
             Ok(record) => record,
             Err(error) => {
-                let _ = tokio::task::block_in_place(|| lab.heal_everything());
                 violations.push(format!("step {}: {error:#}", step + 1));
                 say(&format!("step {} aborted: {error:#}", step + 1));
+                // Leave the lab whole for the final checks.
+                if let Err(error) = repair(lab, options.recovery_timeout).await {
+                    say(&format!("the cluster did not come back: {error:#}"));
+                }
                 break;
             }
         };
@@ -653,16 +658,7 @@ pub async fn run_chaos(lab: &mut Lab, options: &ChaosOptions) -> Result<ChaosRep
             ));
             faults.push(record);
             // Repair what the lab can and go on only if the cluster comes back.
-            let repaired = async {
-                tokio::task::block_in_place(|| lab.heal_everything())?;
-                for name in lab.node_names() {
-                    if !lab.running_nodes().iter().any(|node| node.name == name) {
-                        tokio::task::block_in_place(|| lab.start_node(&name))?;
-                    }
-                }
-                bench::wait_settled(lab, options.recovery_timeout).await
-            };
-            if let Err(error) = repaired.await {
+            if let Err(error) = repair(lab, options.recovery_timeout).await {
                 say(&format!(
                     "the cluster did not come back, stopping: {error:#}"
                 ));
@@ -735,6 +731,21 @@ pub async fn run_chaos(lab: &mut Lab, options: &ChaosOptions) -> Result<ChaosRep
         synchronous_mode: synchronous,
         violations,
     })
+}
+
+/// Undoes every fault the lab knows of, starts (or thaws) every agent that
+/// is not running, and waits for a settled cluster.
+async fn repair(lab: &mut Lab, timeout: Duration) -> Result<String> {
+    tokio::task::block_in_place(|| -> Result<()> {
+        lab.heal_everything()?;
+        for name in lab.node_names() {
+            if !lab.running_nodes().iter().any(|node| node.name == name) {
+                lab.start_node(&name)?;
+            }
+        }
+        Ok(())
+    })?;
+    bench::wait_settled(lab, timeout).await
 }
 
 /// Rounds with two writable members, and the longest run of such rounds.
@@ -821,6 +832,7 @@ async fn one_step(
 
     let injected_at = origin.elapsed();
     let injected = Instant::now();
+    let injected_wall = std::time::SystemTime::now();
     let (target, pending) = tokio::task::block_in_place(|| -> Result<(String, Injected)> {
         Ok(match draw.kind {
             FaultKind::KillPrimary => {
@@ -989,6 +1001,7 @@ async fn one_step(
         },
         injected_at,
         injected,
+        injected_wall,
         healed,
         recovered,
         primary_before: primary,
@@ -1047,9 +1060,10 @@ fn fault_line(record: &FaultRecord) -> String {
         None => "NOT RECOVERED".to_owned(),
     };
     let mut line = format!(
-        "#{} +{:.1}s {} on {}, held {} ms; {}; primary {} -> {}, {} leader change(s)",
+        "#{} +{:.1}s ({}) {} on {}, held {} ms; {}; primary {} -> {}, {} leader change(s)",
         record.index,
         record.injected_at.as_secs_f64(),
+        humantime::format_rfc3339_millis(record.injected_wall),
         record.kind.name(),
         record.target,
         ms(record.hold),
