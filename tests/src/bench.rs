@@ -75,6 +75,8 @@ impl WriterConfig {
 pub struct Ack {
     /// The id inserted.
     pub id: i64,
+    /// When the insert was sent (or the connection began, if it had to).
+    pub sent: Instant,
     /// When the acknowledgement arrived.
     pub at: Instant,
     /// The member that acknowledged it (`current_setting('cluster_name')`).
@@ -218,6 +220,7 @@ async fn write_loop(
         }
         let id = next_id;
         next_id += 1;
+        let sent = Instant::now();
         let result = insert(&mut client, &config, id).await;
         let now = Instant::now();
         let mut log = log.lock().expect("writer log lock");
@@ -227,6 +230,7 @@ async fn write_loop(
                 log.streak_start.get_or_insert(now);
                 log.acks.push(Ack {
                     id,
+                    sent,
                     at: now,
                     member,
                     timeline,
@@ -267,13 +271,16 @@ async fn insert(
     )
     .await
     .map_err(|_| anyhow!("insert timed out"))??;
-    // A WAL file name starts with the timeline, 8 hex digits.
     let wal_file: String = row.try_get(1)?;
-    let timeline = wal_file
+    Ok((row.try_get(0)?, timeline_of(&wal_file)))
+}
+
+/// The timeline of a WAL file name (its first 8 hex digits); 0 if none.
+pub fn timeline_of(wal_file: &str) -> u32 {
+    wal_file
         .get(..8)
         .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-        .unwrap_or(0);
-    Ok((row.try_get(0)?, timeline))
+        .unwrap_or(0)
 }
 
 async fn connect(config: &WriterConfig) -> Result<tokio_postgres::Client> {

@@ -340,6 +340,9 @@ struct Sample {
 
 struct Sampler {
     samples: Arc<Mutex<Vec<Sample>>>,
+    /// When each tenure `(member, timeline)` was first seen writable (the
+    /// answer's arrival: it was writable before).
+    first_writable: Arc<Mutex<BTreeMap<(String, u32), Instant>>>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -354,24 +357,34 @@ impl Sampler {
         let password = lab.superuser_password()?;
         let user = lab.desc.postgres.superuser.clone();
         let latest: Arc<Mutex<BTreeMap<String, (Instant, bool)>>> = Arc::default();
+        let first_writable: Arc<Mutex<BTreeMap<(String, u32), Instant>>> = Arc::default();
         let mut tasks = Vec::new();
         for node in &lab.desc.nodes {
             let (name, address) = (node.name.clone(), node.pg.clone());
             let (user, password, latest, stop) =
                 (user.clone(), password.clone(), latest.clone(), stop.clone());
+            let first_writable = first_writable.clone();
             tasks.push(tokio::spawn(async move {
                 let mut client: Option<tokio_postgres::Client> = None;
                 for _ in 0..rounds {
                     if stop.is_cancelled() {
                         return;
                     }
-                    if let Some(writable) =
+                    if let Some((writable, timeline)) =
                         probe_writable(&mut client, &address, &user, &password).await
                     {
+                        let seen = Instant::now();
+                        if writable {
+                            first_writable
+                                .lock()
+                                .expect("sampler lock")
+                                .entry((name.clone(), timeline))
+                                .or_insert(seen);
+                        }
                         latest
                             .lock()
                             .expect("sampler lock")
-                            .insert(name.clone(), (Instant::now(), writable));
+                            .insert(name.clone(), (seen, writable));
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(SAMPLE_EVERY) => {}
@@ -438,6 +451,7 @@ impl Sampler {
         }));
         Ok(Sampler {
             samples,
+            first_writable,
             stop,
             tasks,
         })
@@ -447,24 +461,25 @@ impl Sampler {
         self.samples.lock().expect("sampler lock").clone()
     }
 
-    async fn finish(self) -> Vec<Sample> {
+    async fn finish(self) -> (Vec<Sample>, BTreeMap<(String, u32), Instant>) {
         self.stop.cancel();
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
         let samples = self.samples.lock().expect("sampler lock").clone();
-        samples
+        let first_writable = self.first_writable.lock().expect("sampler lock").clone();
+        (samples, first_writable)
     }
 }
 
-/// `Some(true)` when the member accepts writes, `Some(false)` when it is in
-/// recovery, `None` when it did not answer in time.
+/// `Some((true, timeline))` when the member accepts writes, `Some((false, 0))`
+/// when it is in recovery, `None` when it did not answer in time.
 async fn probe_writable(
     client: &mut Option<tokio_postgres::Client>,
     address: &str,
     user: &str,
     password: &str,
-) -> Option<bool> {
+) -> Option<(bool, u32)> {
     if client
         .as_ref()
         .is_none_or(tokio_postgres::Client::is_closed)
@@ -476,16 +491,89 @@ async fn probe_writable(
         .await;
         *client = Some(connected.ok()?.ok()?);
     }
-    let query = client
-        .as_ref()?
-        .query_one("SELECT NOT pg_is_in_recovery()", &[]);
+    let query = client.as_ref()?.query_one(
+        "SELECT NOT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN '' \
+         ELSE pg_walfile_name(pg_current_wal_lsn()) END",
+        &[],
+    );
     match tokio::time::timeout(Duration::from_millis(300), query).await {
-        Ok(Ok(row)) => row.try_get(0).ok(),
+        Ok(Ok(row)) => {
+            let writable: bool = row.try_get(0).ok()?;
+            let wal_file: String = row.try_get(1).ok()?;
+            Some((writable, bench::timeline_of(&wal_file)))
+        }
         _ => {
             *client = None;
             None
         }
     }
+}
+
+/// (acknowledging member, its timeline, newer member, newer timeline).
+type TenurePair = (String, u32, String, u32);
+/// (count, lost, first id, first sent at ms, newer seen at ms).
+type StaleAcks = (usize, usize, i64, u128, u128);
+
+/// The one-writer check across the sampler and the ledger: a write
+/// acknowledged by a tenure `(member, timeline)` whose insert was sent after
+/// a tenure on a higher timeline had been seen writable. Two members were
+/// writable and the older one acknowledged a write inside the newer one's
+/// window (such a write is on a timeline the new primary has left behind).
+/// One line per pair of tenures; `present` tells which writes survived.
+pub fn acks_after_a_newer_primary(
+    acks: &[Ack],
+    first_writable: &BTreeMap<(String, u32), Instant>,
+    present: &HashSet<i64>,
+    origin: Instant,
+) -> Vec<String> {
+    let mut events: Vec<(Instant, u32, &str)> = first_writable
+        .iter()
+        .map(|((member, timeline), at)| (*at, *timeline, member.as_str()))
+        .collect();
+    events.sort();
+    let mut newest: Option<(u32, &str, Instant)> = None;
+    let mut next = 0;
+    let mut found: BTreeMap<TenurePair, StaleAcks> = BTreeMap::new();
+    for ack in acks {
+        while next < events.len() && events[next].0 <= ack.sent {
+            let (at, timeline, member) = events[next];
+            if newest.is_none_or(|(highest, _, _)| timeline > highest) {
+                newest = Some((timeline, member, at));
+            }
+            next += 1;
+        }
+        let Some((timeline, member, seen)) = newest else {
+            continue;
+        };
+        if ack.timeline != 0 && timeline > ack.timeline && member != ack.member {
+            let entry = found
+                .entry((
+                    ack.member.clone(),
+                    ack.timeline,
+                    member.to_owned(),
+                    timeline,
+                ))
+                .or_insert((
+                    0,
+                    0,
+                    ack.id,
+                    ack.sent.saturating_duration_since(origin).as_millis(),
+                    seen.saturating_duration_since(origin).as_millis(),
+                ));
+            entry.0 += 1;
+            entry.1 += usize::from(!present.contains(&ack.id));
+        }
+    }
+    found
+        .into_iter()
+        .map(|((old, old_tl, new, new_tl), (count, lost, id, sent, seen))| {
+            format!(
+                "one writer: {old} (timeline {old_tl}) acknowledged {count} write(s) sent after {new} \
+                 was seen writable on timeline {new_tl} at +{seen} ms (first: id {id} sent at +{sent} ms); \
+                 {lost} of them lost"
+            )
+        })
+        .collect()
 }
 
 /// Leader changes (the key names another member than the last one named)
@@ -675,12 +763,18 @@ pub async fn run_chaos(lab: &mut Lab, options: &ChaosOptions) -> Result<ChaosRep
         violations.push(format!("liveness: not settled at the end: {error:#}"));
     }
     let log = writer.stop().await;
-    let samples = sampler.finish().await;
+    let (samples, first_writable) = sampler.finish().await;
     let present = bench::stored_ids(lab).await?;
     let synchronous = synchronous_at_start || synchronous_mode(lab).await;
 
     let (one_writer, tenures) = one_writer_violations(&log.acks, origin, 20);
     violations.extend(one_writer);
+    violations.extend(acks_after_a_newer_primary(
+        &log.acks,
+        &first_writable,
+        &present,
+        origin,
+    ));
     let mut lost = 0;
     for ack in &log.acks {
         let step = faults.partition_point(|fault| fault.step_start <= ack.at);
@@ -1203,6 +1297,7 @@ mod tests {
             .enumerate()
             .map(|(index, (member, timeline))| Ack {
                 id: index as i64 + 1,
+                sent: origin + Duration::from_millis(20 * index as u64),
                 at: origin + Duration::from_millis(20 * index as u64),
                 member: (*member).to_owned(),
                 timeline: *timeline,
@@ -1255,6 +1350,7 @@ mod tests {
             .enumerate()
             .map(|(index, ms)| Ack {
                 id: index as i64,
+                sent: at(*ms),
                 at: at(*ms),
                 member: "pg1".into(),
                 timeline: 1,
@@ -1272,6 +1368,25 @@ mod tests {
             max_gap(&ledger[..4], at(1250), at(2000)),
             Duration::from_millis(800)
         );
+    }
+
+    #[test]
+    fn an_old_primary_acknowledging_after_a_newer_one_was_writable_is_a_violation() {
+        let origin = Instant::now();
+        let ledger = acks(origin, &[("pg1", 1), ("pg1", 1), ("pg1", 1), ("pg2", 2)]);
+        let ms = |ms: u64| origin + Duration::from_millis(ms);
+        // pg2 seen writable on timeline 2 at 30 ms: pg1's ack sent at 40 ms is stale.
+        let first_writable = BTreeMap::from([
+            (("pg1".to_owned(), 1), ms(0)),
+            (("pg2".to_owned(), 2), ms(30)),
+        ]);
+        let present: HashSet<i64> = [1, 2, 4].into();
+        let violations = acks_after_a_newer_primary(&ledger, &first_writable, &present, origin);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(violations[0].contains("1 write(s)") && violations[0].contains("1 of them lost"));
+        // Seen writable only after the last ack of pg1: fine.
+        let later = BTreeMap::from([(("pg2".to_owned(), 2), ms(50))]);
+        assert!(acks_after_a_newer_primary(&ledger, &later, &present, origin).is_empty());
     }
 
     #[test]
