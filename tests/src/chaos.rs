@@ -109,6 +109,19 @@ impl FaultKind {
         }
     }
 
+    /// The kind called `name` (as in the tables).
+    pub fn from_name(name: &str) -> Result<FaultKind> {
+        FaultKind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+            .ok_or_else(|| {
+                anyhow!(
+                    "no fault {name:?}; the faults: {}",
+                    FaultKind::ALL.map(FaultKind::name).join(", ")
+                )
+            })
+    }
+
     /// Whether the lab can take this fault.
     fn possible(self, lab: &Lab) -> bool {
         let nodes = lab.desc.nodes.len();
@@ -144,6 +157,8 @@ pub struct ChaosOptions {
     /// A fixed sequence of kinds instead of random ones (targets and holds
     /// still come from the seed); the run ends when it is exhausted.
     pub sequence: Option<Vec<FaultKind>>,
+    /// Draw random kinds among these only (default: every kind the lab can take).
+    pub only: Option<Vec<FaultKind>>,
     /// Shortest hold of a fault.
     pub hold_min: Duration,
     /// Longest hold of a fault.
@@ -161,6 +176,7 @@ impl ChaosOptions {
             duration,
             seed,
             sequence: None,
+            only: None,
             hold_min: Duration::from_secs(1),
             hold_max: Duration::from_secs(15),
             recovery_timeout: Duration::from_secs(90),
@@ -660,7 +676,12 @@ pub async fn run_chaos(lab: &mut Lab, options: &ChaosOptions) -> Result<ChaosRep
     let kinds: Vec<FaultKind> = FaultKind::ALL
         .into_iter()
         .filter(|kind| kind.possible(lab))
+        .filter(|kind| options.only.as_ref().is_none_or(|only| only.contains(kind)))
         .collect();
+    anyhow::ensure!(
+        !kinds.is_empty(),
+        "no fault this lab can take was asked for"
+    );
     anyhow::ensure!(lab.desc.nodes.len() >= 2, "chaos needs at least 2 nodes");
     if let Some(sequence) = &options.sequence {
         if let Some(kind) = sequence.iter().find(|kind| !kind.possible(lab)) {

@@ -64,6 +64,10 @@ struct ChaosArgs {
     /// How long the cluster may take to recover after a fault heals.
     #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     recovery_timeout: Duration,
+    /// Draw only these faults (comma-separated names as in the table, e.g.
+    /// `sigstop-agent,kill-primary`).
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<String>>,
 }
 
 /// What every benchmark takes.
@@ -182,7 +186,18 @@ async fn chaos(args: ChaosArgs) -> Result<()> {
         ..LabSpec::new(&args.dir, args.nodes)
     };
     let mut lab = Lab::up(spec).await.context("starting the lab")?;
+    let only = args
+        .faults
+        .as_ref()
+        .map(|names| {
+            names
+                .iter()
+                .map(|name| jai_lab::chaos::FaultKind::from_name(name))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
     let options = jai_lab::chaos::ChaosOptions {
+        only,
         hold_min: args.hold_min,
         hold_max: args.hold_max,
         recovery_timeout: args.recovery_timeout,
