@@ -74,3 +74,16 @@ bench-app: setup
 	cargo build --release --workspace --locked
 	@if [ -f $(BENCH_APP_DIR)/lab.json ]; then $(TARGET_DIR)/release/jai-lab down --dir $(BENCH_APP_DIR) >/dev/null; fi
 	$(TARGET_DIR)/release/jai-bench-app --dir $(BENCH_APP_DIR) $(BENCH_APP_FLAGS)
+
+## Chaos on real components (docs/benchmarks.md, "Chaos"): a randomized, seeded
+## schedule of faults for CHAOS_DURATION under the writer; summary table; exits
+## non-zero on an invariant violation. CHAOS_SEED (or JAI_CHAOS_SEED) replays one.
+CHAOS_DURATION ?= 15m
+CHAOS_DIR ?= /tmp/jai-chaos
+CHAOS_SEED ?=
+CHAOS_FLAGS ?=
+
+.PHONY: chaos
+chaos: build
+	@if [ -f $(CHAOS_DIR)/lab.json ]; then $(LAB) down --dir $(CHAOS_DIR) >/dev/null; fi
+	$(BENCH) chaos --duration $(CHAOS_DURATION) --dir $(CHAOS_DIR) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) $(CHAOS_FLAGS)

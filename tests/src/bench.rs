@@ -75,10 +75,16 @@ impl WriterConfig {
 pub struct Ack {
     /// The id inserted.
     pub id: i64,
+    /// When the insert was sent (or the connection began, if it had to).
+    pub sent: Instant,
     /// When the acknowledgement arrived.
     pub at: Instant,
     /// The member that acknowledged it (`current_setting('cluster_name')`).
     pub member: String,
+    /// The timeline it was written on (0 if unknown): a member's timeline
+    /// changes each time it is promoted, so `(member, timeline)` names one
+    /// tenure as primary.
+    pub timeline: u32,
 }
 
 /// What the writer has recorded so far.
@@ -103,8 +109,8 @@ pub struct Writer {
     task: JoinHandle<()>,
 }
 
-const INSERT: &str =
-    "INSERT INTO bench_writes (id) VALUES ($1) RETURNING current_setting('cluster_name')";
+const INSERT: &str = "INSERT INTO bench_writes (id) VALUES ($1) \
+     RETURNING current_setting('cluster_name'), pg_walfile_name(pg_current_wal_lsn())";
 
 impl Writer {
     /// Starts writing at once.
@@ -214,17 +220,20 @@ async fn write_loop(
         }
         let id = next_id;
         next_id += 1;
+        let sent = Instant::now();
         let result = insert(&mut client, &config, id).await;
         let now = Instant::now();
         let mut log = log.lock().expect("writer log lock");
         log.attempts += 1;
         match result {
-            Ok(member) => {
+            Ok((member, timeline)) => {
                 log.streak_start.get_or_insert(now);
                 log.acks.push(Ack {
                     id,
+                    sent,
                     at: now,
                     member,
+                    timeline,
                 });
             }
             Err(error) => {
@@ -238,12 +247,13 @@ async fn write_loop(
     }
 }
 
-/// One insert, connecting first if needed. Returns the acknowledging member.
+/// One insert, connecting first if needed. Returns the acknowledging member
+/// and the timeline of its WAL insert position.
 async fn insert(
     client: &mut Option<tokio_postgres::Client>,
     config: &WriterConfig,
     id: i64,
-) -> Result<String> {
+) -> Result<(String, u32)> {
     if client
         .as_ref()
         .is_none_or(tokio_postgres::Client::is_closed)
@@ -261,7 +271,16 @@ async fn insert(
     )
     .await
     .map_err(|_| anyhow!("insert timed out"))??;
-    Ok(row.try_get(0)?)
+    let wal_file: String = row.try_get(1)?;
+    Ok((row.try_get(0)?, timeline_of(&wal_file)))
+}
+
+/// The timeline of a WAL file name (its first 8 hex digits); 0 if none.
+pub fn timeline_of(wal_file: &str) -> u32 {
+    wal_file
+        .get(..8)
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .unwrap_or(0)
 }
 
 async fn connect(config: &WriterConfig) -> Result<tokio_postgres::Client> {
@@ -758,7 +777,7 @@ fn whole_ms(duration: Duration) -> Duration {
     Duration::from_millis(duration.as_millis() as u64)
 }
 
-async fn create_table(lab: &Lab) -> Result<()> {
+pub(crate) async fn create_table(lab: &Lab) -> Result<()> {
     let client = lab.connect_app(&lab.desc.haproxy.write).await?;
     client
         .batch_execute(&format!(
@@ -769,7 +788,7 @@ async fn create_table(lab: &Lab) -> Result<()> {
         .with_context(|| format!("creating {TABLE} through {}", lab.desc.haproxy.write))
 }
 
-async fn stored_ids(lab: &Lab) -> Result<HashSet<i64>> {
+pub(crate) async fn stored_ids(lab: &Lab) -> Result<HashSet<i64>> {
     crate::wait::until(
         &format!("reading {TABLE} through {}", lab.desc.haproxy.write),
         Duration::from_secs(30),

@@ -48,6 +48,11 @@ pub struct LabSpec {
     pub haproxy_extra_sockets: Vec<String>,
     /// Start the voting app (`jai-app` instances behind HAProxy's HTTP frontend).
     pub app: Option<AppSpec>,
+    /// Prepare the chaos faults of `faults.rs`: each node's agent (and so its
+    /// PostgreSQL) runs in a cgroup of its own, so firewall rules can cut two
+    /// members apart, and each data directory lives on a small tmpfs of its
+    /// own, so it can be filled up. Needs root.
+    pub chaos: bool,
 }
 
 impl LabSpec {
@@ -68,6 +73,7 @@ impl LabSpec {
             tags: BTreeMap::new(),
             haproxy_extra_sockets: Vec::new(),
             app: None,
+            chaos: false,
         }
     }
 }
@@ -103,6 +109,9 @@ pub struct LabDescription {
     /// File holding the control token the agents' gRPC API requires.
     #[serde(default)]
     pub control_token_file: PathBuf,
+    /// What a chaos lab (`LabSpec::chaos`) set up and `down` removes.
+    #[serde(default)]
+    pub chaos: crate::faults::ChaosState,
 }
 
 /// One etcd member started by the lab.
@@ -186,6 +195,13 @@ pub struct NodeInfo {
     /// The etcd endpoints its agent uses.
     #[serde(default)]
     pub etcd: Vec<String>,
+    /// Its PostgreSQL is frozen by SIGSTOP (`freeze_postgres`).
+    #[serde(default)]
+    pub postgres_frozen: bool,
+    /// The mount point of the node's own small disk holding `data_dir`
+    /// (chaos labs only).
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
 }
 
 /// How `stop-node` stops a node.
@@ -293,8 +309,9 @@ impl Lab {
                 );
             }
             // A stopped lab is replaced by a fresh one: remove what it wrote,
-            // firewall rules included.
+            // firewall rules, mounts and cgroups included.
             existing.remove_firewall_chain();
+            existing.release_chaos_setup();
             for sub in LAB_SUBDIRS {
                 let path = dir.join(sub);
                 if path.exists() {
@@ -383,6 +400,7 @@ impl Lab {
             .into_iter()
             .map(|name| {
                 let node_dir = dir.join("nodes").join(&name);
+                let disk = spec.chaos.then(|| node_dir.join("disk"));
                 let node_etcd = if etcd_members.is_empty() {
                     etcd.clone()
                 } else {
@@ -396,7 +414,9 @@ impl Lab {
                     pg: format!("{host}:{}", next_port()),
                     api: format!("http://{host}:{}", next_port()),
                     grpc: format!("http://{host}:{}", next_port()),
-                    data_dir: node_dir.join("data"),
+                    data_dir: disk.as_ref().unwrap_or(&node_dir).join("data"),
+                    disk,
+                    postgres_frozen: false,
                     config: node_dir.join("agent.yaml"),
                     log: node_dir.join("agent.log"),
                     agent_pid: None,
@@ -437,6 +457,7 @@ impl Lab {
                 app,
                 jaictl_config: dir.join("jaictl.yaml"),
                 control_token_file: control_token_file.clone(),
+                chaos: Default::default(),
             },
             owned: true,
             http: http_client(),
@@ -444,6 +465,9 @@ impl Lab {
         // From here on, a failure kills what was started (Drop) and lab.json
         // lets `down` find it too.
         lab.start_etcd()?;
+        if spec.chaos {
+            lab.prepare_chaos()?;
+        }
         for node in &lab.desc.nodes {
             let node_dir = node.config.parent().expect("config lives in the node dir");
             std::fs::create_dir_all(node_dir)?;
@@ -481,6 +505,14 @@ impl Lab {
     }
 
     fn start_etcd(&mut self) -> Result<()> {
+        for index in 0..self.desc.etcd_members.len() {
+            self.start_etcd_member(index)?;
+        }
+        Ok(())
+    }
+
+    /// Starts etcd member `index` (again: a member with data rejoins its cluster).
+    pub(crate) fn start_etcd_member(&mut self, index: usize) -> Result<()> {
         let initial_cluster = self
             .desc
             .etcd_members
@@ -489,48 +521,44 @@ impl Lab {
             .collect::<Vec<_>>()
             .join(",");
         let token = format!("jai-lab-{}-{}", self.desc.cluster, std::process::id());
-        for member in &mut self.desc.etcd_members {
-            let mut command = Command::new("etcd");
-            command
-                .arg("--name")
-                .arg(&member.name)
-                .arg("--data-dir")
-                .arg(&member.data_dir)
-                .arg("--listen-client-urls")
-                .arg(
-                    std::iter::once(&member.client_url)
-                        .chain(member.node_urls.values())
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(","),
-                )
-                .arg("--advertise-client-urls")
-                .arg(&member.client_url)
-                .arg("--listen-peer-urls")
-                .arg(&member.peer_url)
-                .arg("--initial-advertise-peer-urls")
-                .arg(&member.peer_url)
-                .arg("--initial-cluster")
-                .arg(&initial_cluster)
-                .arg("--initial-cluster-token")
-                .arg(&token)
-                .arg("--initial-cluster-state")
-                .arg("new")
-                .arg("--heartbeat-interval")
-                .arg("100")
-                .arg("--election-timeout")
-                .arg("1000")
-                .arg("--logger")
-                .arg("zap")
-                .arg("--log-level")
-                .arg("warn");
-            let log = self
-                .desc
-                .dir
-                .join("logs")
-                .join(format!("{}.log", member.name));
-            member.pid = Some(process::spawn_logged(command, &log)?);
-        }
+        let log_dir = self.desc.dir.join("logs");
+        let member = &mut self.desc.etcd_members[index];
+        let mut command = Command::new("etcd");
+        command
+            .arg("--name")
+            .arg(&member.name)
+            .arg("--data-dir")
+            .arg(&member.data_dir)
+            .arg("--listen-client-urls")
+            .arg(
+                std::iter::once(&member.client_url)
+                    .chain(member.node_urls.values())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .arg("--advertise-client-urls")
+            .arg(&member.client_url)
+            .arg("--listen-peer-urls")
+            .arg(&member.peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&member.peer_url)
+            .arg("--initial-cluster")
+            .arg(&initial_cluster)
+            .arg("--initial-cluster-token")
+            .arg(&token)
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .arg("--heartbeat-interval")
+            .arg("100")
+            .arg("--election-timeout")
+            .arg("1000")
+            .arg("--logger")
+            .arg("zap")
+            .arg("--log-level")
+            .arg("warn");
+        let log = log_dir.join(format!("{}.log", member.name));
+        member.pid = Some(process::spawn_logged(command, &log)?);
         Ok(())
     }
 
@@ -542,9 +570,27 @@ impl Lab {
 
     fn spawn_agent(&mut self, index: usize) -> Result<()> {
         let binary = self.agent_binary()?;
+        let cgroup = self.node_cgroup_dir(&self.desc.nodes[index].name);
         let node = &mut self.desc.nodes[index];
-        let mut command = Command::new(binary);
-        command.arg("--config").arg(&node.config);
+        let mut command = match cgroup {
+            // The agent enters its node's cgroup before it starts (its
+            // PostgreSQL inherits it): `exec` keeps the PID.
+            Some(cgroup) => {
+                let mut command = Command::new("/bin/sh");
+                command
+                    .arg("-c")
+                    .arg("echo $$ > \"$0\"/cgroup.procs && exec \"$1\" --config \"$2\"")
+                    .arg(cgroup)
+                    .arg(binary);
+                command
+            }
+            None => {
+                let mut command = Command::new(binary);
+                command.arg("--config");
+                command
+            }
+        };
+        command.arg(&node.config);
         node.agent_pid = Some(process::spawn_logged(command, &node.log)?);
         node.frozen = false;
         Ok(())
@@ -626,7 +672,7 @@ impl Lab {
             })
     }
 
-    fn node_index(&self, name: &str) -> Result<usize> {
+    pub(crate) fn node_index(&self, name: &str) -> Result<usize> {
         let node = self.node(name)?;
         Ok(self
             .desc
@@ -744,7 +790,7 @@ impl Lab {
     }
 
     /// Appends (`-A`) or deletes (`-D`) the rule dropping TCP to this lab's `port`.
-    fn drop_rule(&self, action: &str, chain: &str, port: &str) -> Result<()> {
+    pub(crate) fn drop_rule(&self, action: &str, chain: &str, port: &str) -> Result<()> {
         iptables(&[
             action,
             chain,
@@ -759,7 +805,7 @@ impl Lab {
         ])
     }
 
-    fn etcd_ports_of(&self, name: &str) -> Result<Vec<String>> {
+    pub(crate) fn etcd_ports_of(&self, name: &str) -> Result<Vec<String>> {
         self.node(name)?;
         let ports: Vec<String> = self
             .desc
@@ -793,6 +839,7 @@ impl Lab {
             let _ = iptables(&["-F", &chain]);
             let _ = iptables(&["-X", &chain]);
         }
+        self.remove_member_cut_chain();
     }
 
     /// Stops everything the lab started: agents gracefully, then whatever is left.
@@ -807,6 +854,8 @@ impl Lab {
             .iter()
             .filter_map(|node| node.agent_pid)
             .collect();
+        // A frozen PostgreSQL could not stop gracefully.
+        self.thaw_all_postgres();
         for pid in &agents {
             process::signal(*pid, Signal::SIGCONT);
             process::signal(*pid, Signal::SIGTERM);
@@ -823,6 +872,7 @@ impl Lab {
         if let Some(app) = &mut self.desc.app {
             crate::lab_app::stop(app);
         }
+        self.thaw_all_postgres();
         for node in &mut self.desc.nodes {
             if let Some(pid) = node.agent_pid.take() {
                 process::signal(pid, Signal::SIGCONT);
@@ -842,6 +892,7 @@ impl Lab {
                 process::terminate(pid, Duration::from_secs(5));
             }
         }
+        self.release_chaos_setup();
     }
 
     fn any_alive(&self) -> bool {
@@ -1261,15 +1312,19 @@ pub async fn connect(
 }
 
 /// Runs `iptables -w ARGS`, failing with its message.
-fn iptables(args: &[&str]) -> Result<()> {
-    let output = Command::new("iptables")
-        .arg("-w")
+pub(crate) fn iptables(args: &[&str]) -> Result<()> {
+    run_tool("iptables", &[&["-w"][..], args].concat())
+}
+
+/// Runs `PROGRAM ARGS`, failing with its error output.
+pub(crate) fn run_tool(program: &str, args: &[&str]) -> Result<()> {
+    let output = Command::new(program)
         .args(args)
         .output()
-        .context("running iptables")?;
+        .with_context(|| format!("running {program}"))?;
     anyhow::ensure!(
         output.status.success(),
-        "iptables {}: {}",
+        "{program} {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&output.stderr).trim()
     );

@@ -4,11 +4,15 @@
 //! - [`lab_app`]: the voting app in a lab (HAProxy HTTP frontend, `jai-app` instances) and a form-posting client.
 //! - [`process`]: spawning and signalling the lab's processes by PID.
 //! - [`wait`]: waiting on conditions with deadlines.
+//! - [`faults`]: the chaos faults beyond stopping nodes and cutting them off etcd.
+//! - [`bench`], [`chaos`]: benchmarks and the randomized chaos schedule.
 //!
 //! The `jai-lab` binary is a thin CLI over [`lab::Lab`]; the integration tests
 //! in `tests/tests/` use the same library.
 
 pub mod bench;
+pub mod chaos;
+pub mod faults;
 pub mod lab;
 pub mod lab_app;
 pub mod process;

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use jai_lab::faults::Freeze;
 use jai_lab::{Lab, LabSpec, StopSignal};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,10 @@ enum Verb {
         /// Do not start the voting app (two jai-app instances behind HAProxy).
         #[arg(long)]
         no_app: bool,
+        /// Prepare the chaos faults: a cgroup per node (for `cut-members`) and
+        /// a small disk per node (for `fill-disk`). Needs root.
+        #[arg(long)]
+        chaos: bool,
     },
     /// Stop everything the lab in DIR started.
     Down {
@@ -86,6 +91,21 @@ enum Verb {
     HealEtcd {
         /// Node name, e.g. pg1.
         name: String,
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Chaos faults (docs/lab.md): cut two members apart (`cut-members A B`,
+    /// `heal-members A B`), freeze or thaw a PostgreSQL (`freeze-pg NAME`,
+    /// `freeze-postmaster NAME`, `thaw-pg NAME`), fill or free a node's disk (`fill-disk NAME`,
+    /// `free-disk NAME`), kill etcd members by index (`kill-etcd 0 1`) or
+    /// restart the stopped ones (`restart-etcd`).
+    Fault {
+        /// cut-members, heal-members, freeze-pg, freeze-postmaster, thaw-pg, fill-disk,
+        /// free-disk, kill-etcd, restart-etcd.
+        action: String,
+        /// Node names or etcd member indexes.
+        args: Vec<String>,
         /// Lab directory.
         #[arg(long)]
         dir: PathBuf,
@@ -131,9 +151,11 @@ async fn run(verb: Verb) -> Result<()> {
             haproxy_extra_socket,
             timeout,
             no_app,
+            chaos,
         } => {
             let spec = LabSpec {
                 app: (!no_app).then(jai_lab::lab_app::AppSpec::default),
+                chaos,
                 cluster,
                 etcd_members,
                 external_etcd: etcd_endpoints,
@@ -166,6 +188,38 @@ async fn run(verb: Verb) -> Result<()> {
         Verb::HealEtcd { name, dir } => {
             Lab::open(&dir)?.heal_etcd(&name)?;
             println!("{name} reconnected to etcd");
+        }
+        Verb::Fault { action, args, dir } => {
+            let mut lab = Lab::open(&dir)?;
+            let names: Vec<&str> = args.iter().map(String::as_str).collect();
+            match (action.as_str(), names.as_slice()) {
+                ("cut-members", [a, b]) => lab.cut_between(a, b)?,
+                ("heal-members", [a, b]) => lab.heal_between(a, b)?,
+                ("freeze-pg", [name]) => lab.freeze_postgres(name, Freeze::Everything)?,
+                ("freeze-postmaster", [name]) => lab.freeze_postgres(name, Freeze::Postmaster)?,
+                ("thaw-pg", [name]) => lab.thaw_postgres(name)?,
+                ("fill-disk", [name]) => {
+                    let bytes = lab.fill_disk(name)?;
+                    println!("{name}: {} MiB of ballast, disk full", bytes >> 20);
+                }
+                ("free-disk", [name]) => lab.free_disk(name)?,
+                ("kill-etcd", indexes) if !indexes.is_empty() => {
+                    let indexes = indexes
+                        .iter()
+                        .map(|index| index.parse::<usize>())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    println!("killed {}", lab.kill_etcd_members(&indexes)?.join(", "));
+                }
+                ("restart-etcd", []) => {
+                    println!("started {}", lab.restart_etcd_members()?.join(", "));
+                }
+                _ => anyhow::bail!(
+                    "fault {action} {args:?}: expected cut-members A B, heal-members A B, \
+                     freeze-pg NAME, freeze-postmaster NAME, thaw-pg NAME, fill-disk NAME, free-disk NAME, \
+                     kill-etcd INDEX…, restart-etcd"
+                ),
+            }
+            println!("{action} {}: done", args.join(" "));
         }
         Verb::Status { dir } => print!("{}", Lab::open(&dir)?.status_table().await),
     }

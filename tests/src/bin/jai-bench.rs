@@ -28,6 +28,46 @@ enum Bench {
     /// Runs the real `jaictl status` N times on a healthy lab: how fast an
     /// operator gets the table (process start, etcd read, rendering).
     Status(Common),
+    /// A randomized, seeded schedule of faults on a chaos lab under the
+    /// writer, with the one-writer and acknowledged-write checkers: prints a
+    /// line per fault and a summary table; exits 1 on an invariant violation.
+    Chaos(ChaosArgs),
+}
+
+/// What `chaos` takes.
+#[derive(Debug, ClapArgs)]
+struct ChaosArgs {
+    /// No new fault starts after this long.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Seed of the schedule (default: random; `JAI_CHAOS_SEED` overrides both).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Lab directory: a new chaos lab is started there and stopped at the end.
+    #[arg(long, default_value = "/tmp/jai-chaos")]
+    dir: PathBuf,
+    /// Number of PostgreSQL nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Number of etcd members.
+    #[arg(long, default_value_t = 3)]
+    etcd_members: usize,
+    /// Directory holding the jai-agent binary (default: beside jai-bench).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Shortest hold of a fault.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    hold_min: Duration,
+    /// Longest hold of a fault.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    hold_max: Duration,
+    /// How long the cluster may take to recover after a fault heals.
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    recovery_timeout: Duration,
+    /// Draw only these faults (comma-separated names as in the table, e.g.
+    /// `sigstop-agent,kill-primary`).
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<String>>,
 }
 
 /// What every benchmark takes.
@@ -93,6 +133,7 @@ fn main() -> ExitCode {
 
 async fn run(bench: Bench) -> Result<()> {
     let (fault, common) = match bench {
+        Bench::Chaos(args) => return chaos(args).await,
         Bench::Failover(common) => (Some(Fault::KillPrimary), common),
         Bench::Switchover(common) => (Some(Fault::Switchover), common),
         Bench::Status(common) => (None, common),
@@ -140,4 +181,48 @@ async fn run(bench: Bench) -> Result<()> {
 fn parse_mode(text: &str) -> Result<jai_proto::SynchronousMode, String> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| format!("{text:?}: expected off, on or strict"))
+}
+
+async fn chaos(args: ChaosArgs) -> Result<()> {
+    let seed = jai_lab::chaos::seed_from_env(args.seed)?;
+    eprintln!(
+        "jai-bench: chaos seed {seed}; starting a chaos lab of {} nodes and {} etcd members in {}",
+        args.nodes,
+        args.etcd_members,
+        args.dir.display()
+    );
+    let spec = LabSpec {
+        etcd_members: args.etcd_members,
+        bin_dir: args.bin_dir.clone(),
+        chaos: true,
+        ..LabSpec::new(&args.dir, args.nodes)
+    };
+    let mut lab = Lab::up(spec).await.context("starting the lab")?;
+    let only = args
+        .faults
+        .as_ref()
+        .map(|names| {
+            names
+                .iter()
+                .map(|name| jai_lab::chaos::FaultKind::from_name(name))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
+    let options = jai_lab::chaos::ChaosOptions {
+        only,
+        hold_min: args.hold_min,
+        hold_max: args.hold_max,
+        recovery_timeout: args.recovery_timeout,
+        ..jai_lab::chaos::ChaosOptions::new(args.duration, seed)
+    };
+    let report = jai_lab::chaos::run_chaos(&mut lab, &options).await?;
+    print!("{}", report.render());
+    tokio::task::block_in_place(|| lab.down())?;
+    anyhow::ensure!(
+        report.violations.is_empty(),
+        "{} invariant violation(s); seed {seed}; agent logs in {}/nodes/*/agent.log",
+        report.violations.len(),
+        args.dir.display()
+    );
+    Ok(())
 }
