@@ -451,7 +451,7 @@ fn thaw(node: &mut crate::lab::NodeInfo) {
 }
 
 /// The PIDs whose parent is `parent` (from `/proc/*/stat`).
-fn children_of(parent: i32) -> Vec<i32> {
+pub(crate) fn children_of(parent: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

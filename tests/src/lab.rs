@@ -711,7 +711,14 @@ impl Lab {
                 StopSignal::Kill | StopSignal::Term | StopSignal::KillAgent => {
                     if signal == StopSignal::Kill {
                         if let Some(pid) = process::postmaster_pid(&node.data_dir) {
+                            // PostgreSQL's children leave the postmaster's
+                            // group (setsid): each is killed by PID too, so no
+                            // backend outlives the machine's death.
+                            let children = crate::faults::children_of(pid);
                             process::signal_group(pid, Signal::SIGKILL);
+                            for child in children {
+                                process::signal(child, Signal::SIGKILL);
+                            }
                             to_wait.push(pid);
                         }
                     }
