@@ -138,6 +138,28 @@ async fn after_a_switchover_no_session_to_the_old_primary_survives() -> Result<(
         .get(0);
     assert_eq!(reached, old);
 
+    // The leader checks a switchover against what it last published about its
+    // standbys: wait until that shows them streaming (one loop at most).
+    wait::until(
+        "the leader to publish its streaming standbys",
+        WITHIN,
+        || async {
+            let output = tokio::task::block_in_place(|| {
+                lab.jaictl(&["status", "-o", "json"])?
+                    .output()
+                    .map_err(anyhow::Error::from)
+            })?;
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+            let streaming = status["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|row| row["member"] != old.as_str())
+                .all(|row| row["state"] == "streaming");
+            Ok(streaming.then_some(()))
+        },
+    )
+    .await?;
     let output = tokio::task::block_in_place(|| {
         lab.jaictl(&["switchover", "--force"])?
             .output()
