@@ -529,7 +529,8 @@ pub async fn serve(
 
 /// The leader's PostgreSQL as its member status describes it, when it says it
 /// runs a primary: enough for the same switchover checks the leader makes.
-fn running_primary(member: &MemberStatus) -> Option<RunningPostgres> {
+/// Public so the simulator's operator checks exactly what this API checks.
+pub fn running_primary(member: &MemberStatus) -> Option<RunningPostgres> {
     let running = member.role == MemberRole::Primary
         && member.state == jai_proto::MemberState::Running
         && !member.standing_down;

@@ -144,19 +144,8 @@ async fn after_a_switchover_no_session_to_the_old_primary_survives() -> Result<(
         "the leader to publish its streaming standbys",
         WITHIN,
         || async {
-            let output = tokio::task::block_in_place(|| {
-                lab.jaictl(&["status", "-o", "json"])?
-                    .output()
-                    .map_err(anyhow::Error::from)
-            })?;
-            let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-            let streaming = status["members"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|row| row["member"] != old.as_str())
-                .all(|row| row["state"] == "streaming");
-            Ok(streaming.then_some(()))
+            let status = common::jaictl_status(&lab)?;
+            Ok(common::others_stream(&status, &old).then_some(()))
         },
     )
     .await?;

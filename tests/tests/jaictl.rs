@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::{Context, Result};
-use common::{lab_dir, WITHIN};
+use common::{jaictl_status as status_json, lab_dir, others_stream, running_leader, WITHIN};
 use jai_lab::{wait, Lab, StopSignal};
 use std::time::{Duration, Instant};
 
@@ -42,22 +42,6 @@ fn jaictl_ok(lab: &Lab, args: &[&str]) -> Result<Run> {
     Ok(run)
 }
 
-/// `jaictl status -o json`, parsed.
-fn status_json(lab: &Lab) -> Result<serde_json::Value> {
-    let run = jaictl_ok(lab, &["status", "-o", "json"])?;
-    serde_json::from_str(&run.stdout).with_context(|| format!("status JSON: {run}"))
-}
-
-/// The leader as `jaictl status -o json` reports it, once it runs a primary.
-fn running_leader(status: &serde_json::Value) -> Option<String> {
-    let leader = status["leader"].as_str()?;
-    let row = status["members"]
-        .as_array()?
-        .iter()
-        .find(|row| row["member"] == leader)?;
-    (row["role"] == "Leader" && row["state"] == "running").then(|| leader.to_owned())
-}
-
 /// Waits until `want` (or, with `None`, any member but `not`) leads a
 /// cluster where every other member streams again.
 async fn wait_led_by(lab: &Lab, not: &str, want: Option<&str>) -> Result<String> {
@@ -72,13 +56,7 @@ async fn wait_led_by(lab: &Lab, not: &str, want: Option<&str>) -> Result<String>
             if leader == not || want.is_some_and(|want| want != leader) {
                 return Ok(None);
             }
-            let streaming = status["members"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|row| row["member"] != leader.as_str())
-                .all(|row| row["state"] == "streaming");
-            Ok(streaming.then_some(leader))
+            Ok(others_stream(&status, &leader).then_some(leader))
         },
     )
     .await
@@ -427,11 +405,5 @@ async fn restart_reload_and_reinit_act_on_one_member() -> Result<()> {
 /// One look: `leader` leads and every other member streams.
 fn leads_with_all_streaming(lab: &Lab, leader: &str) -> Result<bool> {
     let status = status_json(lab)?;
-    Ok(running_leader(&status).as_deref() == Some(leader)
-        && status["members"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|row| row["member"] != leader)
-            .all(|row| row["state"] == "streaming"))
+    Ok(running_leader(&status).as_deref() == Some(leader) && others_stream(&status, leader))
 }

@@ -21,21 +21,10 @@ fn sync_lab_spec(dir: &tempfile::TempDir, nodes: usize, mode: SynchronousMode) -
     }
 }
 
-/// `jaictl status -o json`, parsed.
-fn status(lab: &Lab) -> Result<serde_json::Value> {
-    let output = tokio::task::block_in_place(|| {
-        lab.jaictl(&["status", "-o", "json"])?
-            .output()
-            .context("jaictl")
-    })?;
-    anyhow::ensure!(output.status.success(), "jaictl status: {output:?}");
-    Ok(serde_json::from_slice(&output.stdout)?)
-}
-
 /// Waits until the leader lists a synchronous standby, and returns it.
 async fn wait_sync_standby(lab: &Lab) -> Result<String> {
     wait::until("a synchronous standby", WITHIN, || async {
-        let status = status(lab)?;
+        let status = common::jaictl_status(lab)?;
         Ok(status["sync_standbys"]
             .as_array()
             .and_then(|standbys| standbys.first())

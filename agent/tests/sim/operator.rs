@@ -12,8 +12,9 @@
 use super::agent::cluster_view;
 use super::env::{Env, Event};
 use super::etcd::{Key, Reply, Request, Value};
-use jai_agent::ha::{self, election, ClusterView, PgRole, RunningPostgres};
-use jai_proto::{DynamicConfig, MemberRole, MemberState, MemberStatus, SwitchoverIntent};
+use jai_agent::control::running_primary;
+use jai_agent::ha::{self, election, ClusterView};
+use jai_proto::{DynamicConfig, SwitchoverIntent};
 
 /// How long after a failed attempt the operator turns maintenance mode off again.
 const RETRY_RESUME_MS: u64 = 500;
@@ -253,23 +254,4 @@ impl Env {
             self.schedule(at, Event::Operator(Box::new(Call::SetPause(false))));
         }
     }
-}
-
-/// `control.rs`: the leader's PostgreSQL as its member status describes it,
-/// when it says it runs a primary.
-fn running_primary(member: &MemberStatus) -> Option<RunningPostgres> {
-    let running = member.role == MemberRole::Primary
-        && member.state == MemberState::Running
-        && !member.standing_down;
-    running.then(|| RunningPostgres {
-        role: PgRole::Primary,
-        timeline: member.timeline.unwrap_or_default(),
-        write_lsn: member.write_lsn,
-        receive_lsn: None,
-        replay_lsn: None,
-        following: None,
-        slots: Vec::new(),
-        standbys: member.standbys.clone(),
-        sync_names: Default::default(),
-    })
 }

@@ -72,3 +72,35 @@ pub async fn row_exists(lab: &Lab, address: &str, table: &str, note: &str) -> Re
         .with_context(|| format!("reading {table}"))?;
     Ok(row.is_some())
 }
+
+/// `jaictl status -o json` against the lab, parsed.
+pub fn jaictl_status(lab: &Lab) -> Result<serde_json::Value> {
+    let output = tokio::task::block_in_place(|| {
+        lab.jaictl(&["status", "-o", "json"])?
+            .output()
+            .context("jaictl")
+    })?;
+    anyhow::ensure!(output.status.success(), "jaictl status: {output:?}");
+    serde_json::from_slice(&output.stdout).context("jaictl status JSON")
+}
+
+/// The leader in a `jaictl status` JSON, once it runs a primary.
+pub fn running_leader(status: &serde_json::Value) -> Option<String> {
+    let leader = status["leader"].as_str()?;
+    let row = status["members"]
+        .as_array()?
+        .iter()
+        .find(|row| row["member"] == leader)?;
+    (row["role"] == "Leader" && row["state"] == "running").then(|| leader.to_owned())
+}
+
+/// Every member but `leader` streams, as the leader last published it (what a
+/// switchover is checked against).
+pub fn others_stream(status: &serde_json::Value, leader: &str) -> bool {
+    status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|row| row["member"] != leader)
+        .all(|row| row["state"] == "streaming")
+}
