@@ -733,11 +733,28 @@ async fn admin_edits_reach_the_vote(app: &AppInfo, admin: &mut AppClient) -> Res
     .await
 }
 
+/// Every instance's `/metrics`: HAProxy spreads the votes over the
+/// instances, so one instance alone may not have counted any yet.
 async fn metrics_are_exposed(app: &AppInfo) -> Result<()> {
+    let client = AppClient::new()?;
+    let mut all = String::new();
+    for instance in &app.instances {
+        let page = client
+            .get(&format!("{}/metrics", instance.admin_url))
+            .await?;
+        ensure!(
+            page.status == 200,
+            "{} metrics answered {}",
+            instance.name,
+            page.status
+        );
+        all.push_str(&page.body);
+    }
     let page = AppClient::new()?
         .get(&format!("{}/metrics", app.admin_url))
         .await?;
     ensure!(page.status == 200, "metrics answered {}", page.status);
+    all.push_str(&page.body);
     for needle in [
         "jai_app_votes_total{result=\"accepted\"}",
         "jai_app_votes_total{result=\"refused\"}",
@@ -745,7 +762,7 @@ async fn metrics_are_exposed(app: &AppInfo) -> Result<()> {
         "jai_app_http_request_duration_seconds_bucket",
         "jai_app_db_pool_connections{pool=\"write\",state=\"size\"}",
     ] {
-        ensure!(page.body.contains(needle), "metrics lack {needle}");
+        ensure!(all.contains(needle), "metrics lack {needle}");
     }
     Ok(())
 }
