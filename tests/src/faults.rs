@@ -334,7 +334,7 @@ impl Lab {
             .ok_or_else(|| anyhow!("node {name}: PostgreSQL is not running"))?;
         process::signal(pid, Signal::SIGSTOP);
         if scope == Freeze::Everything {
-            for child in children_of(pid) {
+            for child in process::children_of(pid) {
                 process::signal(child, Signal::SIGSTOP);
             }
         }
@@ -443,29 +443,11 @@ pub enum Freeze {
 fn thaw(node: &mut crate::lab::NodeInfo) {
     if let Some(pid) = process::postmaster_pid(&node.data_dir) {
         process::signal(pid, Signal::SIGCONT);
-        for child in children_of(pid) {
+        for child in process::children_of(pid) {
             process::signal(child, Signal::SIGCONT);
         }
     }
     node.postgres_frozen = false;
-}
-
-/// The PIDs whose parent is `parent` (from `/proc/*/stat`).
-pub(crate) fn children_of(parent: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                // After the command name in parentheses: state, then the parent.
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
-                    == Some(parent)
-            })
-        })
-        .collect()
 }
 
 fn pair_key(a: &str, b: &str) -> (String, String) {

@@ -714,7 +714,7 @@ impl Lab {
                             // PostgreSQL's children leave the postmaster's
                             // group (setsid): each is killed by PID too, so no
                             // backend outlives the machine's death.
-                            let children = crate::faults::children_of(pid);
+                            let children = crate::process::children_of(pid);
                             process::signal_group(pid, Signal::SIGKILL);
                             for child in children {
                                 process::signal(child, Signal::SIGKILL);

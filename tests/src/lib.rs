@@ -6,12 +6,14 @@
 //! - [`wait`]: waiting on conditions with deadlines.
 //! - [`faults`]: the chaos faults beyond stopping nodes and cutting them off etcd.
 //! - [`bench`], [`chaos`]: benchmarks and the randomized chaos schedule.
+//! - [`cpus`]: CPU partitions, so a benchmark can give PostgreSQL cores of its own.
 //!
 //! The `jai-lab` binary is a thin CLI over [`lab::Lab`]; the integration tests
 //! in `tests/tests/` use the same library.
 
 pub mod bench;
 pub mod chaos;
+pub mod cpus;
 pub mod faults;
 pub mod lab;
 pub mod lab_app;

@@ -87,6 +87,39 @@ pub fn terminate(pid: i32, grace: Duration) {
     }
 }
 
+/// The PIDs whose parent is `parent` (from `/proc/*/stat`).
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // After the command name in parentheses: state, then the parent.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+/// `roots` and every process descending from them (children, grandchildren, …).
+pub fn descendants(roots: &[i32]) -> Vec<i32> {
+    let mut found: Vec<i32> = roots.iter().copied().filter(|pid| is_alive(*pid)).collect();
+    let mut next = 0;
+    while next < found.len() {
+        for child in children_of(found[next]) {
+            if !found.contains(&child) {
+                found.push(child);
+            }
+        }
+        next += 1;
+    }
+    found
+}
+
 /// The postmaster PID recorded in a data directory, if that process lives.
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;

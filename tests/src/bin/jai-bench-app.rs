@@ -1,16 +1,18 @@
 //! `jai-bench-app`: the voting app's throughput on a lab (docs/benchmarks.md).
 //!
 //! wrk (Debian) drives the app through HAProxy's HTTP frontend: page views
-//! of one poll, then vote submissions (each with its own voter cookie, CSRF
-//! token and idempotency key). pgbench then runs the same vote SQL
+//! of one poll, and vote submissions (each with its own voter cookie, CSRF
+//! token and idempotency key). pgbench runs the same vote SQL
 //! (`SELECT jai_vote(...)`, prepared) straight on the primary with the same
-//! number of clients. The numbers are printed side by side with the ratio;
-//! nothing here passes or fails.
+//! number of clients. After an unmeasured warm-up of each load, the three
+//! loads run in turn for `--rounds` rounds, so that both sides of the ratio
+//! see the same machine state (autovacuum, checkpoints, table growth); the
+//! medians are compared. Nothing here passes or fails.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use jai_lab::lab_app::{admin_password, AppClient, AppInfo, AppSpec};
-use jai_lab::{Lab, LabSpec};
+use jai_lab::{cpus, process, Lab, LabSpec};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,10 +33,19 @@ struct Args {
     /// Distinct voters the vote load cycles through.
     #[arg(long, default_value_t = 400)]
     voters: usize,
+    /// Measured rounds of (page views, votes, pgbench).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
+    /// Seconds of the unmeasured warm-up of each load.
+    #[arg(long, default_value_t = 3)]
+    warmup: u32,
+    /// CPU layouts to measure in, in order (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Layout::Shared, Layout::Partitioned])]
+    layouts: Vec<Layout>,
 }
 
 /// What one load run measured.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Measured {
     rate: f64,
     p50: String,
@@ -75,37 +86,173 @@ async fn main() -> Result<()> {
     let work = args.dir.join("bench-app");
     std::fs::create_dir_all(&work)?;
 
-    let page_url = format!("{}/polls/{poll}", app.url);
-    eprintln!("page views: wrk on {page_url} …");
-    let views = wrk(&args, &page_url, None)?;
-
     eprintln!("collecting {} voters …", args.voters);
     let (script, option_ids) = vote_script(&app, poll, args.voters, &work).await?;
-    eprintln!("votes: wrk posting to {}/polls/{poll}/vote …", app.url);
-    let votes = wrk(&args, &app.url, Some(&script))?;
+    let (primary_name, primary) = primary_address(&lab).await?;
+    let workload = Workload {
+        page_url: format!("{}/polls/{poll}", app.url),
+        vote_url: app.url.clone(),
+        script,
+        primary,
+        sql: pgbench_script(&args, poll, &option_ids, &work)?,
+    };
 
-    eprintln!("pgbench: the same SQL on the primary …");
-    let primary = primary_address(&lab).await?;
-    let raw = pgbench(&lab, &primary, &args, poll, &option_ids, &work)?;
-
-    print!("{}", report(&args, &views, &votes, &raw));
+    let mut results = Vec::new();
+    for (index, layout) in args.layouts.iter().enumerate() {
+        let run_base = 100 * u32::try_from(index)?;
+        let rounds = match layout {
+            Layout::Shared => measure(&lab, &args, &workload, "shared cores", run_base)?,
+            Layout::Partitioned => {
+                let Some(partition) = cpus::Partition::halves(&cpus::available()?) else {
+                    eprintln!("partitioned: skipped, this machine has one core");
+                    continue;
+                };
+                let everything = cpus::available()?;
+                let postmaster = process::postmaster_pid(&lab.node(&primary_name)?.data_dir)
+                    .ok_or_else(|| anyhow!("{primary_name}: PostgreSQL is not running"))?;
+                let roots = lab_roots(&lab);
+                cpus::pin_trees(&roots, &partition.rest)?;
+                cpus::pin_trees(&[postmaster], &partition.database)?;
+                eprintln!(
+                    "partitioned: {primary_name}'s PostgreSQL on CPUs {:?}, everything else on {:?}",
+                    partition.database, partition.rest
+                );
+                let rounds = measure(&lab, &args, &workload, "partitioned cores", run_base);
+                cpus::pin_trees(&roots, &everything)?;
+                cpus::pin_trees(&[postmaster], &everything)?;
+                rounds?
+            }
+        };
+        results.push((*layout, rounds));
+    }
+    print!("{}", report(&args, &results));
     Ok(())
 }
 
-/// Runs wrk with `--latency` and reads rate, p50, p99 and failures.
-fn wrk(args: &Args, url: &str, script: Option<&Path>) -> Result<Measured> {
+/// Where the CPU goes during a measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Layout {
+    /// Every process on every core, as the lab runs.
+    Shared,
+    /// The primary's PostgreSQL on half of the cores, everything else
+    /// (wrk, pgbench, HAProxy, the app, the replica, etcd, agents) on the
+    /// other half: the founding document's separate database server.
+    Partitioned,
+}
+
+impl Layout {
+    fn describe(self) -> &'static str {
+        match self {
+            Layout::Shared => "shared cores: every process on every core",
+            Layout::Partitioned => {
+                "partitioned cores: the primary's PostgreSQL on half of the cores, everything else on the other half"
+            }
+        }
+    }
+}
+
+/// What the three loads send, prepared once per lab.
+struct Workload {
+    page_url: String,
+    vote_url: String,
+    script: PathBuf,
+    primary: String,
+    sql: PathBuf,
+}
+
+/// The processes the lab started (with their descendants: PostgreSQL under
+/// each agent) and this benchmark itself, whose children are wrk and pgbench.
+fn lab_roots(lab: &Lab) -> Vec<i32> {
+    let desc = &lab.desc;
+    let mut roots: Vec<i32> = desc
+        .etcd_members
+        .iter()
+        .filter_map(|member| member.pid)
+        .collect();
+    roots.extend(desc.haproxy.pid);
+    roots.extend(desc.nodes.iter().filter_map(|node| node.agent_pid));
+    if let Some(app) = &desc.app {
+        roots.extend(app.instances.iter().filter_map(|instance| instance.pid));
+    }
+    roots.push(std::process::id() as i32);
+    roots
+}
+
+/// An unmeasured warm-up, then `--rounds` rounds of page views, votes and
+/// pgbench in turn. `run_base` keeps idempotency keys apart between layouts.
+fn measure(
+    lab: &Lab,
+    args: &Args,
+    load: &Workload,
+    label: &str,
+    run_base: u32,
+) -> Result<Vec<Round>> {
+    let mut rounds = Vec::new();
+    for round in 0..=args.rounds {
+        let seconds = if round == 0 {
+            args.warmup
+        } else {
+            args.seconds
+        };
+        let stage = if round == 0 {
+            format!("{label}, warm-up")
+        } else {
+            format!("{label}, round {round}/{}", args.rounds)
+        };
+        eprintln!("{stage}: page views (wrk on {}) …", load.page_url);
+        let views = wrk(args, seconds, &load.page_url, None)?;
+        eprintln!("{stage}: votes (wrk posting to {}) …", load.vote_url);
+        let votes = wrk(
+            args,
+            seconds,
+            &load.vote_url,
+            Some((&load.script, run_base + round)),
+        )?;
+        eprintln!(
+            "{stage}: pgbench, the same SQL on the primary {} …",
+            load.primary
+        );
+        let raw = pgbench(lab, &load.primary, args, seconds, &load.sql)?;
+        if round > 0 {
+            eprintln!(
+                "{stage}: views {:.0}/s, votes {:.0}/s, pgbench {:.0}/s",
+                views.rate, votes.rate, raw.rate
+            );
+            rounds.push(Round { views, votes, raw });
+        }
+    }
+    Ok(rounds)
+}
+
+/// One measured round of the three loads.
+struct Round {
+    views: Measured,
+    votes: Measured,
+    raw: Measured,
+}
+
+/// Runs wrk with `--latency` and reads rate, p50, p99 and failures. A script
+/// gets `run` as its argument: each run's idempotency keys are its own, so
+/// no run replays an earlier one's votes (a replay costs the database less).
+fn wrk(args: &Args, seconds: u32, url: &str, script: Option<(&Path, u32)>) -> Result<Measured> {
     let mut command = Command::new("wrk");
     command
         .arg("-t2")
         .arg(format!("-c{}", args.connections))
-        .arg(format!("-d{}s", args.seconds))
+        .arg(format!("-d{seconds}s"))
         .arg("--timeout")
         .arg("20s")
         .arg("--latency");
-    if let Some(script) = script {
-        command.arg("-s").arg(script);
-    }
-    let output = command.arg(url).output().context("running wrk")?;
+    match script {
+        Some((script, run)) => command
+            .arg("-s")
+            .arg(script)
+            .arg(url)
+            .arg("--")
+            .arg(run.to_string()),
+        None => command.arg(url),
+    };
+    let output = command.output().context("running wrk")?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         bail!(
@@ -182,11 +329,12 @@ async fn vote_script(
          local threads = 0\n\
          function setup(thread) threads = threads + 1; thread:set(\"id\", threads) end\n\
          local counter = 0\n\
-         function init(args) math.randomseed(id * 7919) end\n\
+         local run = 0\n\
+         function init(args) run = tonumber(args[1]) or 0; math.randomseed(run * 7919 + id) end\n\
          function request()\n\
          \x20 counter = counter + 1\n\
          \x20 local voter = voters[math.random(#voters)]\n\
-         \x20 local body = \"csrf=\" .. voter[2] .. \"&key=\" .. string.format(\"wrk-%d-%012d\", id, counter) ..\n\
+         \x20 local body = \"csrf=\" .. voter[2] .. \"&key=\" .. string.format(\"wrk-%d-%d-%012d\", run, id, counter) ..\n\
          \x20   \"&option=\" .. options[math.random(#options)]\n\
          \x20 return wrk.format(\"POST\", \"/polls/{poll}/vote\",\n\
          \x20   {{[\"Content-Type\"] = \"application/x-www-form-urlencoded\", [\"Cookie\"] = voter[1]}}, body)\n\
@@ -197,15 +345,9 @@ async fn vote_script(
     Ok((file, option_ids))
 }
 
-/// pgbench of the vote SQL on the primary, prepared, same client count.
-fn pgbench(
-    lab: &Lab,
-    primary: &str,
-    args: &Args,
-    poll: i64,
-    options: &[i64],
-    work: &Path,
-) -> Result<Measured> {
+/// Writes pgbench's script: the vote SQL with a random voter (of as many as
+/// the app load has), a fresh key and a random option of the poll.
+fn pgbench_script(args: &Args, poll: i64, options: &[i64], work: &Path) -> Result<PathBuf> {
     let (first, last) = match (options.iter().min(), options.iter().max()) {
         (Some(first), Some(last)) => (*first, *last),
         _ => bail!("the poll has no options"),
@@ -221,6 +363,11 @@ fn pgbench(
             voters = args.voters,
         ),
     )?;
+    Ok(script)
+}
+
+/// pgbench of the vote SQL on the primary, prepared, same client count.
+fn pgbench(lab: &Lab, primary: &str, args: &Args, seconds: u32, script: &Path) -> Result<Measured> {
     let (host, port) = primary
         .rsplit_once(':')
         .ok_or_else(|| anyhow!("bad address {primary}"))?;
@@ -228,9 +375,9 @@ fn pgbench(
     let output = Command::new("pgbench")
         .args(["-n", "-M", "prepared", "-j", "2"])
         .arg(format!("-c{}", args.connections))
-        .arg(format!("-T{}", args.seconds))
+        .arg(format!("-T{seconds}"))
         .arg("-f")
-        .arg(&script)
+        .arg(script)
         .args(["-h", host, "-p", port, "-U", &access.user, &access.database])
         // The password goes through the environment, never the command line.
         .env("PGPASSWORD", &access.password)
@@ -265,45 +412,93 @@ fn pgbench(
     })
 }
 
-/// The node HAProxy's write port reaches, as `HOST:PORT` of its PostgreSQL.
-async fn primary_address(lab: &Lab) -> Result<String> {
+/// The node HAProxy's write port reaches: its name and the `HOST:PORT` of
+/// its PostgreSQL.
+async fn primary_address(lab: &Lab) -> Result<(String, String)> {
     let name = lab
         .healthy_primary()
         .await?
         .ok_or_else(|| anyhow!("no primary behind HAProxy's write port"))?;
-    Ok(lab.node(&name)?.pg.clone())
+    let address = lab.node(&name)?.pg.clone();
+    Ok((name, address))
 }
 
-fn report(args: &Args, views: &Measured, votes: &Measured, raw: &Measured) -> String {
-    let mut text = format!(
-        "\njai-app through HAProxy (2 app instances, {c} connections, {s} s each) vs pgbench on the primary ({c} clients)\n",
-        c = args.connections,
-        s = args.seconds
-    );
-    let _ = writeln!(
-        text,
-        "{:<34} {:>10} {:>12} {:>12} {:>8}",
-        "load", "per second", "p50", "p99", "failed"
-    );
-    for (label, measured) in [
-        ("page views (wrk GET /polls/ID)", views),
-        ("votes (wrk POST /polls/ID/vote)", votes),
-        ("vote SQL (pgbench, prepared)", raw),
-    ] {
-        let _ = writeln!(
-            text,
-            "{:<34} {:>10.0} {:>12} {:>12} {:>8}",
-            label, measured.rate, measured.p50, measured.p99, measured.failed
-        );
-    }
-    let ratio = if raw.rate > 0.0 {
-        votes.rate / raw.rate * 100.0
+/// The median of `values` (the upper middle for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn ratio(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        part / whole * 100.0
     } else {
         0.0
-    };
-    let _ = writeln!(
+    }
+}
+
+fn report(args: &Args, results: &[(Layout, Vec<Round>)]) -> String {
+    let mut text = format!(
+        "\njai-app through HAProxy (2 app instances, {c} connections) vs pgbench on the primary ({c} clients): \
+         {n} rounds of {s} s per load after a {w} s warm-up, per CPU layout\n",
+        c = args.connections,
+        n = args.rounds,
+        s = args.seconds,
+        w = args.warmup,
+    );
+    let mut summary = String::new();
+    for (layout, rounds) in results {
+        let _ = writeln!(text, "\n{}", layout.describe());
+        let _ = writeln!(
+            text,
+            "{:<6} {:<34} {:>10} {:>12} {:>12} {:>8}",
+            "round", "load", "per second", "p50", "p99", "failed"
+        );
+        for (index, round) in rounds.iter().enumerate() {
+            for (label, measured) in [
+                ("page views (wrk GET /polls/ID)", &round.views),
+                ("votes (wrk POST /polls/ID/vote)", &round.votes),
+                ("vote SQL (pgbench, prepared)", &round.raw),
+            ] {
+                let _ = writeln!(
+                    text,
+                    "{:<6} {:<34} {:>10.0} {:>12} {:>12} {:>8}",
+                    index + 1,
+                    label,
+                    measured.rate,
+                    measured.p50,
+                    measured.p99,
+                    measured.failed
+                );
+            }
+            let _ = writeln!(
+                text,
+                "{:<6} vote path / raw SQL: {:.0}%",
+                index + 1,
+                ratio(round.votes.rate, round.raw.rate)
+            );
+        }
+        let views = median(rounds.iter().map(|round| round.views.rate).collect());
+        let votes = median(rounds.iter().map(|round| round.votes.rate).collect());
+        let raw = median(rounds.iter().map(|round| round.raw.rate).collect());
+        let failed: u64 = rounds
+            .iter()
+            .map(|round| round.views.failed + round.votes.failed + round.raw.failed)
+            .sum();
+        let name = match layout {
+            Layout::Shared => "shared",
+            Layout::Partitioned => "partitioned",
+        };
+        let _ = writeln!(
+            summary,
+            "{name:<12} page views {views:>6.0}/s   votes {votes:>5.0}/s   vote SQL {raw:>5.0}/s   \
+             vote path / raw SQL {:>3.0}%   failed {failed}",
+            ratio(votes, raw)
+        );
+    }
+    let _ = write!(
         text,
-        "vote path / raw SQL: {ratio:.0}%   (targets: page views >= 5000/s, vote path >= 70% of pgbench)"
+        "\nmedians of the rounds:\n{summary}(targets: page views >= 5000/s, vote path >= 70% of pgbench)\n"
     );
     text
 }
