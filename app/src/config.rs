@@ -40,6 +40,11 @@ pub struct AppConfig {
     /// Abuse limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Worker threads of the async runtime; absent: one per core. Set it
+    /// below the core count when several instances (or PostgreSQL) share a
+    /// machine: fewer threads mean fewer cross-thread wake-ups per request.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 /// The admin listener (its own port, meant for the admin node only).
@@ -269,6 +274,12 @@ impl AppConfig {
                 Ok(())
             }
         };
+        if self
+            .workers
+            .is_some_and(|workers| !(1..=256).contains(&workers))
+        {
+            return Err(("workers", "must be 1-256".into()));
+        }
         if self.listen == self.admin.listen {
             return Err((
                 "admin.listen",
@@ -510,6 +521,17 @@ mod tests {
         );
         let error = parse(&format!("{GOOD}limits: {{body_bytes: 10}}\n")).unwrap_err();
         assert_eq!(error, "app.yaml: limits.body_bytes: must be at least 1024");
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_are_bounded() {
+        assert_eq!(parse(GOOD).unwrap().workers, None);
+        assert_eq!(
+            parse(&format!("{GOOD}workers: 1\n")).unwrap().workers,
+            Some(1)
+        );
+        let error = parse(&format!("{GOOD}workers: 0\n")).unwrap_err();
+        assert_eq!(error, "app.yaml: workers: must be 1-256");
     }
 
     #[test]

@@ -60,10 +60,11 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = config.workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime.enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(config, secrets)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
