@@ -10,7 +10,7 @@
 //! compared in constant time; reads are open, like the health API.
 
 use crate::dcs::Dcs;
-use crate::ha::{self, ClusterView, Initialize, PgRole, RunningPostgres};
+use crate::ha::{self, ClusterView, Initialize, LeaderKey, PgRole, RunningPostgres};
 use jai_proto::grpc::control_server::{Control, ControlServer};
 use jai_proto::grpc::{
     CancelSwitchoverRequest, ConfigReply, FailoverRequest, GetConfigRequest, HistoryReply,
@@ -18,7 +18,7 @@ use jai_proto::grpc::{
     RestartRequest, SetPauseRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
 use jai_proto::{DynamicConfig, MemberRole, MemberStatus, SwitchoverIntent};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -49,6 +49,13 @@ pub enum OperatorRequestKind {
 /// How long an operator request may wait for the loop (a restart includes a
 /// PostgreSQL stop and start).
 const OPERATOR_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How many loops a switchover request waits for a refusal that may clear
+/// (a replica not yet published as streaming) before it is refused.
+const SWITCHOVER_SETTLE_LOOPS: u32 = 2;
+
+/// Pause between two checks of such a request.
+const SWITCHOVER_RECHECK: Duration = Duration::from_millis(200);
 
 /// The control service of one agent.
 pub struct ControlService {
@@ -132,42 +139,26 @@ impl ControlService {
         at_unix: Option<u64>,
         force: bool,
     ) -> Result<OperationReply, Status> {
-        let view = self.view().await?;
-        let Some(leader) = view.leader.clone() else {
-            return Err(Status::failed_precondition(
-                "no member holds the leader key: there is nothing to switch over from; use `jaictl failover --to MEMBER`",
-            ));
+        // What the leader last published may lag the replicas by a loop (a
+        // replica that just started streaming): a refusal that may clear is
+        // checked again against fresh state for up to two loops.
+        let started = Instant::now();
+        let (view, leader, intent, leader_pg, target) = loop {
+            let view = self.view().await?;
+            let settle = view.config.loop_wait * SWITCHOVER_SETTLE_LOOPS;
+            let (leader, intent, leader_pg) = switchover_checks(&view, from, &to, at_unix, force)?;
+            match ha::handover_target(&leader.name, &view, &leader_pg, &intent) {
+                Ok(target) => break (view, leader, intent, leader_pg, target),
+                Err(refusal) if refusal.may_clear_soon && started.elapsed() < settle => {
+                    tokio::time::sleep(SWITCHOVER_RECHECK).await;
+                }
+                Err(refusal) => {
+                    return Err(Status::failed_precondition(format!(
+                        "switchover refused: {refusal}"
+                    )))
+                }
+            }
         };
-        if !from.is_empty() && from != leader.name {
-            return Err(Status::failed_precondition(format!(
-                "{from} is not the leader; {} is",
-                leader.name
-            )));
-        }
-        if let Some(pending) = &view.switchover {
-            return Err(Status::failed_precondition(format!(
-                "a switchover is already pending ({}): cancel it first with `jaictl switchover --cancel`",
-                pending.describe()
-            )));
-        }
-        let intent = SwitchoverIntent {
-            from: Some(leader.name.clone()),
-            to: to.clone(),
-            scheduled_at_unix: at_unix,
-            requested_at_unix: unix_now(),
-            force,
-        };
-        let leader_pg = view
-            .member(&leader.name)
-            .and_then(running_primary)
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "leader {} does not report a running primary: a switchover needs one; use `jaictl failover --to MEMBER`",
-                    leader.name
-                ))
-            })?;
-        let target = ha::handover_target(&leader.name, &view, &leader_pg, &intent)
-            .map_err(|why| Status::failed_precondition(format!("switchover refused: {why}")))?;
         let warnings = target_warnings(&view, &target, &leader_pg);
         let recorded = self
             .dcs
@@ -190,6 +181,52 @@ impl ControlService {
             warnings,
         })
     }
+}
+
+/// The checks of a switchover request that need no waiting: a leader with a
+/// running primary, `from` naming it, no switchover pending. Returns the
+/// leader, the intent to record and the leader's PostgreSQL as published.
+fn switchover_checks(
+    view: &ClusterView,
+    from: &str,
+    to: &Option<String>,
+    at_unix: Option<u64>,
+    force: bool,
+) -> Result<(LeaderKey, SwitchoverIntent, RunningPostgres), Status> {
+    let Some(leader) = view.leader.clone() else {
+        return Err(Status::failed_precondition(
+            "no member holds the leader key: there is nothing to switch over from; use `jaictl failover --to MEMBER`",
+        ));
+    };
+    if !from.is_empty() && from != leader.name {
+        return Err(Status::failed_precondition(format!(
+            "{from} is not the leader; {} is",
+            leader.name
+        )));
+    }
+    if let Some(pending) = &view.switchover {
+        return Err(Status::failed_precondition(format!(
+            "a switchover is already pending ({}): cancel it first with `jaictl switchover --cancel`",
+            pending.describe()
+        )));
+    }
+    let intent = SwitchoverIntent {
+        from: Some(leader.name.clone()),
+        to: to.clone(),
+        scheduled_at_unix: at_unix,
+        requested_at_unix: unix_now(),
+        force,
+    };
+    let leader_pg = view
+        .member(&leader.name)
+        .and_then(running_primary)
+        .ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "leader {} does not report a running primary: a switchover needs one; use `jaictl failover --to MEMBER`",
+                leader.name
+            ))
+        })?;
+    Ok((leader, intent, leader_pg))
 }
 
 #[tonic::async_trait]

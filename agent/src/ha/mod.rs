@@ -859,9 +859,16 @@ pub fn handover_target(
     cluster: &ClusterView,
     pg: &RunningPostgres,
     intent: &SwitchoverIntent,
-) -> Result<String, String> {
-    let check = |member: &MemberStatus| -> Result<u64, String> {
+) -> Result<String, HandoverRefusal> {
+    let check = |member: &MemberStatus| -> Result<u64, HandoverRefusal> {
         let name = &member.name;
+        // Reasons about the replica's link to this primary may clear within a
+        // loop or two: a replica that just started streaming (or caught up)
+        // shows in what this leader publishes only at its next round.
+        let settling = |why: String| HandoverRefusal {
+            why,
+            may_clear_soon: true,
+        };
         if !election::is_candidate(member) {
             let why = if member.tags.nofailover {
                 "tagged nofailover".to_owned()
@@ -870,41 +877,53 @@ pub fn handover_target(
             } else {
                 format!("{:?} {:?}", member.role, member.state).to_lowercase()
             };
-            return Err(format!("{name} is not an eligible running replica ({why})"));
+            // A replica between two states (starting, restarting) may be
+            // one soon; a tag or a stand-down is not going away in seconds.
+            return Err(HandoverRefusal {
+                why: format!("{name} is not an eligible running replica ({why})"),
+                may_clear_soon: !member.tags.nofailover && !member.standing_down,
+            });
         }
         if member.timeline != Some(pg.timeline) {
-            return Err(format!("{name} is not on timeline {}", pg.timeline));
+            return Err(settling(format!(
+                "{name} is not on timeline {}",
+                pg.timeline
+            )));
         }
         let link = pg
             .standbys
             .iter()
             .find(|link| &link.name == name)
-            .ok_or_else(|| format!("{name} is not connected to this primary"))?;
+            .ok_or_else(|| settling(format!("{name} is not connected to this primary")))?;
         if !link.is_streaming() {
-            return Err(format!("{name} is {}, not streaming", link.state));
+            return Err(settling(format!("{name} is {}, not streaming", link.state)));
         }
         if !intent.force {
             sync::allows_promotion(cluster, name).map_err(|why| {
-                format!("{name} is {why}; --force accepts losing what it has not received")
+                HandoverRefusal::settled(format!(
+                    "{name} is {why}; --force accepts losing what it has not received"
+                ))
             })?;
         }
         let behind = pg
             .wal_position()
             .bytes_since(link.flush_lsn.unwrap_or_default());
         if !intent.force && behind > cluster.config.maximum_lag_on_failover {
-            return Err(format!(
+            return Err(settling(format!(
                 "{name} is {behind} bytes behind, more than maximum_lag_on_failover ({})",
                 cluster.config.maximum_lag_on_failover
-            ));
+            )));
         }
         Ok(behind)
     };
     match intent.to.as_deref() {
-        Some(to) if to == me => Err(format!("{to} is already the leader")),
+        Some(to) if to == me => Err(HandoverRefusal::settled(format!(
+            "{to} is already the leader"
+        ))),
         Some(to) => {
-            let member = cluster
-                .member(to)
-                .ok_or_else(|| format!("{to} is not a registered member"))?;
+            let member = cluster.member(to).ok_or_else(|| {
+                HandoverRefusal::settled(format!("{to} is not a registered member"))
+            })?;
             check(member).map(|_| to.to_owned())
         }
         None => {
@@ -927,12 +946,46 @@ pub fn handover_target(
             }
             best.map(|(_, _, name)| name.to_owned()).ok_or_else(|| {
                 if reasons.is_empty() {
-                    "no other member is registered".into()
+                    HandoverRefusal::settled("no other member is registered".into())
                 } else {
-                    reasons.join("; ")
+                    HandoverRefusal {
+                        may_clear_soon: reasons.iter().any(|reason| reason.may_clear_soon),
+                        why: reasons
+                            .iter()
+                            .map(|reason| reason.why.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    }
                 }
             })
         }
+    }
+}
+
+/// Why no replica can take over in a switchover now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverRefusal {
+    /// For the operator: which member and what stands in the way.
+    pub why: String,
+    /// True when the reason is about replication that may catch up within a
+    /// loop or two (not streaming yet, lagging, another timeline), so a
+    /// caller may check again shortly; false when only an operator or a
+    /// configuration change can clear it.
+    pub may_clear_soon: bool,
+}
+
+impl HandoverRefusal {
+    fn settled(why: String) -> Self {
+        Self {
+            why,
+            may_clear_soon: false,
+        }
+    }
+}
+
+impl std::fmt::Display for HandoverRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
     }
 }
 

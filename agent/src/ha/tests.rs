@@ -870,6 +870,30 @@ fn leading_with(intent: Option<jai_proto::SwitchoverIntent>) -> (ClusterView, Ru
 }
 
 #[test]
+fn a_refused_handover_says_whether_waiting_may_help() {
+    let (view, mut pg) = leading_with(None);
+    pg.standbys.retain(|link| link.name != "pg2");
+    let not_yet =
+        handover_target("pg1", &view, &pg, &intent(Some("pg1"), Some("pg2"))).unwrap_err();
+    assert!(
+        not_yet.why.contains("pg2 is not connected to this primary"),
+        "{not_yet}"
+    );
+    assert!(not_yet.may_clear_soon);
+    let unknown =
+        handover_target("pg1", &view, &pg, &intent(Some("pg1"), Some("pg9"))).unwrap_err();
+    assert_eq!(unknown.why, "pg9 is not a registered member");
+    assert!(!unknown.may_clear_soon);
+    let myself = handover_target("pg1", &view, &pg, &intent(Some("pg1"), Some("pg1"))).unwrap_err();
+    assert!(!myself.may_clear_soon);
+    // To any: pg3 still qualifies, so pg2's absence does not matter.
+    assert_eq!(
+        handover_target("pg1", &view, &pg, &intent(Some("pg1"), None)),
+        Ok("pg3".into())
+    );
+}
+
+#[test]
 fn a_due_switchover_checkpoints_stops_cleanly_then_releases_the_key() {
     let (view, pg) = leading_with(Some(intent(Some("pg1"), Some("pg2"))));
     let mut core = Core::new(identity("pg1"));
@@ -1380,7 +1404,12 @@ fn a_switchover_to_an_async_standby_needs_force() {
     );
     let mut asked = intent(Some("pg1"), Some("pg2"));
     let refused = handover_target("pg1", &view, &pg, &asked);
-    assert!(refused.unwrap_err().contains("not a synchronous standby"));
+    let refused = refused.unwrap_err();
+    assert!(
+        refused.why.contains("not a synchronous standby"),
+        "{refused}"
+    );
+    assert!(!refused.may_clear_soon);
     asked.force = true;
     assert_eq!(handover_target("pg1", &view, &pg, &asked), Ok("pg2".into()));
 }

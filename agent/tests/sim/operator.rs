@@ -138,7 +138,11 @@ impl Env {
             .member(&leader.name)
             .and_then(running_primary)
             .ok_or_else(|| format!("leader {} does not report a running primary", leader.name))?;
-        let target = ha::handover_target(&leader.name, view, &leader_pg, &intent)?;
+        // One check against the view of this instant: the control API checks
+        // a refusal that may clear again for up to two loops, each check like
+        // this one, so the simulated operator covers each of its attempts.
+        let target = ha::handover_target(&leader.name, view, &leader_pg, &intent)
+            .map_err(|refusal| refusal.why)?;
         let what = format!("record {intent:?} (now {target})");
         let request = Request::RecordSwitchover {
             intent: Box::new(intent),
