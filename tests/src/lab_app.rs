@@ -26,6 +26,11 @@ pub struct AppSpec {
     pub votes_per_ip_per_minute: u32,
     /// `cache.results_ttl`.
     pub results_ttl: Duration,
+    /// `workers` of every instance. `None`: the machine's cores divided
+    /// among the instances (at least one), since they share those cores —
+    /// with PostgreSQL, HAProxy and etcd — where each app node of the
+    /// founding document has its own.
+    pub workers: Option<usize>,
 }
 
 impl Default for AppSpec {
@@ -35,6 +40,7 @@ impl Default for AppSpec {
             votes_per_voter_per_minute: 30,
             votes_per_ip_per_minute: 1_000_000,
             results_ttl: Duration::from_secs(2),
+            workers: None,
         }
     }
 }
@@ -188,7 +194,8 @@ fn app_yaml(instance: &AppInstance, spec: &AppSpec, db: &Database<'_>, secrets: 
          password_file: {secrets}/app-db-password\n\
          cookies:\n  signing_key_file: {secrets}/app-cookie-key\n\
          cache:\n  results_ttl: {ttl}\n\
-         limits:\n  trust_forwarded_for: true\n  votes_per_voter_per_minute: {voter}\n  votes_per_ip_per_minute: {ip}\n",
+         limits:\n  trust_forwarded_for: true\n  votes_per_voter_per_minute: {voter}\n  votes_per_ip_per_minute: {ip}\n\
+         workers: {workers}\n",
         listen = host_port(&instance.url),
         admin = host_port(&instance.admin_url),
         secrets = secrets.display(),
@@ -197,6 +204,10 @@ fn app_yaml(instance: &AppInstance, spec: &AppSpec, db: &Database<'_>, secrets: 
         ttl = humantime::format_duration(spec.results_ttl),
         voter = spec.votes_per_voter_per_minute,
         ip = spec.votes_per_ip_per_minute,
+        workers = spec.workers.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+            (cores / spec.instances.max(1)).max(1)
+        }),
     )
 }
 
