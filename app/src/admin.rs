@@ -124,7 +124,24 @@ fn forget_poll(app: &App, id: i64) {
     app.poll_list.invalidate(&());
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+/// `/metrics`, for Prometheus. With a token configured, only a request
+/// carrying it (`Authorization: Bearer …`, compared in constant time) gets
+/// the numbers: they show traffic and pool use to whoever reads them.
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &app.metrics_token {
+        if !bearer_matches(&headers, token) {
+            let mut refused = (
+                StatusCode::UNAUTHORIZED,
+                "/metrics needs the scrape token: Authorization: Bearer <admin.metrics_token_file>\n",
+            )
+                .into_response();
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"jai-app metrics\""),
+            );
+            return refused;
+        }
+    }
     let mut pools = vec![("write", &app.db.write)];
     if let Some(read) = &app.db.read {
         pools.push(("read", read));
@@ -136,6 +153,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
+}
+
+/// True when `headers` carry `Authorization: Bearer TOKEN` for this token.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|presented| bool::from(presented.as_bytes().ct_eq(token.as_bytes())))
 }
 
 async fn login_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {

@@ -18,6 +18,11 @@ pub const ENV_DB_PASSWORD: &str = "JAI_APP_DB_PASSWORD";
 pub const ENV_COOKIE_KEY: &str = "JAI_APP_COOKIE_KEY";
 /// Environment variable that may hold the admin password hash.
 pub const ENV_ADMIN_HASH: &str = "JAI_APP_ADMIN_PASSWORD_HASH";
+/// Environment variable that may hold the bearer token of `/metrics`.
+pub const ENV_METRICS_TOKEN: &str = "JAI_APP_METRICS_TOKEN";
+
+/// The shortest accepted `/metrics` token, in bytes.
+const MIN_METRICS_TOKEN: usize = 16;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +67,10 @@ pub struct AdminConfig {
     /// How long an admin session lasts.
     #[serde(default = "default_session_ttl", with = "humantime_serde")]
     pub session_ttl: Duration,
+    /// File holding the bearer token a scraper must send for `/metrics`
+    /// (else the environment variable `JAI_APP_METRICS_TOKEN`). Absent:
+    /// `/metrics` answers whoever reaches the admin port.
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// Database access through HAProxy.
@@ -234,6 +243,8 @@ pub struct Secrets {
     pub admin_hash: String,
     /// Database password, if any.
     pub db_password: Option<String>,
+    /// Bearer token `/metrics` requires, if any.
+    pub metrics_token: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -358,9 +369,22 @@ impl AppConfig {
         })?;
         let db_password = read_secret(self.database.password_file.as_deref(), ENV_DB_PASSWORD)
             .map_err(|reason| invalid("database.password_file", reason))?;
+        let metrics_token =
+            read_secret(self.admin.metrics_token_file.as_deref(), ENV_METRICS_TOKEN)
+                .map_err(|reason| invalid("admin.metrics_token_file", reason))?;
+        if metrics_token
+            .as_ref()
+            .is_some_and(|token| token.len() < MIN_METRICS_TOKEN)
+        {
+            return Err(invalid(
+                "admin.metrics_token_file",
+                format!("the token must be at least {MIN_METRICS_TOKEN} bytes"),
+            ));
+        }
         Ok(Secrets {
             cookie_key: cookie_key.into_bytes(),
             admin_hash,
+            metrics_token,
             db_password,
         })
     }
@@ -534,32 +558,62 @@ mod tests {
         assert_eq!(error, "app.yaml: workers: must be 1-256");
     }
 
+    /// A configuration whose secrets live in files under `dir`: the cookie
+    /// key `key` holds, a valid admin hash, and the `/metrics` token file.
+    fn with_secret_files(dir: &Path, key: &str) -> AppConfig {
+        let key_file = dir.join("key");
+        std::fs::write(&key_file, key).unwrap();
+        let hash = dir.join("hash");
+        std::fs::write(&hash, crate::auth::hash_password("pw").unwrap()).unwrap();
+        let text = GOOD
+            .replace(
+                "cookies: {}",
+                &format!("cookies: {{signing_key_file: {}}}", key_file.display()),
+            )
+            .replace(
+                "admin: {listen: 127.0.0.1:8081}",
+                &format!(
+                    "admin: {{listen: 127.0.0.1:8081, password_hash_file: {}, metrics_token_file: {}}}",
+                    hash.display(),
+                    dir.join("token").display()
+                ),
+            );
+        parse(&text).unwrap()
+    }
+
+    fn secrets_error(config: &AppConfig) -> String {
+        config
+            .load_secrets(Path::new("app.yaml"))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn short_cookie_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        std::fs::write(&key, "short\n").unwrap();
-        let hash = dir.path().join("hash");
-        std::fs::write(&hash, crate::auth::hash_password("pw").unwrap()).unwrap();
-        let text = GOOD.replace(
-            "cookies: {}",
-            &format!("cookies: {{signing_key_file: {}}}", key.display()),
-        );
-        let text = text.replace(
-            "admin: {listen: 127.0.0.1:8081}",
-            &format!(
-                "admin: {{listen: 127.0.0.1:8081, password_hash_file: {}}}",
-                hash.display()
-            ),
-        );
-        let config = parse(&text).unwrap();
-        let error = config
-            .load_secrets(Path::new("app.yaml"))
-            .unwrap_err()
-            .to_string();
+        let config = with_secret_files(dir.path(), "short\n");
+        std::fs::write(dir.path().join("token"), "a-long-enough-scrape-token").unwrap();
         assert_eq!(
-            error,
+            secrets_error(&config),
             "app.yaml: cookies.signing_key_file: the key must be at least 32 bytes"
+        );
+    }
+
+    #[test]
+    fn short_metrics_token_is_refused_and_a_good_one_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = with_secret_files(dir.path(), &"k".repeat(32));
+        let token = dir.path().join("token");
+        std::fs::write(&token, "short\n").unwrap();
+        assert_eq!(
+            secrets_error(&config),
+            "app.yaml: admin.metrics_token_file: the token must be at least 16 bytes"
+        );
+        std::fs::write(&token, "a-long-enough-scrape-token\n").unwrap();
+        let secrets = config.load_secrets(Path::new("app.yaml")).unwrap();
+        assert_eq!(
+            secrets.metrics_token.as_deref(),
+            Some("a-long-enough-scrape-token")
         );
     }
 }

@@ -26,6 +26,8 @@ pub struct App {
     pub config: AppConfig,
     /// The admin credential hash.
     pub admin_hash: String,
+    /// The bearer token `/metrics` requires, if configured.
+    pub metrics_token: Option<String>,
     /// Database pools.
     pub db: Database,
     /// Cookie and CSRF signatures.
@@ -66,6 +68,7 @@ impl App {
         let ttl = config.cache.results_ttl;
         Ok(Self {
             admin_hash: secrets.admin_hash,
+            metrics_token: secrets.metrics_token,
             signer: Signer::new(&secrets.cookie_key),
             poll_list: TtlCache::new(ttl),
             polls: TtlCache::new(ttl),

@@ -1135,6 +1135,7 @@ impl Lab {
             "\nThe voting app (jai-app x{count} behind HAProxy):\n\
              \x20 site:   {url}\n\
              \x20 admin:  {admin}   user {user}, password {password}   (also in {file})\n\
+             \x20 metrics: curl -H \"Authorization: Bearer $(cat {token})\" {admin}/metrics\n\
              \x20 logs:   {dir}/app/*/app.log\n",
             count = app.instances.len(),
             url = app.url,
@@ -1142,6 +1143,7 @@ impl Lab {
             user = app.admin_user,
             password = crate::lab_app::admin_password(app)?,
             file = app.admin_password_file.display(),
+            token = app.metrics_token_file.display(),
             dir = self.desc.dir.display(),
         ))
     }

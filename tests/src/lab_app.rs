@@ -56,6 +56,9 @@ pub struct AppInfo {
     pub admin_user: String,
     /// File (0600) holding the admin password generated for this lab.
     pub admin_password_file: PathBuf,
+    /// File (0600) holding the bearer token `/metrics` requires.
+    #[serde(default)]
+    pub metrics_token_file: PathBuf,
     /// The instances.
     pub instances: Vec<AppInstance>,
 }
@@ -104,6 +107,7 @@ pub fn plan(dir: &Path, host: &str, spec: &AppSpec, mut next_port: impl FnMut() 
         admin_url: instances[0].admin_url.clone(),
         admin_user: "admin".into(),
         admin_password_file: dir.join("secrets/app-admin-password"),
+        metrics_token_file: dir.join("secrets/app-metrics-token"),
         instances,
     }
 }
@@ -158,6 +162,7 @@ pub fn start(
     let secrets = dir.join("secrets");
     let password = crate::lab::random_password();
     crate::lab::write_secret(&app.admin_password_file, &password)?;
+    crate::lab::write_secret(&app.metrics_token_file, &crate::lab::random_password())?;
     crate::lab::write_secret(
         &secrets.join("app-admin-hash"),
         &hash_password(binary, &password)?,
@@ -188,7 +193,8 @@ fn app_yaml(instance: &AppInstance, spec: &AppSpec, db: &Database<'_>, secrets: 
     format!(
         "# Written by jai-lab.\n\
          listen: {listen}\n\
-         admin:\n  listen: {admin}\n  username: admin\n  password_hash_file: {secrets}/app-admin-hash\n\
+         admin:\n  listen: {admin}\n  username: admin\n  password_hash_file: {secrets}/app-admin-hash\n  \
+         metrics_token_file: {secrets}/app-metrics-token\n\
          database:\n  write: \"host={write_host} port={write_port} user={user} dbname={database}\"\n  \
          read: \"host={read_host} port={read_port} user={user} dbname={database}\"\n  \
          password_file: {secrets}/app-db-password\n\
@@ -373,6 +379,19 @@ impl AppClient {
         this.get_mut(url).await
     }
 
+    /// `GET url` with `Authorization: Bearer TOKEN` (no cookies).
+    pub async fn get_with_bearer(&self, url: &str, token: &str) -> Result<Page> {
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let mut this = self.clone();
+        this.read(response).await
+    }
+
     /// `GET url`, keeping cookies the server sets.
     pub async fn get_mut(&mut self, url: &str) -> Result<Page> {
         let response = self
@@ -489,6 +508,15 @@ pub fn admin_password(app: &AppInfo) -> Result<String> {
         .with_context(|| format!("reading {}", app.admin_password_file.display()))?
         .trim()
         .to_owned())
+}
+
+/// `GET /metrics` of `admin_url`, with the lab's scrape token.
+pub async fn scrape_metrics(app: &AppInfo, admin_url: &str) -> Result<Page> {
+    let token = std::fs::read_to_string(&app.metrics_token_file)
+        .with_context(|| format!("reading {}", app.metrics_token_file.display()))?;
+    AppClient::new()?
+        .get_with_bearer(&format!("{admin_url}/metrics"), token.trim())
+        .await
 }
 
 /// Percent-encoding for form bodies.

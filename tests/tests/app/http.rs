@@ -3,7 +3,7 @@
 
 use super::admin;
 use anyhow::{anyhow, ensure, Result};
-use jai_lab::lab_app::{AppClient, AppInfo, Page};
+use jai_lab::lab_app::{scrape_metrics, AppClient, AppInfo, Page};
 use jai_lab::wait;
 use jai_lab::Lab;
 use std::time::Duration;
@@ -736,12 +736,28 @@ async fn admin_edits_reach_the_vote(app: &AppInfo, admin: &mut AppClient) -> Res
 /// Every instance's `/metrics`: HAProxy spreads the votes over the
 /// instances, so one instance alone may not have counted any yet.
 async fn metrics_are_exposed(app: &AppInfo) -> Result<()> {
-    let client = AppClient::new()?;
+    let anonymous = AppClient::new()?
+        .get(&format!("{}/metrics", app.admin_url))
+        .await?;
+    ensure!(
+        anonymous.status == 401 && !anonymous.body.contains("jai_app_"),
+        "metrics without the scrape token answered {}",
+        anonymous.status
+    );
+    let wrong = AppClient::new()?
+        .get_with_bearer(
+            &format!("{}/metrics", app.admin_url),
+            "not-the-token-at-all",
+        )
+        .await?;
+    ensure!(
+        wrong.status == 401,
+        "metrics with a wrong token answered {}",
+        wrong.status
+    );
     let mut all = String::new();
     for instance in &app.instances {
-        let page = client
-            .get(&format!("{}/metrics", instance.admin_url))
-            .await?;
+        let page = scrape_metrics(app, &instance.admin_url).await?;
         ensure!(
             page.status == 200,
             "{} metrics answered {}",
@@ -750,11 +766,6 @@ async fn metrics_are_exposed(app: &AppInfo) -> Result<()> {
         );
         all.push_str(&page.body);
     }
-    let page = AppClient::new()?
-        .get(&format!("{}/metrics", app.admin_url))
-        .await?;
-    ensure!(page.status == 200, "metrics answered {}", page.status);
-    all.push_str(&page.body);
     for needle in [
         "jai_app_votes_total{result=\"accepted\"}",
         "jai_app_votes_total{result=\"refused\"}",

@@ -96,9 +96,7 @@ pub async fn run(lab: &Lab) -> Result<()> {
         failures.len()
     );
     for instance in &app.instances {
-        let metrics = jai_lab::lab_app::AppClient::new()?
-            .get(&format!("{}/metrics", instance.admin_url))
-            .await?;
+        let metrics = jai_lab::lab_app::scrape_metrics(app, &instance.admin_url).await?;
         let retried = metrics
             .body
             .lines()
