@@ -1,9 +1,9 @@
 //! Token-bucket rate limits, kept in this node's memory.
 //!
 //! Per node on purpose: limits only need to be roughly right, and sharing
-//! them through PostgreSQL would put a write on every request. With N app
-//! nodes behind round-robin, a client gets at most N times the configured
-//! rate (docs/app.md).
+//! them through PostgreSQL would put a write on every request. The load
+//! balancer hashes the voter cookie to pick a node, so a voter's bucket lives
+//! on one node; a per-address bucket is per node (docs/app.md, "Votes").
 
 use std::collections::HashMap;
 use std::sync::Mutex;

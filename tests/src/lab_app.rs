@@ -117,10 +117,16 @@ fn host_port(url: &str) -> &str {
 }
 
 /// HAProxy's HTTP frontend over the instances (appended to haproxy.cfg).
+///
+/// A voter goes to the instance the hash of their voter cookie picks
+/// (consistent hashing: an instance going away moves only its own voters), so
+/// the per-voter rate limit, kept in each instance's memory, holds across
+/// instances; requests without the cookie (first visits) go round robin.
 pub fn haproxy_section(app: &AppInfo, check_interval: Duration) -> String {
     let inter = check_interval.as_millis();
     let mut cfg = format!(
-        "listen jai_http\n    mode http\n    bind {bind}\n    balance roundrobin\n    \
+        "listen jai_http\n    mode http\n    bind {bind}\n    balance hash req.cook(jai_voter)\n    \
+         hash-type consistent\n    \
          option forwardfor\n    option httpchk\n    http-check send meth GET uri /healthz\n    \
          http-check expect status 200\n    timeout client 30s\n    timeout server 30s\n    \
          default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall 2 rise 1\n",

@@ -384,8 +384,10 @@ async fn bad_votes_are_refused(app: &AppInfo, poll: i64, other_poll: i64) -> Res
 }
 
 async fn rate_limit_is_hit(app: &AppInfo, poll: i64) -> Result<()> {
-    // 30 votes per voter per minute per app node, two nodes: the limit must
-    // bite well before 200 submissions, and not before the 30th.
+    // 30 votes per voter per minute per app node, and HAProxy sends one voter
+    // to one node (hash of the voter cookie): the limit bites after the 30th
+    // vote (plus what the bucket refills meanwhile, one vote per 2 s), not
+    // after twice that as two round-robin nodes would allow.
     let mut voter = Voter::open(app, poll).await?;
     let option = voter.options()[0].clone();
     let csrf = voter.field("csrf");
@@ -400,7 +402,12 @@ async fn rate_limit_is_hit(app: &AppInfo, poll: i64) -> Result<()> {
             .await?;
         match page.status {
             429 => {
+                eprintln!("rate limited at vote {attempt}");
                 ensure!(attempt > 30, "rate limited after only {attempt} votes");
+                ensure!(
+                    attempt <= 45,
+                    "rate limited only after {attempt} votes: the voter's votes were spread over nodes"
+                );
                 ensure!(
                     page.body.contains("too quickly"),
                     "429 without a clear message"
