@@ -7,7 +7,10 @@
 //! number of clients. After an unmeasured warm-up of each load, the three
 //! loads run in turn for `--rounds` rounds, so that both sides of the ratio
 //! see the same machine state (autovacuum, checkpoints, table growth); the
-//! medians are compared. Nothing here passes or fails.
+//! vote path's ratio is the median of the rounds' own ratios. Each CPU layout
+//! of `--layouts` is measured in turn: `shared` (as the lab runs) and
+//! `partitioned` (the primary's PostgreSQL on cores of its own, see
+//! `jai_lab::cpus`). Nothing here passes or fails.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
