@@ -638,16 +638,12 @@ fn to_pretty_json(config: &DynamicConfig) -> String {
     serde_json::to_string_pretty(config).expect("the config serializes")
 }
 
-/// Compares without an early exit, so the time taken says nothing about how
-/// much of a guessed token was right.
+/// Compares without an early exit (`subtle`; only a length mismatch returns
+/// at once), so the time taken says nothing about how much of a guessed
+/// token was right.
 fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    if left.len() != right.len() {
-        return false;
-    }
-    left.iter()
-        .zip(right)
-        .fold(0u8, |differ, (a, b)| differ | (a ^ b))
-        == 0
+    use subtle::ConstantTimeEq as _;
+    bool::from(left.ct_eq(right))
 }
 
 #[cfg(test)]

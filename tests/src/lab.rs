@@ -1004,11 +1004,7 @@ impl Lab {
 
     /// The superuser's password.
     pub fn superuser_password(&self) -> Result<String> {
-        let file = &self.desc.postgres.superuser_password_file;
-        Ok(std::fs::read_to_string(file)
-            .with_context(|| format!("reading {}", file.display()))?
-            .trim()
-            .to_owned())
+        read_secret(&self.desc.postgres.superuser_password_file)
     }
 
     /// Connects as the superuser to `address` (`HOST:PORT`).
@@ -1401,6 +1397,14 @@ fn free_ports(host: Ipv4Addr, count: usize) -> Result<Vec<u16>> {
 pub(crate) fn random_password() -> String {
     use rand::distr::{Alphanumeric, SampleString};
     Alphanumeric.sample_string(&mut rand::rng(), 24)
+}
+
+/// A secret [`write_secret`] wrote, without its trailing newline.
+pub(crate) fn read_secret(file: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .trim()
+        .to_owned())
 }
 
 pub(crate) fn write_secret(file: &Path, secret: &str) -> Result<()> {

@@ -510,18 +510,14 @@ impl AppClient {
 
 /// Reads the lab's admin password.
 pub fn admin_password(app: &AppInfo) -> Result<String> {
-    Ok(std::fs::read_to_string(&app.admin_password_file)
-        .with_context(|| format!("reading {}", app.admin_password_file.display()))?
-        .trim()
-        .to_owned())
+    crate::lab::read_secret(&app.admin_password_file)
 }
 
 /// `GET /metrics` of `admin_url`, with the lab's scrape token.
 pub async fn scrape_metrics(app: &AppInfo, admin_url: &str) -> Result<Page> {
-    let token = std::fs::read_to_string(&app.metrics_token_file)
-        .with_context(|| format!("reading {}", app.metrics_token_file.display()))?;
+    let token = crate::lab::read_secret(&app.metrics_token_file)?;
     AppClient::new()?
-        .get_with_bearer(&format!("{admin_url}/metrics"), token.trim())
+        .get_with_bearer(&format!("{admin_url}/metrics"), &token)
         .await
 }
 

@@ -13,7 +13,7 @@
 //! `jai_lab::cpus`). Nothing here passes or fails.
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum as _};
 use jai_lab::lab_app::{admin_password, AppClient, AppInfo, AppSpec};
 use jai_lab::{cpus, process, Lab, LabSpec};
 use std::fmt::Write as _;
@@ -106,11 +106,11 @@ async fn main() -> Result<()> {
         let rounds = match layout {
             Layout::Shared => measure(&lab, &args, &workload, "shared cores", run_base)?,
             Layout::Partitioned => {
-                let Some(partition) = cpus::Partition::halves(&cpus::available()?) else {
+                let everything = cpus::available()?;
+                let Some(partition) = cpus::Partition::halves(&everything) else {
                     eprintln!("partitioned: skipped, this machine has one core");
                     continue;
                 };
-                let everything = cpus::available()?;
                 let postmaster = process::postmaster_pid(&lab.node(&primary_name)?.data_dir)
                     .ok_or_else(|| anyhow!("{primary_name}: PostgreSQL is not running"))?;
                 let roots = lab_roots(&lab);
@@ -494,10 +494,10 @@ fn report(args: &Args, results: &[(Layout, Vec<Round>)]) -> String {
             .iter()
             .map(|round| round.views.failed + round.votes.failed + round.raw.failed)
             .sum();
-        let name = match layout {
-            Layout::Shared => "shared",
-            Layout::Partitioned => "partitioned",
-        };
+        let name = layout
+            .to_possible_value()
+            .map(|value| value.get_name().to_owned())
+            .unwrap_or_default();
         let _ = writeln!(
             summary,
             "{name:<12} page views {views:>6.0}/s   votes {votes:>5.0}/s   vote SQL {raw:>5.0}/s   \
