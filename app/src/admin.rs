@@ -142,11 +142,7 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             return refused;
         }
     }
-    let mut pools = vec![("write", &app.db.write)];
-    if let Some(read) = &app.db.read {
-        pools.push(("read", read));
-    }
-    let text = app.metrics.render(&pools, app.degraded());
+    let text = app.metrics.render(&app.db.usage(), app.degraded());
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -85,9 +85,13 @@ pub struct DatabaseConfig {
     pub read: Option<String>,
     /// File holding the database password (else `JAI_APP_DB_PASSWORD`, else none).
     pub password_file: Option<PathBuf>,
-    /// Connections per pool.
+    /// Connections per pool (reads, admin writes, view flushes).
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// Write connections shared by every vote in flight, which pipeline on
+    /// them (see `pipelined`): a few serve more votes than a pool of many.
+    #[serde(default = "default_vote_connections")]
+    pub vote_connections: usize,
     /// How long a vote is retried through a failover before the voter is told to try again.
     #[serde(default = "default_retry_timeout", with = "humantime_serde")]
     pub retry_timeout: Duration,
@@ -180,6 +184,9 @@ fn default_session_ttl() -> Duration {
 }
 fn default_pool_size() -> usize {
     16
+}
+fn default_vote_connections() -> usize {
+    4
 }
 fn default_retry_timeout() -> Duration {
     Duration::from_secs(15)
@@ -307,6 +314,9 @@ impl AppConfig {
         }
         if !(1..=1000).contains(&self.database.pool_size) {
             return Err(("database.pool_size", "must be 1-1000".into()));
+        }
+        if !(1..=1000).contains(&self.database.vote_connections) {
+            return Err(("database.vote_connections", "must be 1-1000".into()));
         }
         positive("database.retry_timeout", self.database.retry_timeout)?;
         positive("database.connect_timeout", self.database.connect_timeout)?;

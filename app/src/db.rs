@@ -9,10 +9,12 @@
 //! idempotent (a vote carries its idempotency key).
 
 use crate::config::DatabaseConfig;
+use crate::pipelined::{Pipelined, Shared};
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -40,6 +42,8 @@ pub struct Database {
     pub write: Pool,
     /// Through the read port (replicas), when configured.
     pub read: Option<Pool>,
+    /// Shared write connections on which votes are pipelined.
+    pub votes: Arc<Pipelined>,
     retry_timeout: Duration,
 }
 
@@ -60,11 +64,41 @@ impl Database {
             Some(read) => Some(pool(read, password, config)?),
             None => None,
         };
+        let votes = Pipelined::new(
+            pg_config(&config.write, password, config)?,
+            config.vote_connections,
+            crate::store::VOTE_SQL,
+        );
         Ok(Self {
             write,
             read,
+            votes: Arc::new(votes),
             retry_timeout: config.retry_timeout,
         })
+    }
+
+    /// Every pool's use, as `(pool, state, value)` for the pool gauge:
+    /// `write` and `read` report `size`, `available` and `waiting`; `votes`
+    /// (the shared connections) `size`, `open` and `in_flight`.
+    pub fn usage(&self) -> Vec<(&'static str, &'static str, usize)> {
+        let mut gauges = Vec::new();
+        let pools = std::iter::once(("write", &self.write))
+            .chain(self.read.as_ref().map(|read| ("read", read)));
+        for (pool, handle) in pools {
+            let status = handle.status();
+            gauges.extend([
+                (pool, "size", status.size),
+                (pool, "available", status.available),
+                (pool, "waiting", status.waiting),
+            ]);
+        }
+        let votes = self.votes.usage();
+        gauges.extend([
+            ("votes", "size", votes.size),
+            ("votes", "open", votes.open),
+            ("votes", "in_flight", votes.in_flight),
+        ]);
+        gauges
     }
 
     /// The pool reads should use: the read port if configured.
@@ -79,7 +113,45 @@ impl Database {
         F: FnMut(Object) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        retry(&self.write, self.retry_timeout, operation).await
+        let mut operation = operation;
+        let mut retries = Retries::new(self.retry_timeout);
+        loop {
+            match attempt(&self.write, &mut operation).await {
+                Ok(value) => return Ok(retries.done(value)),
+                Err(failure) => retries.back_off(failure).await?,
+            }
+        }
+    }
+
+    /// Runs `operation` on a shared write connection (see
+    /// [`crate::pipelined`]), retrying transient failures like
+    /// [`Self::write_with_retry`]. A connection that failed transiently is
+    /// dropped, so the retry reaches whatever HAProxy now routes to.
+    pub async fn vote_with_retry<T, F, Fut>(
+        &self,
+        mut operation: F,
+    ) -> Result<Attempted<T>, DbError>
+    where
+        F: FnMut(Arc<Shared>) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let _in_flight = self.votes.enter();
+        let mut retries = Retries::new(self.retry_timeout);
+        loop {
+            let failure = match self.votes.get().await {
+                Err(error) => classify(&error),
+                Ok(shared) => match operation(shared.clone()).await {
+                    Ok(value) => return Ok(retries.done(value)),
+                    Err(error) => {
+                        if needs_new_connection(&error) {
+                            self.votes.discard(&shared).await;
+                        }
+                        classify(&error)
+                    }
+                },
+            };
+            retries.back_off(failure).await?;
+        }
     }
 
     /// Runs `operation` once on a read connection; on a transient failure of
@@ -108,13 +180,23 @@ impl Database {
     }
 }
 
-fn pool(conninfo: &str, password: Option<&str>, config: &DatabaseConfig) -> anyhow::Result<Pool> {
+/// The connection settings of `conninfo` with the password and timeouts.
+fn pg_config(
+    conninfo: &str,
+    password: Option<&str>,
+    config: &DatabaseConfig,
+) -> anyhow::Result<tokio_postgres::Config> {
     let mut pg: tokio_postgres::Config = conninfo.parse()?;
     if let Some(password) = password {
         pg.password(password);
     }
     pg.connect_timeout(config.connect_timeout);
     pg.application_name("jai-app");
+    Ok(pg)
+}
+
+fn pool(conninfo: &str, password: Option<&str>, config: &DatabaseConfig) -> anyhow::Result<Pool> {
+    let pg = pg_config(conninfo, password, config)?;
     let manager = Manager::from_config(
         pg,
         NoTls,
@@ -145,44 +227,60 @@ where
         PoolError::Backend(inner) => Failure::Transient(describe(inner)),
         _ => Failure::Transient(error.to_string()),
     })?;
-    operation(client).await.map_err(|error| {
-        if is_transient(&error) {
-            Failure::Transient(describe(&error))
-        } else {
-            Failure::Permanent(describe(&error))
-        }
-    })
+    operation(client).await.map_err(|error| classify(&error))
 }
 
-async fn retry<T, F, Fut>(
-    pool: &Pool,
+fn classify(error: &tokio_postgres::Error) -> Failure {
+    if is_transient(error) {
+        Failure::Transient(describe(error))
+    } else {
+        Failure::Permanent(describe(error))
+    }
+}
+
+/// The retry budget of one operation: how many attempts it took and when
+/// to give up.
+struct Retries {
+    start: Instant,
     budget: Duration,
-    mut operation: F,
-) -> Result<Attempted<T>, DbError>
-where
-    F: FnMut(Object) -> Fut,
-    Fut: Future<Output = Result<T, tokio_postgres::Error>>,
-{
-    let start = Instant::now();
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        match attempt(pool, &mut operation).await {
-            Ok(value) => return Ok(Attempted { value, attempts }),
-            Err(Failure::Permanent(message)) => return Err(DbError::Permanent(message)),
-            Err(Failure::Transient(last)) => {
-                let waited = start.elapsed();
-                let Some(pause) = backoff(attempts, budget.saturating_sub(waited)) else {
-                    return Err(DbError::Unavailable { waited, last });
-                };
-                tracing::debug!(
-                    attempts,
-                    ?pause,
-                    "transient database error, retrying: {last}"
-                );
-                tokio::time::sleep(pause).await;
-            }
+    attempts: u32,
+}
+
+impl Retries {
+    fn new(budget: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            budget,
+            attempts: 1,
         }
+    }
+
+    fn done<T>(&self, value: T) -> Attempted<T> {
+        Attempted {
+            value,
+            attempts: self.attempts,
+        }
+    }
+
+    /// After a failed attempt: an error if it was permanent or the budget
+    /// is spent, else a [`backoff`] pause before the next attempt.
+    async fn back_off(&mut self, failure: Failure) -> Result<(), DbError> {
+        let last = match failure {
+            Failure::Permanent(message) => return Err(DbError::Permanent(message)),
+            Failure::Transient(last) => last,
+        };
+        let waited = self.start.elapsed();
+        let Some(pause) = backoff(self.attempts, self.budget.saturating_sub(waited)) else {
+            return Err(DbError::Unavailable { waited, last });
+        };
+        tracing::debug!(
+            attempts = self.attempts,
+            ?pause,
+            "transient database error, retrying: {last}"
+        );
+        tokio::time::sleep(pause).await;
+        self.attempts += 1;
+        Ok(())
     }
 }
 
@@ -203,12 +301,23 @@ pub fn backoff(attempts: u32, left: Duration) -> Option<Duration> {
 pub fn is_transient(error: &tokio_postgres::Error) -> bool {
     if let Some(db) = error.as_db_error() {
         let code = db.code();
+        return code == &SqlState::T_R_SERIALIZATION_FAILURE
+            || code == &SqlState::T_R_DEADLOCK_DETECTED
+            || needs_new_connection(error);
+    }
+    needs_new_connection(error)
+}
+
+/// True when the connection is useless for writes: it failed, closed or
+/// timed out, or its server is not (or is no longer) the primary. A new
+/// connection through HAProxy's write port may reach the right server.
+pub fn needs_new_connection(error: &tokio_postgres::Error) -> bool {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code();
         return code == &SqlState::READ_ONLY_SQL_TRANSACTION
             || code == &SqlState::ADMIN_SHUTDOWN
             || code == &SqlState::CRASH_SHUTDOWN
             || code == &SqlState::CANNOT_CONNECT_NOW
-            || code == &SqlState::T_R_SERIALIZATION_FAILURE
-            || code == &SqlState::T_R_DEADLOCK_DETECTED
             || code.code().starts_with("08");
     }
     // No server error: the connection failed, closed or timed out.

@@ -38,6 +38,7 @@ pub mod db;
 pub mod http;
 pub mod metrics;
 pub mod pages;
+pub mod pipelined;
 pub mod public;
 pub mod ratelimit;
 pub mod schema;

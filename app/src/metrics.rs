@@ -3,7 +3,6 @@
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use deadpool_postgres::Pool;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -45,9 +44,9 @@ pub struct VoteLabels {
 /// Labels of a pool gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
-    /// `write` or `read`.
+    /// `write`, `read` or `votes` (the shared vote connections).
     pub pool: &'static str,
-    /// `size`, `available` or `waiting`.
+    /// `size`, `available` or `waiting`; for `votes`: `size`, `open` or `in_flight`.
     pub state: &'static str,
 }
 
@@ -138,18 +137,12 @@ impl Metrics {
     }
 
     /// The text exposition, with pool gauges and degraded state read now.
-    pub fn render(&self, pools: &[(&'static str, &Pool)], degraded: bool) -> String {
-        for (pool, handle) in pools {
-            let status = handle.status();
-            for (state, value) in [
-                ("size", status.size),
-                ("available", status.available),
-                ("waiting", status.waiting),
-            ] {
-                self.pools
-                    .get_or_create(&PoolLabels { pool, state })
-                    .set(value as i64);
-            }
+    /// `pools` holds `(pool, state, value)` triples ([`crate::db::Database::usage`]).
+    pub fn render(&self, pools: &[(&'static str, &'static str, usize)], degraded: bool) -> String {
+        for &(pool, state, value) in pools {
+            self.pools
+                .get_or_create(&PoolLabels { pool, state })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
         self.degraded.set(i64::from(degraded));
         let mut text = String::new();

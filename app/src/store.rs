@@ -115,10 +115,10 @@ pub async fn vote(
     option: i64,
 ) -> Result<Attempted<VoteOutcome>, DbError> {
     let attempted = db
-        .write_with_retry(|client| async move {
-            let statement = client.prepare_cached(VOTE_SQL).await?;
-            let row = client
-                .query_one(&statement, &[&voter, &key, &poll, &option])
+        .vote_with_retry(|shared| async move {
+            let row = shared
+                .client
+                .query_one(&shared.statement, &[&voter, &key, &poll, &option])
                 .await?;
             Ok(row.get::<_, String>(0))
         })

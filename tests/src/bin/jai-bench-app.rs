@@ -33,6 +33,10 @@ struct Args {
     /// Concurrent connections (wrk) and clients (pgbench).
     #[arg(long, default_value_t = 32)]
     connections: u32,
+    /// wrk connections of the vote load when it should differ from
+    /// --connections (voters outnumber database connections in production).
+    #[arg(long)]
+    vote_connections: Option<u32>,
     /// Distinct voters the vote load cycles through.
     #[arg(long, default_value_t = 400)]
     voters: usize,
@@ -203,10 +207,10 @@ fn measure(
             format!("{label}, round {round}/{}", args.rounds)
         };
         eprintln!("{stage}: page views (wrk on {}) …", load.page_url);
-        let views = wrk(args, seconds, &load.page_url, None)?;
+        let views = wrk(args.connections, seconds, &load.page_url, None)?;
         eprintln!("{stage}: votes (wrk posting to {}) …", load.vote_url);
         let votes = wrk(
-            args,
+            args.vote_connections.unwrap_or(args.connections),
             seconds,
             &load.vote_url,
             Some((&load.script, run_base + round)),
@@ -237,11 +241,16 @@ struct Round {
 /// Runs wrk with `--latency` and reads rate, p50, p99 and failures. A script
 /// gets `run` as its argument: each run's idempotency keys are its own, so
 /// no run replays an earlier one's votes (a replay costs the database less).
-fn wrk(args: &Args, seconds: u32, url: &str, script: Option<(&Path, u32)>) -> Result<Measured> {
+fn wrk(
+    connections: u32,
+    seconds: u32,
+    url: &str,
+    script: Option<(&Path, u32)>,
+) -> Result<Measured> {
     let mut command = Command::new("wrk");
     command
         .arg("-t2")
-        .arg(format!("-c{}", args.connections))
+        .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"))
         .arg("--timeout")
         .arg("20s")
@@ -442,9 +451,10 @@ fn ratio(part: f64, whole: f64) -> f64 {
 
 fn report(args: &Args, results: &[(Layout, Vec<Round>)]) -> String {
     let mut text = format!(
-        "\njai-app through HAProxy (2 app instances, {c} connections) vs pgbench on the primary ({c} clients): \
+        "\njai-app through HAProxy (2 app instances, {c} connections, {v} for votes) vs pgbench on the primary ({c} clients): \
          {n} rounds of {s} s per load after a {w} s warm-up, per CPU layout\n",
         c = args.connections,
+        v = args.vote_connections.unwrap_or(args.connections),
         n = args.rounds,
         s = args.seconds,
         w = args.warmup,

@@ -779,8 +779,21 @@ async fn metrics_are_exposed(app: &AppInfo) -> Result<()> {
         "route=\"/polls/{id}/vote\"",
         "jai_app_http_request_duration_seconds_bucket",
         "jai_app_db_pool_connections{pool=\"write\",state=\"size\"}",
+        "jai_app_db_pool_connections{pool=\"votes\",state=\"in_flight\"}",
     ] {
         ensure!(all.contains(needle), "metrics lack {needle}");
     }
+    // Votes were accepted above, so some node holds a shared vote connection.
+    let open_vote_connections: u64 = all
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("jai_app_db_pool_connections{pool=\"votes\",state=\"open\"} ")
+        })
+        .filter_map(|value| value.trim().parse::<u64>().ok())
+        .sum();
+    ensure!(
+        open_vote_connections > 0,
+        "no open shared vote connection after accepted votes:\n{all}"
+    );
     Ok(())
 }
