@@ -108,12 +108,14 @@ impl Database {
 
     /// Runs `operation` on a write connection, retrying transient failures
     /// with backoff for up to the retry timeout.
-    pub async fn write_with_retry<T, F, Fut>(&self, operation: F) -> Result<Attempted<T>, DbError>
+    pub async fn write_with_retry<T, F, Fut>(
+        &self,
+        mut operation: F,
+    ) -> Result<Attempted<T>, DbError>
     where
         F: FnMut(Object) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        let mut operation = operation;
         let mut retries = Retries::new(self.retry_timeout);
         loop {
             match attempt(&self.write, &mut operation).await {
@@ -125,8 +127,9 @@ impl Database {
 
     /// Runs `operation` on a shared write connection (see
     /// [`crate::pipelined`]), retrying transient failures like
-    /// [`Self::write_with_retry`]. A connection that failed transiently is
-    /// dropped, so the retry reaches whatever HAProxy now routes to.
+    /// [`Self::write_with_retry`]. A connection whose error says it reaches
+    /// no primary ([`needs_new_connection`]) is dropped, so that the retry
+    /// reaches whatever HAProxy routes to now.
     pub async fn vote_with_retry<T, F, Fut>(
         &self,
         mut operation: F,

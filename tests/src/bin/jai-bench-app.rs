@@ -3,8 +3,9 @@
 //! wrk (Debian) drives the app through HAProxy's HTTP frontend: page views
 //! of one poll, and vote submissions (each with its own voter cookie, CSRF
 //! token and idempotency key). pgbench runs the same vote SQL
-//! (`SELECT jai_vote(...)`, prepared) straight on the primary with the same
-//! number of clients. After an unmeasured warm-up of each load, the three
+//! (`SELECT jai_vote(...)`, prepared) straight on the primary with as many
+//! clients as wrk has connections (`--vote-connections` may give the vote
+//! load more). After an unmeasured warm-up of each load, the three
 //! loads run in turn for `--rounds` rounds, so that both sides of the ratio
 //! see the same machine state (autovacuum, checkpoints, table growth); the
 //! vote path's ratio is the median of the rounds' own ratios. Each CPU layout
