@@ -8,8 +8,8 @@ use crate::control::{self, OperatorRequest, OperatorRequestKind};
 use crate::dcs::LeaseTracker;
 use crate::dcs::{self, Dcs};
 use crate::ha::{
-    Action, ClusterView, Core, DataDir, Decision, Identity, LeaseView, LocalPostgres, Millis,
-    Observation, PgProcess, PgRole, RewindOutcome, StartAs, SyncNames,
+    Action, ClusterView, Core, DataDir, Decision, Identity, LeaseView, LocalPostgres,
+    MemberAddresses, Millis, Observation, PgProcess, PgRole, RewindOutcome, StartAs, SyncNames,
 };
 use crate::postgres::Postgres;
 use anyhow::{anyhow, Context, Result};
@@ -621,40 +621,13 @@ impl Agent {
     }
 
     fn member_status(&self, observation: &Observation, decision: &Decision) -> MemberStatus {
-        let running = match &observation.pg.process {
-            PgProcess::Running(pg) => Some(pg),
-            _ => None,
-        };
-        let system_id = match &observation.pg.data_dir {
-            DataDir::Initialized { system_id, .. } => Some(system_id.clone()),
-            _ => None,
-        };
-        MemberStatus {
-            name: self.config.name.clone(),
-            role: match running.map(|pg| pg.role) {
-                Some(PgRole::Primary) => MemberRole::Primary,
-                Some(PgRole::Replica) => MemberRole::Replica,
-                None => MemberRole::Unknown,
-            },
-            state: if running.is_some() && decision.state != MemberState::Refused {
-                MemberState::Running
-            } else {
-                decision.state
-            },
-            reason: decision.reason.clone(),
+        let reach = MemberAddresses {
             api_url: self.config.api_url(),
             pg_address: self.config.pg_address(),
             grpc_url: self.config.grpc_url(),
-            system_id,
-            timeline: running.map(|pg| pg.timeline),
-            write_lsn: running.and_then(|pg| pg.write_lsn),
-            receive_lsn: running.and_then(|pg| pg.receive_lsn),
-            replay_lsn: running.and_then(|pg| pg.replay_lsn),
-            tags: self.config.tags.clone(),
-            standing_down: self.core.is_standing_down(observation.now),
-            standbys: running.map(|pg| pg.standbys.clone()).unwrap_or_default(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        }
+        };
+        self.core
+            .member_status(observation, decision, reach, env!("CARGO_PKG_VERSION"))
     }
 
     /// Logs a failure once per outage: repeats of the same error go to debug,

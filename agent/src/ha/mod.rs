@@ -21,7 +21,7 @@ pub mod sync;
 pub use model::*;
 
 use election::Override;
-use jai_proto::{LeaderStatus, MemberState, MemberStatus, SwitchoverIntent};
+use jai_proto::{LeaderStatus, MemberRole, MemberState, MemberStatus, SwitchoverIntent};
 
 /// The decision logic of one member, plus the little it must remember.
 #[derive(Debug, Clone)]
@@ -75,6 +75,53 @@ impl Core {
     /// Who this core decides for.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The status this member publishes after `decision`: role, timeline and
+    /// positions as observed, the decided state (`Running` whenever
+    /// PostgreSQL runs, unless the member refused), and where it is reached.
+    /// The shell and the simulator both publish exactly this.
+    pub fn member_status(
+        &self,
+        observation: &Observation,
+        decision: &Decision,
+        reach: MemberAddresses,
+        version: &str,
+    ) -> MemberStatus {
+        let running = match &observation.pg.process {
+            PgProcess::Running(pg) => Some(pg),
+            _ => None,
+        };
+        let system_id = match &observation.pg.data_dir {
+            DataDir::Initialized { system_id, .. } => Some(system_id.clone()),
+            _ => None,
+        };
+        MemberStatus {
+            name: self.identity.name.clone(),
+            role: match running.map(|pg| pg.role) {
+                Some(PgRole::Primary) => MemberRole::Primary,
+                Some(PgRole::Replica) => MemberRole::Replica,
+                None => MemberRole::Unknown,
+            },
+            state: if running.is_some() && decision.state != MemberState::Refused {
+                MemberState::Running
+            } else {
+                decision.state
+            },
+            reason: decision.reason.clone(),
+            api_url: reach.api_url,
+            pg_address: reach.pg_address,
+            grpc_url: reach.grpc_url,
+            system_id,
+            timeline: running.map(|pg| pg.timeline),
+            write_lsn: running.and_then(|pg| pg.write_lsn),
+            receive_lsn: running.and_then(|pg| pg.receive_lsn),
+            replay_lsn: running.and_then(|pg| pg.replay_lsn),
+            tags: self.identity.tags.clone(),
+            standing_down: self.is_standing_down(observation.now),
+            standbys: running.map(|pg| pg.standbys.clone()).unwrap_or_default(),
+            version: version.to_owned(),
+        }
     }
 
     /// Decides what to do now. Call it whenever something changed (etcd watch,

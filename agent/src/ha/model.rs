@@ -27,6 +27,17 @@ pub struct Identity {
     pub reclone_on_rewind_failure: bool,
 }
 
+/// Where a member is reached, as its published status says.
+#[derive(Debug, Clone)]
+pub struct MemberAddresses {
+    /// Base URL of its health API.
+    pub api_url: String,
+    /// `host:port` of its PostgreSQL.
+    pub pg_address: String,
+    /// Base URL of its gRPC control API, if it serves one.
+    pub grpc_url: Option<String>,
+}
+
 /// Everything the shell saw, at one instant.
 #[derive(Debug, Clone)]
 pub struct Observation {

@@ -31,7 +31,7 @@ use super::postgres::OpKind;
 use super::{Env, Plant, ViolationKind};
 use jai_agent::ha::{
     Action, ClusterView, Core, DataDir, Decision, Identity, Initialize, LeaderKey, LeaseView,
-    LocalPostgres, Millis, Observation, PgProcess, PgRole, RewindOutcome, StartAs,
+    LocalPostgres, MemberAddresses, Millis, Observation, PgProcess, PgRole, RewindOutcome, StartAs,
 };
 use jai_proto::{DynamicConfig, HistoryEntry, Lsn, MemberRole, MemberState, MemberStatus, Tags};
 use std::collections::BTreeMap;
@@ -869,42 +869,14 @@ impl Agent {
         );
     }
 
-    /// `Agent::member_status` of the shell.
+    /// What the shell publishes: `Core::member_status`.
     fn member_status(&self, observation: &Observation, decision: &Decision) -> MemberStatus {
-        let running = match &observation.pg.process {
-            PgProcess::Running(pg) => Some(pg),
-            _ => None,
-        };
-        let system_id = match &observation.pg.data_dir {
-            DataDir::Initialized { system_id, .. } => Some(system_id.clone()),
-            _ => None,
-        };
-        MemberStatus {
-            name: self.name.clone(),
-            role: match running.map(|pg| pg.role) {
-                Some(PgRole::Primary) => MemberRole::Primary,
-                Some(PgRole::Replica) => MemberRole::Replica,
-                None => MemberRole::Unknown,
-            },
-            state: if running.is_some() && decision.state != MemberState::Refused {
-                MemberState::Running
-            } else {
-                decision.state
-            },
-            reason: decision.reason.clone(),
+        let reach = MemberAddresses {
             api_url: String::new(),
             pg_address: format!("{}:5432", self.name),
             grpc_url: None,
-            system_id,
-            timeline: running.map(|pg| pg.timeline),
-            write_lsn: running.and_then(|pg| pg.write_lsn),
-            receive_lsn: running.and_then(|pg| pg.receive_lsn),
-            replay_lsn: running.and_then(|pg| pg.replay_lsn),
-            tags: self.tags.clone(),
-            standing_down: self.core.is_standing_down(observation.now),
-            standbys: running.map(|pg| pg.standbys.clone()).unwrap_or_default(),
-            version: "sim".into(),
-        }
+        };
+        self.core.member_status(observation, decision, reach, "sim")
     }
 
     fn execute(&mut self, env: &mut Env, actions: Vec<Action>) {
