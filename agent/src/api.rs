@@ -42,6 +42,9 @@ pub struct NodeSnapshot {
     pub liveness_window: Duration,
     /// PID of the postmaster, if one runs.
     pub postgres_pid: Option<i32>,
+    /// Another member holds the leader key and says it runs a primary, as
+    /// last read: a standby should be streaming from it.
+    pub leader_runs_primary: bool,
 }
 
 #[derive(Clone)]
@@ -139,16 +142,27 @@ async fn replica(
         Ok(max_lag) => max_lag,
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
+    state.answer(&method, replica_healthy(&node, max_lag), &node)
+}
+
+/// `/replica`: a running standby open for reads, within `max_lag` bytes if
+/// asked, and streaming whenever a primary runs to stream from. A standby
+/// that should stream and does not (diverged, slot gone, cut off) serves
+/// data that grows older with every commit, while its lag — measured
+/// against the leader's last published position — may not show it. With no
+/// primary running, standbys stay in: stale reads beat none.
+pub fn replica_healthy(node: &NodeSnapshot, max_lag: Option<u64>) -> bool {
     let within_lag = match (max_lag, node.lag_bytes) {
         (Some(max), Some(lag)) => lag <= max,
         (Some(_), None) => false,
         (None, _) => true,
     };
-    let healthy = running(&node)
+    let streams_if_it_can = node.member.streaming != Some(false) || !node.leader_runs_primary;
+    running(node)
         && node.member.role == MemberRole::Replica
         && !node.member.tags.noloadbalance
-        && within_lag;
-    state.answer(&method, healthy, &node)
+        && within_lag
+        && streams_if_it_can
 }
 
 async fn read_only(State(state): State<ApiState>, method: Method) -> Response {
@@ -251,6 +265,61 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn standby(streaming: Option<bool>, leader_runs_primary: bool) -> NodeSnapshot {
+        NodeSnapshot {
+            member: MemberStatus {
+                name: "pg2".into(),
+                role: MemberRole::Replica,
+                state: MemberState::Running,
+                reason: None,
+                api_url: String::new(),
+                pg_address: String::new(),
+                grpc_url: None,
+                system_id: None,
+                timeline: Some(1),
+                write_lsn: None,
+                receive_lsn: None,
+                replay_lsn: None,
+                tags: Default::default(),
+                standing_down: false,
+                streaming,
+                standbys: Vec::new(),
+                version: String::new(),
+            },
+            leader: Some("pg1".into()),
+            holds_leader_key: false,
+            demoting: false,
+            lag_bytes: Some(0),
+            dcs_reachable: true,
+            demote_margin: Duration::from_secs(1),
+            heartbeat: Instant::now(),
+            liveness_window: Duration::from_secs(10),
+            postgres_pid: Some(42),
+            leader_runs_primary,
+        }
+    }
+
+    #[test]
+    fn a_standby_that_should_stream_and_does_not_leaves_replica() {
+        assert!(replica_healthy(&standby(Some(true), true), None));
+        assert!(replica_healthy(&standby(Some(true), true), Some(1024)));
+        assert!(
+            !replica_healthy(&standby(Some(false), true), None),
+            "a primary runs and this standby does not stream from it"
+        );
+        assert!(
+            replica_healthy(&standby(Some(false), false), None),
+            "no primary to stream from: stale reads beat none"
+        );
+        let mut lagging = standby(Some(true), true);
+        lagging.lag_bytes = Some(2048);
+        assert!(!replica_healthy(&lagging, Some(1024)));
+        assert!(replica_healthy(&lagging, None));
+        let mut primary = standby(None, false);
+        primary.member.role = MemberRole::Primary;
+        assert!(!replica_healthy(&primary, None));
+    }
 
     #[test]
     fn byte_counts_parse_like_patroni() {

@@ -581,6 +581,7 @@ pub fn running_primary(member: &MemberStatus) -> Option<RunningPostgres> {
         slots: Vec::new(),
         standbys: member.standbys.clone(),
         sync_names: Default::default(),
+        streaming: false,
     })
 }
 

@@ -134,10 +134,10 @@ pub struct Routing {
 
 impl Routing {
     /// The leader's routing: itself for writes; for reads, the running
-    /// replicas that are not tagged `noloadbalance` and are at most `max_lag`
-    /// bytes behind `leader_position` (the `status` key's position, as each
-    /// replica's `/replica?lag=` counts it). A replica whose lag is unknown is
-    /// out, as `/replica?lag=` says.
+    /// replicas that are not tagged `noloadbalance`, do not say they fail to
+    /// stream, and are at most `max_lag` bytes behind `leader_position` (the
+    /// `status` key's position, as each replica's `/replica?lag=` counts it).
+    /// A replica whose lag is unknown is out, as `/replica?lag=` says.
     pub fn new(
         leader: &str,
         members: &[MemberStatus],
@@ -151,6 +151,7 @@ impl Routing {
                     && member.role == MemberRole::Replica
                     && member.state == MemberState::Running
                     && !member.tags.noloadbalance
+                    && member.streaming != Some(false)
                     && leader_position
                         .zip(member.wal_position())
                         .is_some_and(|(ahead, position)| ahead.bytes_since(position) <= max_lag)
@@ -584,6 +585,7 @@ mod tests {
             replay_lsn: (role == MemberRole::Replica).then_some(lsn),
             tags: Default::default(),
             standing_down: false,
+            streaming: None,
             standbys: Vec::new(),
             version: "test".into(),
         }
@@ -609,16 +611,21 @@ mod tests {
         quiet.tags.noloadbalance = true;
         let mut stopped = member("pg5", MemberRole::Replica, "0/3000000");
         stopped.state = MemberState::Stopped;
+        let mut cut_off = member("pg6", MemberRole::Replica, "0/3000000");
+        cut_off.streaming = Some(false);
+        let mut streams = member("pg2", MemberRole::Replica, "0/2F00000");
+        streams.streaming = Some(true);
         let members = vec![
             member("pg1", MemberRole::Primary, "0/3000000"),
-            member("pg2", MemberRole::Replica, "0/2F00000"),
+            streams,
             member("pg3", MemberRole::Replica, "0/1000000"),
             quiet,
             stopped,
+            cut_off,
         ];
         let routing = Routing::new("pg1", &members, Some("0/3000000".parse().unwrap()), 1 << 20);
         assert_eq!(routing.readable, vec!["pg2".to_owned()]);
-        assert_eq!(routing.members.len(), 5);
+        assert_eq!(routing.members.len(), 6);
         assert_eq!(routing.members[1].api_address, "127.0.0.1:802");
         // Unknown lag: out, as /replica?lag= says.
         let routing = Routing::new("pg1", &members, None, 1 << 20);

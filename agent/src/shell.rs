@@ -240,6 +240,7 @@ fn initial_snapshot(config: &AgentConfig, dynamic: &DynamicConfig) -> NodeSnapsh
             replay_lsn: None,
             tags: config.tags.clone(),
             standing_down: false,
+            streaming: None,
             standbys: Vec::new(),
             version: env!("CARGO_PKG_VERSION").into(),
         },
@@ -252,6 +253,7 @@ fn initial_snapshot(config: &AgentConfig, dynamic: &DynamicConfig) -> NodeSnapsh
         heartbeat: Instant::now(),
         liveness_window: dynamic.ttl,
         postgres_pid: None,
+        leader_runs_primary: false,
     }
 }
 
@@ -586,7 +588,7 @@ impl Agent {
         // and lag: the lease, checked at request time, decides whether this
         // primary may still take writes (DESIGN.md §3.1, §3.4).
         let previous = self.snapshot.borrow().clone();
-        let (leader, holds_leader_key, lag_bytes) = match &observation.dcs {
+        let (leader, holds_leader_key, lag_bytes, leader_runs_primary) = match &observation.dcs {
             Some(view) => (
                 view.leader.as_ref().map(|leader| leader.name.clone()),
                 view.leader.as_ref().is_some_and(|leader| leader.mine),
@@ -595,13 +597,18 @@ impl Agent {
                     .zip(member.wal_position())
                     .filter(|_| member.role == MemberRole::Replica)
                     .map(|(last, position)| last.optime.bytes_since(position)),
+                view.leader.as_ref().is_some_and(|leader| {
+                    !leader.mine && crate::ha::leader_runs_primary(view, &leader.name)
+                }),
             ),
             None => (
                 previous.leader,
                 previous.holds_leader_key,
                 previous.lag_bytes,
+                previous.leader_runs_primary,
             ),
         };
+
         let snapshot = NodeSnapshot {
             leader,
             holds_leader_key,
@@ -615,6 +622,7 @@ impl Agent {
             heartbeat: Instant::now(),
             liveness_window: self.dynamic.ttl,
             postgres_pid: self.pg.pid(),
+            leader_runs_primary,
             member,
         };
         self.snapshot.send_replace(snapshot);

@@ -18,7 +18,7 @@ pub struct MemberRow {
     pub host: String,
     /// `Leader`, `Sync Standby`, `Replica`, or `-` when nothing runs.
     pub role: String,
-    /// `running`, `streaming`, `stopped`, `starting`…
+    /// `running`, `streaming`, `not streaming`, `stopped`, `starting`…
     pub state: String,
     /// Timeline.
     pub timeline: Option<u32>,
@@ -95,9 +95,12 @@ fn member_row(state: &ClusterState, member: &MemberStatus) -> MemberRow {
         MemberRole::Replica => "Replica",
         MemberRole::Unknown => "-",
     };
+    let running = member.state == jai_proto::MemberState::Running;
     let state_text = match (member.role, link) {
-        (MemberRole::Replica, Some(link)) if member.state == jai_proto::MemberState::Running => {
-            link.state.clone()
+        (MemberRole::Replica, Some(link)) if running => link.state.clone(),
+        // It says so itself: out of the read port until it streams again.
+        (MemberRole::Replica, None) if running && member.streaming == Some(false) => {
+            "not streaming".to_owned()
         }
         _ => format!("{:?}", member.state).to_lowercase(),
     };

@@ -94,6 +94,10 @@ pub struct MemberStatus {
     /// On a primary: the standbys connected to it (`pg_stat_replication`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub standbys: Vec<StandbyLink>,
+    /// On a running standby: its WAL receiver streams now. A standby that
+    /// should stream and does not leaves `/replica` and the read backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<bool>,
     /// Version of the agent that wrote this value.
     pub version: String,
 }
@@ -157,6 +161,7 @@ mod tests {
             replay_lsn: Some(Lsn(200)),
             tags: Tags::default(),
             standing_down: false,
+            streaming: None,
             standbys: Vec::new(),
             version: "0.1.0".into(),
         }

@@ -248,7 +248,8 @@ pub struct Lab {
 const LAB_SUBDIRS: &[&str] = &["secrets", "etcd", "nodes", "haproxy", "logs", "app"];
 
 const SUPERUSER: &str = "postgres";
-const REPLICATION_USER: &str = "replicator";
+/// The role standbys stream as.
+pub const REPLICATION_USER: &str = "replicator";
 const APP_USER: &str = "jai";
 const APP_DATABASE: &str = "jai";
 

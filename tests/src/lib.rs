@@ -20,4 +20,4 @@ pub mod lab_app;
 pub mod process;
 pub mod wait;
 
-pub use lab::{Lab, LabSpec, StopSignal};
+pub use lab::{Lab, LabSpec, StopSignal, REPLICATION_USER};

@@ -1,13 +1,13 @@
 //! Integration tests on real etcd, PostgreSQL and HAProxy, started by the lab.
 
 use anyhow::{Context, Result};
-use jai_lab::{wait, Lab, LabSpec, StopSignal};
+use jai_lab::{wait, Lab, LabSpec, StopSignal, REPLICATION_USER};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 mod common;
 
-use common::{has_row, insert, lab_dir, spec, WITHIN};
+use common::{has_row, insert, jaictl_status, lab_dir, spec, WITHIN};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_boot_replicate_and_route() -> Result<()> {
@@ -124,6 +124,71 @@ async fn three_nodes_boot_replicate_and_route() -> Result<()> {
         seen.insert(row.get::<_, String>(1));
     }
     assert_eq!(seen, replica_names);
+
+    // A standby that should stream and cannot (its connection cut, its role
+    // refused) leaves /replica, and so the read port, while it still runs;
+    // it is back once it streams again.
+    let cut = &replicas[0];
+    admin
+        .batch_execute(&format!("ALTER ROLE {REPLICATION_USER} NOLOGIN"))
+        .await?;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = $1",
+            &[&cut.name],
+        )
+        .await?;
+    wait::until(
+        &format!("{} out of /replica while it does not stream", cut.name),
+        Duration::from_secs(20),
+        || async { Ok((lab.api_code(cut, "/replica").await? == 503).then_some(())) },
+    )
+    .await?;
+    assert_eq!(lab.api_code(cut, "/health").await?, 200, "it still runs");
+    assert_eq!(lab.api_code(replicas[1], "/replica").await?, 200);
+    // The leader takes it out of the read backend too (it publishes that it
+    // does not stream), so the read port reaches only the other replica.
+    let other = BTreeSet::from([replicas[1].name.clone()]);
+    wait::until(
+        "reads through the read port only on the streaming replica",
+        Duration::from_secs(20),
+        || async {
+            let mut seen = BTreeSet::new();
+            for _ in 0..6 {
+                let client = lab.connect_app(&lab.desc.haproxy.read).await?;
+                let row = client
+                    .query_one("SELECT current_setting('cluster_name')", &[])
+                    .await?;
+                seen.insert(row.get::<_, String>(0));
+            }
+            Ok((seen == other).then_some(()))
+        },
+    )
+    .await?;
+    wait::until(
+        "jaictl status to show the replica as not streaming",
+        Duration::from_secs(20),
+        || async {
+            let status = jaictl_status(&lab)?;
+            let state = status["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|row| row["member"] == cut.name.as_str())
+                .map(|row| row["state"].clone());
+            Ok((state == Some("not streaming".into())).then_some(()))
+        },
+    )
+    .await?;
+    admin
+        .batch_execute(&format!("ALTER ROLE {REPLICATION_USER} LOGIN"))
+        .await?;
+    wait::until(
+        &format!("{} back in /replica once it streams", cut.name),
+        Duration::from_secs(30),
+        || async { Ok((lab.api_code(cut, "/replica").await? == 200).then_some(())) },
+    )
+    .await?;
     Ok(())
 }
 

@@ -119,6 +119,9 @@ impl Core {
             replay_lsn: running.and_then(|pg| pg.replay_lsn),
             tags: self.identity.tags.clone(),
             standing_down: self.is_standing_down(observation.now),
+            streaming: running
+                .filter(|pg| pg.role == PgRole::Replica)
+                .map(|pg| pg.streaming),
             standbys: running.map(|pg| pg.standbys.clone()).unwrap_or_default(),
             version: version.to_owned(),
         }
@@ -1079,7 +1082,7 @@ fn intent_kind(intent: &SwitchoverIntent) -> &'static str {
 const PAUSED: &str = "maintenance mode: taking no automatic action (`jaictl resume` ends it)";
 
 /// The member says it runs PostgreSQL as a primary.
-fn leader_runs_primary(cluster: &ClusterView, name: &str) -> bool {
+pub fn leader_runs_primary(cluster: &ClusterView, name: &str) -> bool {
     cluster.member(name).is_some_and(|member| {
         member.role == jai_proto::MemberRole::Primary && member.state == MemberState::Running
     })

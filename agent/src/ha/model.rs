@@ -135,6 +135,10 @@ pub struct RunningPostgres {
     pub standbys: Vec<StandbyLink>,
     /// What `synchronous_standby_names` says now.
     pub sync_names: SyncNames,
+    /// On a standby: its WAL receiver streams now (`pg_stat_wal_receiver`).
+    /// Only the health API reads it (a standby that should stream and does
+    /// not leaves `/replica`); no decision depends on it.
+    pub streaming: bool,
 }
 
 impl RunningPostgres {

@@ -55,6 +55,7 @@ fn replica_at(lsn: u64) -> RunningPostgres {
         slots: vec![],
         standbys: vec![],
         sync_names: SyncNames::Off,
+        streaming: true,
     }
 }
 
@@ -69,6 +70,7 @@ fn primary_at(lsn: u64) -> RunningPostgres {
         slots: vec![],
         standbys: vec![],
         sync_names: SyncNames::Off,
+        streaming: false,
     }
 }
 
@@ -88,6 +90,7 @@ fn member(name: &str, role: MemberRole, lsn: u64) -> MemberStatus {
         replay_lsn: (role == MemberRole::Replica).then_some(Lsn(lsn)),
         tags: Tags::default(),
         standing_down: false,
+        streaming: None,
         standbys: vec![],
         version: "test".into(),
     }

@@ -360,7 +360,8 @@ impl Postgres {
                 ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
             (SELECT system_identifier FROM pg_control_system())::text, \
             ARRAY(SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'), \
-            current_setting('synchronous_standby_names')";
+            current_setting('synchronous_standby_names'), \
+            COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
         let following = self.following.clone();
         let client = self.client().await?;
         let row = tokio::time::timeout(Duration::from_secs(3), client.query_one(STATE, &[]))
@@ -393,6 +394,7 @@ impl Postgres {
             slots: row.get(6),
             standbys,
             sync_names: SyncNames::parse(row.get::<_, &str>(7)),
+            streaming: in_recovery && row.get::<_, bool>(8),
         };
         Ok((running, row.get(5)))
     }

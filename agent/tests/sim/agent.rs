@@ -315,6 +315,7 @@ impl Agent {
             replay_lsn: None,
             tags: self.tags.clone(),
             standing_down: false,
+            streaming: None,
             standbys: Vec::new(),
             version: "sim".into(),
         }

@@ -276,6 +276,7 @@ impl PgSim {
                     write_lsn: if primary { lsn } else { None },
                     receive_lsn: if primary { None } else { lsn },
                     replay_lsn: if primary { None } else { lsn },
+                    streaming: !primary && following.is_some(),
                     following: if primary { None } else { following },
                     slots: files.slots.clone(),
                     standbys: if primary { standbys } else { Vec::new() },
