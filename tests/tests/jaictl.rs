@@ -305,6 +305,15 @@ async fn maintenance_mode_holds_failover_back_until_resumed_or_ordered() -> Resu
         Ok(running_leader(&status_json(&lab)?).filter(|leader| *leader != first))
     })
     .await?;
+    // The remaining replica must follow the new leader (its timeline) before
+    // maintenance mode freezes it again: a replica left on the old timeline
+    // is rightly not eligible for the failover below.
+    wait::until(
+        "the other replica streaming from the new leader",
+        WITHIN,
+        || async { Ok(others_stream(&status_json(&lab)?, &second).then_some(())) },
+    )
+    .await?;
 
     // Paused again, the new leader dies too: an operator's failover to a
     // named member is carried out even in maintenance mode.
