@@ -10,6 +10,7 @@
 //! - [`postgres`]: the PostgreSQL process, its files and its queries.
 //! - [`api`]: the HTTP health API HAProxy checks, and `/status`.
 //! - [`haproxy`]: pushes role changes to HAProxy's runtime API.
+//! - [`persisted`]: the little the core must remember across agent restarts.
 //! - [`control`]: the gRPC control API `jaictl` drives (token-checked).
 //! - [`shell`]: the loop that observes, calls the core and executes actions.
 //!
@@ -22,5 +23,6 @@ pub mod control;
 pub mod dcs;
 pub mod ha;
 pub mod haproxy;
+pub mod persisted;
 pub mod postgres;
 pub mod shell;

@@ -11,6 +11,7 @@ use crate::ha::{
     Action, ClusterView, Core, DataDir, Decision, Identity, LeaseView, LocalPostgres,
     MemberAddresses, Millis, Observation, PgProcess, PgRole, RewindOutcome, StartAs, SyncNames,
 };
+use crate::persisted::UnrewoundMarker;
 use crate::postgres::Postgres;
 use anyhow::{anyhow, Context, Result};
 use jai_proto::{DynamicConfig, HistoryEntry, MemberRole, MemberState, MemberStatus};
@@ -75,6 +76,8 @@ struct Agent {
     fence: Arc<FenceTarget>,
     /// The outcome of the last `pg_rewind`, for the core.
     last_rewind: Option<RewindOutcome>,
+    /// On disk: this member's data is a former primary not rewound yet.
+    unrewound_marker: UnrewoundMarker,
     /// Asks peers for their WAL positions during an election.
     http: reqwest::Client,
     /// The HAProxys to push routing to, with their outage state.
@@ -197,8 +200,18 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
         api = %config.api_url(),
         "jai-agent started"
     );
+    let unrewound_marker = UnrewoundMarker::load(&config.state_dir);
+    let mut core = Core::new(identity);
+    if unrewound_marker.present() {
+        core.restore_unrewound_former_primary();
+        tracing::warn!(
+            "{} says this data is a former primary not rewound yet: it rewinds before following a leader",
+            unrewound_marker.path().display()
+        );
+    }
     let mut agent = Agent {
-        core: Core::new(identity),
+        core,
+        unrewound_marker,
         clock: Clock::new(),
         dcs,
         pg,
@@ -284,6 +297,9 @@ impl Agent {
         let observation = self.observe().await;
         self.arm_fence(&observation);
         let decision = self.core.decide(&observation);
+        if !self.persist_core_memory() {
+            return false;
+        }
         self.report(&observation, &decision).await;
         self.reconcile_haproxy(&observation).await;
         let mut recheck = false;
@@ -636,6 +652,26 @@ impl Agent {
         };
         self.core
             .member_status(observation, decision, reach, env!("CARGO_PKG_VERSION"))
+    }
+
+    /// Writes what the core must remember across restarts before anything
+    /// is reported or done. False when "former primary, not rewound" could
+    /// not be recorded: acting then (e.g. starting as a replica) could leave
+    /// a restarted agent following a leader without a rewind, so this round
+    /// does nothing and says why. Failing to clear the marker only costs a
+    /// rewind after a restart: logged, not blocking.
+    fn persist_core_memory(&mut self) -> bool {
+        let wanted = self.core.unrewound_former_primary();
+        match self.unrewound_marker.sync(wanted) {
+            Ok(()) => {
+                self.note_success("persisting the former-primary marker");
+                true
+            }
+            Err(error) => {
+                self.note_error("cannot persist the former-primary marker", &error);
+                !wanted
+            }
+        }
     }
 
     /// Logs a failure once per outage: repeats of the same error go to debug,

@@ -77,6 +77,21 @@ impl Core {
         &self.identity
     }
 
+    /// This member's data last ran as a primary and was not rewound against
+    /// the current leader since. The shell persists it after every decision:
+    /// once a former primary has run as a replica without a leader, its
+    /// control file no longer tells, and an agent restarted then would follow
+    /// the next leader without a rewind.
+    pub fn unrewound_former_primary(&self) -> bool {
+        self.unrewound_former_primary
+    }
+
+    /// Restores what an earlier run of this agent persisted (see
+    /// [`Self::unrewound_former_primary`]); call before the first decision.
+    pub fn restore_unrewound_former_primary(&mut self) {
+        self.unrewound_former_primary = true;
+    }
+
     /// The status this member publishes after `decision`: role, timeline and
     /// positions as observed, the decided state (`Running` whenever
     /// PostgreSQL runs, unless the member refused), and where it is reached.

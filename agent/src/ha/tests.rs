@@ -698,6 +698,37 @@ fn a_former_primary_started_without_a_leader_rewinds_once_one_appears() {
 }
 
 #[test]
+fn the_former_primary_memory_survives_an_agent_restart_only_when_restored() {
+    let mut core = Core::new(identity("a"));
+    let stopped = observe(PgProcess::Stopped, data_dir(true), Some(cluster()));
+    core.decide(&stopped);
+    assert!(core.unrewound_former_primary(), "what the shell persists");
+
+    // The agent restarts while its data runs as a standby without a leader;
+    // then a leader appears. The control file no longer says primary.
+    let running = observe(
+        PgProcess::Running(replica_at(90)),
+        data_dir(false),
+        Some(former_primary_view()),
+    );
+    let mut forgetful = Core::new(identity("a"));
+    assert!(
+        !matches!(
+            forgetful.decide(&running).actions[..],
+            [Action::Stop { .. }]
+        ),
+        "without the marker the restarted agent would follow without a rewind"
+    );
+    let mut restored = Core::new(identity("a"));
+    restored.restore_unrewound_former_primary();
+    assert!(
+        matches!(restored.decide(&running).actions[..], [Action::Stop { .. }]),
+        "with it, it stops to rewind first"
+    );
+    assert!(restored.unrewound_former_primary());
+}
+
+#[test]
 fn a_leader_that_gave_up_after_a_crash_lets_others_race_first() {
     let mut view = cluster();
     view.leader = leader("a", true);

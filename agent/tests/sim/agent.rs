@@ -298,6 +298,11 @@ impl Agent {
         }
     }
 
+    /// What the shell does at start-up when it finds its marker.
+    pub fn restore_unrewound_former_primary(&mut self) {
+        self.core.restore_unrewound_former_primary();
+    }
+
     /// `initial_snapshot`: what the API reports before the first cycle.
     pub fn initial_status(&self) -> MemberStatus {
         MemberStatus {
@@ -824,6 +829,8 @@ impl Agent {
                 return;
             }
         };
+        // The shell persists the marker before it reports or acts.
+        env.unrewound_markers[self.member] = self.core.unrewound_former_primary();
         self.log_decision(env, &observation, &decision);
         let status = self.member_status(&observation, &decision);
         env.publish_snapshot(self.member, status.clone());

@@ -149,6 +149,10 @@ pub struct Env {
     pub(super) etcd: Etcd,
     pub(super) links: Vec<Link>,
     pub(super) incarnations: Vec<u32>,
+    /// The marker each agent keeps in its state directory: its data is a
+    /// former primary not rewound yet (`Core::unrewound_former_primary`).
+    /// On the member's disk: it survives crashes and restarts.
+    pub(super) unrewound_markers: Vec<bool>,
     /// What each agent's API would answer on `/status` (None: agent down).
     pub(super) snapshots: Vec<Option<MemberStatus>>,
     /// The agent is stopped (SIGSTOP): its API does not answer either.
@@ -193,6 +197,7 @@ impl Env {
             etcd: Etcd::new(etcd_ppm),
             links: vec![Link::default(); members],
             incarnations: vec![0; members],
+            unrewound_markers: vec![false; members],
             snapshots: vec![None; members],
             paused: vec![false; members],
             trace: Trace::new(config.trace_lines, config.echo),
