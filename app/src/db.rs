@@ -141,17 +141,29 @@ impl Database {
         let _in_flight = self.votes.enter();
         let mut retries = Retries::new(self.retry_timeout);
         loop {
-            let failure = match self.votes.get().await {
-                Err(error) => classify(&error),
-                Ok(shared) => match operation(shared.clone()).await {
-                    Ok(value) => return Ok(retries.done(value)),
-                    Err(error) => {
-                        if needs_new_connection(&error) {
-                            self.votes.discard(&shared).await;
+            // Every wait is bounded by what is left of the budget: a shared
+            // connection that hangs (no answer, no reset) must not hold the
+            // votes on it past the time a voter was promised an answer.
+            let failure = match tokio::time::timeout(retries.left(), self.votes.get()).await {
+                Err(_) => Failure::Transient("no write connection within the retry budget".into()),
+                Ok(Err(error)) => classify(&error),
+                Ok(Ok(shared)) => {
+                    match tokio::time::timeout(retries.left(), operation(shared.clone())).await {
+                        Ok(Ok(value)) => return Ok(retries.done(value)),
+                        Ok(Err(error)) => {
+                            if needs_new_connection(&error) {
+                                self.votes.discard(&shared).await;
+                            }
+                            classify(&error)
                         }
-                        classify(&error)
+                        Err(_) => {
+                            self.votes.discard(&shared).await;
+                            Failure::Transient(
+                                "no answer within the retry budget: connection dropped".into(),
+                            )
+                        }
                     }
-                },
+                }
             };
             retries.back_off(failure).await?;
         }
@@ -258,6 +270,11 @@ impl Retries {
         }
     }
 
+    /// What is left of the budget (zero once spent).
+    fn left(&self) -> Duration {
+        self.budget.saturating_sub(self.start.elapsed())
+    }
+
     fn done<T>(&self, value: T) -> Attempted<T> {
         Attempted {
             value,
@@ -273,7 +290,7 @@ impl Retries {
             Failure::Transient(last) => last,
         };
         let waited = self.start.elapsed();
-        let Some(pause) = backoff(self.attempts, self.budget.saturating_sub(waited)) else {
+        let Some(pause) = backoff(self.attempts, self.left()) else {
             return Err(DbError::Unavailable { waited, last });
         };
         tracing::debug!(
@@ -340,6 +357,49 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that takes connections and never says a word: a hung
+    /// primary, or a network that stopped delivering.
+    async fn silent_server() -> (u16, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn a_vote_on_a_silent_server_gives_up_within_the_retry_budget() {
+        let (port, server) = silent_server().await;
+        let config = DatabaseConfig {
+            write: format!("host=127.0.0.1 port={port} user=jai dbname=jai"),
+            read: None,
+            password_file: None,
+            pool_size: 2,
+            vote_connections: 1,
+            retry_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let db = Database::new(&config, None).unwrap();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(20),
+            db.vote_with_retry(|shared| async move {
+                shared.client.query_one(&shared.statement, &[]).await
+            }),
+        )
+        .await
+        .expect("the vote must not wait on a silent server past its budget");
+        assert!(
+            matches!(outcome, Err(DbError::Unavailable { .. })),
+            "{outcome:?}"
+        );
+        assert_eq!(db.votes.usage().in_flight, 0);
+        server.abort();
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_respects_the_budget() {
