@@ -624,7 +624,6 @@ impl Agent {
                 previous.leader_runs_primary,
             ),
         };
-
         let snapshot = NodeSnapshot {
             leader,
             holds_leader_key,

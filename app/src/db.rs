@@ -152,12 +152,12 @@ impl Database {
                         Ok(Ok(value)) => return Ok(retries.done(value)),
                         Ok(Err(error)) => {
                             if needs_new_connection(&error) {
-                                self.votes.discard(&shared).await;
+                                self.votes.discard(&shared);
                             }
                             classify(&error)
                         }
                         Err(_) => {
-                            self.votes.discard(&shared).await;
+                            self.votes.discard(&shared);
                             Failure::Transient(
                                 "no answer within the retry budget: connection dropped".into(),
                             )
@@ -319,13 +319,10 @@ pub fn backoff(attempts: u32, left: Duration) -> Option<Duration> {
 /// True for errors a failover causes: broken or refused connections, a
 /// demoted or stopping server, a serialization conflict.
 pub fn is_transient(error: &tokio_postgres::Error) -> bool {
-    if let Some(db) = error.as_db_error() {
-        let code = db.code();
-        return code == &SqlState::T_R_SERIALIZATION_FAILURE
-            || code == &SqlState::T_R_DEADLOCK_DETECTED
-            || needs_new_connection(error);
-    }
     needs_new_connection(error)
+        || error.code().is_some_and(|code| {
+            code == &SqlState::T_R_SERIALIZATION_FAILURE || code == &SqlState::T_R_DEADLOCK_DETECTED
+        })
 }
 
 /// True when the connection is useless for writes: it failed, closed or
@@ -358,23 +355,11 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
 mod tests {
     use super::*;
 
-    /// A server that takes connections and never says a word: a hung
-    /// primary, or a network that stopped delivering.
-    async fn silent_server() -> (u16, tokio::task::JoinHandle<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
-        (port, task)
-    }
-
     #[tokio::test]
     async fn a_vote_on_a_silent_server_gives_up_within_the_retry_budget() {
-        let (port, server) = silent_server().await;
+        // It holds each connection far longer than the vote's budget, and
+        // never answers: a hung primary, or a network that stopped delivering.
+        let (port, _) = crate::pipelined::tests::hanging_up_server(Duration::from_secs(120)).await;
         let config = DatabaseConfig {
             write: format!("host=127.0.0.1 port={port} user=jai dbname=jai"),
             read: None,
@@ -398,7 +383,6 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(db.votes.usage().in_flight, 0);
-        server.abort();
     }
 
     #[test]

@@ -40,19 +40,41 @@ pub struct Shared {
 /// The error of a connection attempt; shared by the callers that waited for it.
 pub type ConnectError = Arc<tokio_postgres::Error>;
 
-/// One connection slot: its open connection, or its last failed attempt.
+/// One connection slot. `open` is only ever locked for a moment, never
+/// across an await: handing out an open connection (the hot path) and
+/// reading the gauge never wait for a connection attempt. `connecting` is
+/// held while one is opened, and keeps when the last attempt failed.
 #[derive(Default)]
 struct Slot {
-    open: Option<Arc<Shared>>,
-    /// When the last attempt to open the connection failed, and why.
-    failed: Option<(Instant, ConnectError)>,
+    open: std::sync::Mutex<Option<Arc<Shared>>>,
+    connecting: Mutex<Option<(Instant, ConnectError)>>,
+}
+
+impl Slot {
+    /// The slot's connection, if it is open and not closed.
+    fn open(&self) -> Option<Arc<Shared>> {
+        let open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        open.as_ref()
+            .filter(|shared| !shared.client.is_closed())
+            .cloned()
+    }
+
+    fn set_open(&self, shared: Option<Arc<Shared>>) {
+        *self
+            .open
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = shared;
+    }
 }
 
 /// A fixed number of connection slots, handed out round robin.
 pub struct Pipelined {
     config: tokio_postgres::Config,
     sql: &'static str,
-    slots: Vec<Mutex<Slot>>,
+    slots: Vec<Slot>,
     next: AtomicUsize,
     in_flight: AtomicUsize,
 }
@@ -65,7 +87,7 @@ impl Pipelined {
         Self {
             config,
             sql,
-            slots: (0..connections).map(|_| Mutex::default()).collect(),
+            slots: (0..connections).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
         }
@@ -76,17 +98,17 @@ impl Pipelined {
     /// for that attempt; if it fails, they get its error without another try.
     pub async fn get(&self) -> Result<Arc<Shared>, ConnectError> {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let arrived = Instant::now();
-        let mut slot = self.slots[index].lock().await;
-        if let Some(shared) = slot
-            .open
-            .as_ref()
-            .filter(|shared| !shared.client.is_closed())
-        {
-            return Ok(shared.clone());
+        let slot = &self.slots[index];
+        if let Some(shared) = slot.open() {
+            return Ok(shared);
         }
-        slot.open = None;
-        if let Some((ended, error)) = &slot.failed {
+        let arrived = Instant::now();
+        let mut failed = slot.connecting.lock().await;
+        // Another caller may have opened it while this one waited.
+        if let Some(shared) = slot.open() {
+            return Ok(shared);
+        }
+        if let Some((ended, error)) = failed.as_ref() {
             if *ended >= arrived {
                 return Err(error.clone());
             }
@@ -94,15 +116,14 @@ impl Pipelined {
         match self.connect(index).await {
             Ok(shared) => {
                 let shared = Arc::new(shared);
-                *slot = Slot {
-                    open: Some(shared.clone()),
-                    failed: None,
-                };
+                slot.set_open(Some(shared.clone()));
+                *failed = None;
                 Ok(shared)
             }
             Err(error) => {
                 let error = Arc::new(error);
-                slot.failed = Some((Instant::now(), error.clone()));
+                slot.set_open(None);
+                *failed = Some((Instant::now(), error.clone()));
                 Err(error)
             }
         }
@@ -125,14 +146,14 @@ impl Pipelined {
 
     /// Drops `shared` from its slot, if it is still there, so that the next
     /// use of the slot opens a new connection.
-    pub async fn discard(&self, shared: &Arc<Shared>) {
-        let mut slot = self.slots[shared.slot].lock().await;
-        if slot
+    pub fn discard(&self, shared: &Arc<Shared>) {
+        let slot = &self.slots[shared.slot];
+        let mut open = slot
             .open
-            .as_ref()
-            .is_some_and(|held| Arc::ptr_eq(held, shared))
-        {
-            slot.open = None;
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if open.as_ref().is_some_and(|held| Arc::ptr_eq(held, shared)) {
+            *open = None;
         }
     }
 
@@ -147,13 +168,7 @@ impl Pipelined {
         let open = self
             .slots
             .iter()
-            .filter(|slot| {
-                slot.try_lock().is_ok_and(|slot| {
-                    slot.open
-                        .as_ref()
-                        .is_some_and(|shared| !shared.client.is_closed())
-                })
-            })
+            .filter(|slot| slot.open().is_some())
             .count();
         PipelinedUsage {
             size: self.slots.len(),
@@ -168,7 +183,7 @@ impl Pipelined {
 pub struct PipelinedUsage {
     /// Connection slots.
     pub size: usize,
-    /// Connections open now (a slot being connected does not count).
+    /// Connections open now (a slot still being connected does not count).
     pub open: usize,
     /// Requests using the pool now, waiting or running.
     pub in_flight: usize,
@@ -184,15 +199,17 @@ impl Drop for InFlight<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     /// A server that takes connections, holds each a while, then hangs up
-    /// without a word: what a client sees while no primary is routable.
-    async fn hanging_up_server(hold: Duration) -> (u16, Arc<AtomicUsize>) {
+    /// without a word: what a client sees while no primary is routable (a
+    /// long `hold`: a hung server). Returns its port and how many
+    /// connections it took.
+    pub(crate) async fn hanging_up_server(hold: Duration) -> (u16, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
