@@ -40,6 +40,9 @@ pub struct AgentConfig {
     /// Load balancers to tell about role changes at once (optional).
     #[serde(default)]
     pub haproxy: Option<crate::haproxy::HaproxyConfig>,
+    /// How the log is written (stderr; `format: text|json`).
+    #[serde(default)]
+    pub log: jai_proto::logging::LogConfig,
 }
 
 /// How to reach etcd.

@@ -50,6 +50,9 @@ pub struct AppConfig {
     /// machine: fewer threads mean fewer cross-thread wake-ups per request.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// How the log is written (stderr; `format: text|json`).
+    #[serde(default)]
+    pub log: jai_proto::logging::LogConfig,
 }
 
 /// The admin listener (its own port, meant for the admin node only).

@@ -7,6 +7,8 @@
 //! - [`member`]: what an agent publishes about its node under `members/<name>`.
 //! - [`dynamic`]: the cluster-wide settings under `config`, with their validation.
 //! - [`record`]: the small records the leader keeps under `status` and `history`.
+//! - [`logging`]: the `log:` section of the daemons' configs and (feature
+//!   `logging`) the subscriber it installs.
 //! - [`lsn`]: PostgreSQL WAL positions, parsed and printed as PostgreSQL does.
 //! - [`haproxy_cfg`]: a complete `haproxy.cfg` rendered from the members.
 //! - [`patch`]: merge patches, `key=value` assignments and diffs of the config.
@@ -18,6 +20,7 @@
 pub mod dynamic;
 pub mod haproxy_cfg;
 pub mod keys;
+pub mod logging;
 pub mod lsn;
 pub mod member;
 pub mod patch;

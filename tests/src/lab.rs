@@ -53,6 +53,8 @@ pub struct LabSpec {
     /// members apart, and each data directory lives on a small tmpfs of its
     /// own, so it can be filled up. Needs root.
     pub chaos: bool,
+    /// The agents' `log.format` (the app's is in [`AppSpec`]).
+    pub agent_log_format: jai_proto::logging::LogFormat,
 }
 
 impl LabSpec {
@@ -74,6 +76,7 @@ impl LabSpec {
             haproxy_extra_sockets: Vec::new(),
             app: None,
             chaos: false,
+            agent_log_format: jai_proto::logging::LogFormat::Text,
         }
     }
 }
@@ -481,8 +484,7 @@ impl Lab {
                 run_as,
                 &superuser_file,
                 &replication_file,
-                spec.tags.get(&node.name),
-                spec.dcs.as_ref(),
+                spec,
             );
             std::fs::write(&node.config, yaml)
                 .with_context(|| format!("writing {}", node.config.display()))?;
@@ -1453,9 +1455,10 @@ fn agent_yaml(
     run_as: Option<&str>,
     superuser_file: &Path,
     replication_file: &Path,
-    tags: Option<&jai_proto::Tags>,
-    dcs: Option<&jai_proto::DynamicConfig>,
+    spec: &LabSpec,
 ) -> String {
+    let tags = spec.tags.get(&node.name);
+    let dcs = spec.dcs.as_ref();
     let node_dir = node.config.parent().expect("config lives in the node dir");
     let api_listen = node.api.trim_start_matches("http://");
     let mut yaml = format!(
@@ -1490,6 +1493,7 @@ fn agent_yaml(
         desc.control_token_file.display()
     );
     yaml.push_str(&agent_haproxy_section(&desc.haproxy));
+    let _ = writeln!(yaml, "log:\n  format: {}", spec.agent_log_format.name());
     if let Some(tags) = tags {
         let _ = writeln!(
             yaml,

@@ -31,6 +31,8 @@ pub struct AppSpec {
     /// with PostgreSQL, HAProxy and etcd — where each app node of the
     /// founding document has its own.
     pub workers: Option<usize>,
+    /// `log.format` of every instance.
+    pub log_format: jai_proto::logging::LogFormat,
 }
 
 impl Default for AppSpec {
@@ -41,6 +43,7 @@ impl Default for AppSpec {
             votes_per_ip_per_minute: 1_000_000,
             results_ttl: Duration::from_secs(2),
             workers: None,
+            log_format: jai_proto::logging::LogFormat::Text,
         }
     }
 }
@@ -207,7 +210,8 @@ fn app_yaml(instance: &AppInstance, spec: &AppSpec, db: &Database<'_>, secrets: 
          cookies:\n  signing_key_file: {secrets}/app-cookie-key\n\
          cache:\n  results_ttl: {ttl}\n\
          limits:\n  trust_forwarded_for: true\n  votes_per_voter_per_minute: {voter}\n  votes_per_ip_per_minute: {ip}\n\
-         workers: {workers}\n",
+         workers: {workers}\n\
+         log:\n  format: {log_format}\n",
         listen = host_port(&instance.url),
         admin = host_port(&instance.admin_url),
         secrets = secrets.display(),
@@ -220,6 +224,7 @@ fn app_yaml(instance: &AppInstance, spec: &AppSpec, db: &Database<'_>, secrets: 
             let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
             (cores / spec.instances.max(1)).max(1)
         }),
+        log_format = spec.log_format.name(),
     )
 }
 

@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use jai_lab::faults::Freeze;
 use jai_lab::{Lab, LabSpec, StopSignal};
+use jai_proto::logging::LogFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,6 +53,9 @@ enum Verb {
         /// a small disk per node (for `fill-disk`). Needs root.
         #[arg(long)]
         chaos: bool,
+        /// Log format of the agents and the app instances.
+        #[arg(long, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Stop everything the lab in DIR started.
     Down {
@@ -152,10 +156,15 @@ async fn run(verb: Verb) -> Result<()> {
             timeout,
             no_app,
             chaos,
+            log_format,
         } => {
             let spec = LabSpec {
-                app: (!no_app).then(jai_lab::lab_app::AppSpec::default),
+                app: (!no_app).then(|| jai_lab::lab_app::AppSpec {
+                    log_format,
+                    ..Default::default()
+                }),
                 chaos,
+                agent_log_format: log_format,
                 cluster,
                 etcd_members,
                 external_etcd: etcd_endpoints,

@@ -188,10 +188,14 @@ async fn fake_haproxy(
     }
 }
 
-/// Lines of `node`'s agent log that contain `text`.
+/// Messages of `node`'s agent log (written with `log.format: json`, which
+/// this checks line by line) that contain `text`.
 fn log_lines(lab: &Lab, node: &str, text: &str) -> Result<usize> {
-    let log = std::fs::read_to_string(&lab.node(node)?.log)?;
-    Ok(log.lines().filter(|line| line.contains(text)).count())
+    let messages = common::json_log_messages(&lab.node(node)?.log)?;
+    Ok(messages
+        .iter()
+        .filter(|message| message.contains(text))
+        .count())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,6 +208,7 @@ async fn an_unreachable_haproxy_delays_no_failover_and_is_logged_once_per_outage
     let mut lab = Lab::up(LabSpec {
         haproxy_check_interval: SLOW_CHECKS,
         haproxy_extra_sockets: vec![socket.clone()],
+        agent_log_format: jai_proto::logging::LogFormat::Json,
         ..common::spec(&dir, 3, 1)
     })
     .await?;

@@ -20,6 +20,7 @@ mod switchover;
 
 use jai_lab::lab_app::{admin_password, AppClient, AppInfo, AppSpec};
 use jai_lab::{Lab, LabSpec};
+use jai_proto::logging::LogFormat;
 use std::time::Duration;
 
 /// An admin client logged in to the lab's admin listener.
@@ -38,6 +39,7 @@ async fn voting_app_end_to_end() -> anyhow::Result<()> {
         app: Some(AppSpec {
             votes_per_voter_per_minute: 30,
             results_ttl: Duration::from_secs(1),
+            log_format: LogFormat::Json,
             ..AppSpec::default()
         }),
         ..common::spec(&dir, 2, 1)
@@ -47,5 +49,15 @@ async fn voting_app_end_to_end() -> anyhow::Result<()> {
     browser::run(&lab).await?;
     switchover::run(&lab).await?;
     no_primary::run(&mut lab).await?;
+    // `log.format: json`: every line an app instance wrote is a JSON event.
+    for instance in &lab
+        .desc
+        .app
+        .as_ref()
+        .expect("the lab runs the app")
+        .instances
+    {
+        common::json_log_messages(&instance.log)?;
+    }
     Ok(())
 }

@@ -104,3 +104,32 @@ pub fn others_stream(status: &serde_json::Value, leader: &str) -> bool {
         .filter(|row| row["member"] != leader)
         .all(|row| row["state"] == "streaming")
 }
+
+/// Checks that the log file at `path` is in `log.format: json`: at least one
+/// line, and every line one JSON object with a level and a message. Returns
+/// the messages, for the caller's own checks.
+pub fn json_log_messages(path: &std::path::Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut messages = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON: {line}", path.display(), number + 1))?;
+        anyhow::ensure!(
+            event["level"].is_string() && event["timestamp"].is_string(),
+            "{}:{}: no level or timestamp: {line}",
+            path.display(),
+            number + 1
+        );
+        let message = event["fields"]["message"].as_str().with_context(|| {
+            format!(
+                "{}:{}: no fields.message: {line}",
+                path.display(),
+                number + 1
+            )
+        })?;
+        messages.push(message.to_owned());
+    }
+    anyhow::ensure!(!messages.is_empty(), "{} is empty", path.display());
+    Ok(messages)
+}
