@@ -10,16 +10,16 @@
 //! Every request is bounded by `retry_timeout`; writes a leader makes on behalf
 //! of its term are transactions guarded by the leader key's create revision.
 
-use crate::ha::{ClusterView, Initialize, LeaderKey, Millis};
-use anyhow::{anyhow, Context, Result};
+use crate::clock::Clock;
+use crate::ha::lease;
+use crate::ha::store::{Key, Kv, Reply, Request, StoreError, Value};
+use crate::ha::{ClusterView, Millis};
+use anyhow::{Context, Result};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
     WatchOptions,
 };
-use jai_proto::{
-    ClusterKeys, DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus, SwitchoverIntent,
-    SyncState,
-};
+use jai_proto::{ClusterKeys, DynamicConfig, HistoryEntry, SwitchoverIntent};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +57,8 @@ impl LeaseTracker {
             .is_some_and(|until| Instant::now() + margin < until)
     }
 
-    fn adopt(&self, id: i64, valid_until: Instant) {
+    /// Tracks a lease granted or adopted by the decision loop.
+    pub fn adopt(&self, id: i64, valid_until: Instant) {
         *self.lock() = LeaseState {
             id: Some(id),
             valid_until: Some(valid_until),
@@ -72,7 +73,8 @@ impl LeaseTracker {
         }
     }
 
-    fn forget(&self, id: i64) {
+    /// Forgets `id` (if it is still the one tracked): etcd says it is gone.
+    pub fn forget(&self, id: i64) {
         let mut state = self.lock();
         if state.id == Some(id) {
             *state = LeaseState::default();
@@ -94,8 +96,8 @@ pub struct Dcs {
     name: String,
     lease: Arc<LeaseTracker>,
     timing: Arc<Timing>,
-    /// The last invalid `config` value seen, so it is reported once.
-    bad_config: Arc<Mutex<Option<String>>>,
+    /// The last unreadable value seen, so it is reported once.
+    bad_value: Arc<Mutex<Option<String>>>,
 }
 
 /// Timings shared by every clone of a [`Dcs`] (the loop, the keepalive and
@@ -104,6 +106,7 @@ pub struct Dcs {
 struct Timing {
     request_timeout_ms: AtomicU64,
     keepalive_every_ms: AtomicU64,
+    keepalive_attempt_ms: AtomicU64,
 }
 
 /// The outcome of a guarded write that can lose a race.
@@ -131,8 +134,9 @@ impl Dcs {
             timing: Arc::new(Timing {
                 request_timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
                 keepalive_every_ms: AtomicU64::new(1000),
+                keepalive_attempt_ms: AtomicU64::new(lease::KEEPALIVE_ATTEMPT.as_millis() as u64),
             }),
-            bad_config: Arc::default(),
+            bad_value: Arc::default(),
         })
     }
 
@@ -150,13 +154,19 @@ impl Dcs {
     /// and the lease is renewed ten times per TTL (at least every `loop_wait`),
     /// so a dead leader's lease has little left to run: failover is faster.
     pub fn apply_config(&self, config: &DynamicConfig) {
-        let renew_every = config.loop_wait.min(config.ttl / 10);
-        self.timing
-            .request_timeout_ms
-            .store(config.retry_timeout.as_millis() as u64, Ordering::Relaxed);
-        self.timing
-            .keepalive_every_ms
-            .store(renew_every.as_millis() as u64, Ordering::Relaxed);
+        let store = |atomic: &AtomicU64, value: Duration| {
+            atomic.store(value.as_millis() as u64, Ordering::Relaxed)
+        };
+        store(&self.timing.request_timeout_ms, config.retry_timeout);
+        store(&self.timing.keepalive_every_ms, lease::renew_every(config));
+        store(
+            &self.timing.keepalive_attempt_ms,
+            lease::attempt_timeout(config),
+        );
+    }
+
+    fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.timing.keepalive_attempt_ms.load(Ordering::Relaxed))
     }
 
     fn timeout(&self) -> Duration {
@@ -167,78 +177,159 @@ impl Dcs {
         Duration::from_millis(self.timing.keepalive_every_ms.load(Ordering::Relaxed))
     }
 
+    /// Runs one etcd request bounded by `retry_timeout`, its failure typed.
     async fn bounded<T>(
         &self,
         what: &str,
         request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
+    ) -> Result<T, StoreError> {
         let timeout = self.timeout();
         match tokio::time::timeout(timeout, request).await {
-            Ok(result) => result.map_err(|error| {
-                let text = describe(&error);
-                if is_lease_gone(&text) {
-                    if let Some(id) = self.lease.id() {
-                        self.forget_lost_lease(id);
-                    }
-                }
-                anyhow!("etcd {what}: {text}")
-            }),
-            Err(_) => Err(anyhow!(
+            Ok(result) => result.map_err(|error| classify(what, &error)),
+            Err(_) => Err(StoreError::Unavailable(format!(
                 "etcd {what}: no answer within {}",
                 humantime::format_duration(timeout)
-            )),
+            ))),
         }
     }
 
-    /// etcd expired our lease (we were cut off longer than the TTL): forget it
-    /// so the next round registers with a new one.
-    fn forget_lost_lease(&self, id: i64) {
-        tracing::warn!(lease = id, "etcd says our lease is gone: re-registering");
-        self.lease.forget(id);
-    }
-
-    /// Makes sure the agent holds a live lease: adopts the lease of a leader key
-    /// that still names this member (an agent restart must not cost a failover,
-    /// DESIGN.md §3.6), else grants a new one.
-    pub async fn ensure_lease(&self, ttl: Duration) -> Result<i64> {
-        if let Some(id) = self.lease.id() {
-            return Ok(id);
-        }
-        let mut client = self.client.clone();
-        let leader = self
-            .bounded("get leader", client.get(self.keys.leader(), None))
-            .await?;
-        if let Some(kv) = leader.kvs().first() {
-            if kv.value() == self.name.as_bytes() && kv.lease() != 0 {
-                let sent = Instant::now();
-                if let Ok(ttl_left) = self.keep_alive_once(kv.lease()).await {
-                    self.lease.adopt(kv.lease(), sent + ttl_left);
-                    tracing::info!(
-                        lease = kv.lease(),
-                        "resumed leadership: adopted the leader key's lease"
-                    );
-                    return Ok(kv.lease());
-                }
+    /// Carries out one request of a round (see [`crate::ha::driver`]).
+    pub async fn execute(&self, request: Request) -> Result<Reply, StoreError> {
+        match request {
+            Request::ReadCluster => self.read_kvs().await.map(Reply::Kvs),
+            Request::GetLeader => {
+                let mut client = self.client.clone();
+                let response = self
+                    .bounded("get leader", client.get(self.keys.leader(), None))
+                    .await?;
+                Ok(Reply::Leader(response.kvs().first().map(|kv| Kv {
+                    value: Value::Text(kv.value_str().unwrap_or_default().to_owned()),
+                    create_revision: kv.create_revision(),
+                    mod_revision: kv.mod_revision(),
+                    lease: (kv.lease() != 0).then_some(kv.lease()),
+                })))
             }
+            Request::KeepAliveOnce(id) => self
+                .keep_alive_once(id)
+                .await
+                .map(|ttl_secs| Reply::KeepAlive { ttl_secs }),
+            Request::Grant { ttl_secs } => {
+                let mut client = self.client.clone();
+                let granted = self
+                    .bounded("lease grant", client.lease_grant(ttl_secs, None))
+                    .await?;
+                Ok(Reply::Granted {
+                    id: granted.id(),
+                    ttl_secs: granted.ttl(),
+                })
+            }
+            Request::PutMember { status, lease } => {
+                let mut client = self.client.clone();
+                let json = encode(&*status)?;
+                self.bounded(
+                    "put member",
+                    client.put(
+                        self.keys.member(&self.name),
+                        json,
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                )
+                .await?;
+                Ok(Reply::Done)
+            }
+            Request::CreateIfAbsent { key, value, lease } => {
+                let key = self.key(&key);
+                let options = lease.map(|lease| PutOptions::new().with_lease(lease));
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key, encode_value(&value)?, options)]);
+                self.txn("create key", txn).await
+            }
+            Request::PublishSystemId { lease, system_id } => {
+                let key = self.keys.initialize();
+                let txn = Txn::new()
+                    .when([
+                        Compare::value(key.clone(), CompareOp::Equal, ""),
+                        Compare::lease(key.clone(), CompareOp::Equal, lease),
+                    ])
+                    .and_then([TxnOp::put(key, system_id, None)]);
+                self.txn("publish system id", txn).await
+            }
+            Request::ReleaseLeader { term, name } => {
+                let key = self.keys.leader();
+                let txn = Txn::new()
+                    .when([
+                        Compare::create_revision(key.clone(), CompareOp::Equal, term),
+                        Compare::value(key.clone(), CompareOp::Equal, name),
+                    ])
+                    .and_then([TxnOp::delete(key, None)]);
+                self.txn("release leader", txn).await
+            }
+            Request::PutAsLeader { term, key, value } => {
+                let txn = Txn::new()
+                    .when([self.holds_term(term)])
+                    .and_then([TxnOp::put(self.key(&key), encode_value(&value)?, None)]);
+                self.txn("leader write", txn).await
+            }
+            Request::DeleteAsLeader { term, key } => {
+                let txn = Txn::new()
+                    .when([self.holds_term(term)])
+                    .and_then([TxnOp::delete(self.key(&key), None)]);
+                self.txn("leader delete", txn).await
+            }
+            Request::AppendHistory { term, entry } => self.append_history(entry, term).await,
         }
-        let sent = Instant::now();
-        let ttl_secs = ttl.as_secs().max(2) as i64;
-        let granted = self
-            .bounded("lease grant", client.lease_grant(ttl_secs, None))
-            .await?;
-        self.lease.adopt(
-            granted.id(),
-            sent + Duration::from_secs(granted.ttl() as u64),
-        );
-        tracing::info!(
-            lease = granted.id(),
-            ttl_secs = granted.ttl(),
-            "granted a new lease"
-        );
-        Ok(granted.id())
     }
 
-    async fn keep_alive_once(&self, id: i64) -> Result<Duration> {
+    /// The comparison "the leader key is still the one of term `term`".
+    fn holds_term(&self, term: i64) -> Compare {
+        Compare::create_revision(self.keys.leader(), CompareOp::Equal, term)
+    }
+
+    async fn txn(&self, what: &str, txn: Txn) -> Result<Reply, StoreError> {
+        let mut client = self.client.clone();
+        let response = self.bounded(what, client.txn(txn)).await?;
+        Ok(Reply::Txn(response.succeeded()))
+    }
+
+    /// The etcd key of `key` in this cluster's layout.
+    fn key(&self, key: &Key) -> String {
+        match key {
+            Key::Config => self.keys.config(),
+            Key::History => self.keys.history(),
+            Key::Initialize => self.keys.initialize(),
+            Key::Leader => self.keys.leader(),
+            Key::Member(name) => self.keys.member(name),
+            Key::Status => self.keys.status(),
+            Key::Switchover => self.keys.switchover(),
+            Key::Sync => self.keys.sync(),
+        }
+    }
+
+    /// The typed key of an etcd key of this cluster, `None` for others.
+    fn typed_key(&self, key: &str) -> Option<Key> {
+        let keys = &self.keys;
+        Some(if key == keys.config() {
+            Key::Config
+        } else if key == keys.history() {
+            Key::History
+        } else if key == keys.initialize() {
+            Key::Initialize
+        } else if key == keys.leader() {
+            Key::Leader
+        } else if key == keys.status() {
+            Key::Status
+        } else if key == keys.switchover() {
+            Key::Switchover
+        } else if key == keys.sync() {
+            Key::Sync
+        } else {
+            Key::Member(keys.member_name_of(key)?.to_owned())
+        })
+    }
+
+    /// One keepalive of lease `id`: its remaining TTL in seconds (0: gone).
+    async fn keep_alive_once(&self, id: i64) -> Result<i64, StoreError> {
         let mut client = self.client.clone();
         let (mut keeper, mut stream) = self
             .bounded("lease keepalive", client.lease_keep_alive(id))
@@ -247,23 +338,20 @@ impl Dcs {
         let answer = self
             .bounded("lease keepalive", stream.message())
             .await?
-            .ok_or_else(|| anyhow!("etcd closed the keepalive stream"))?;
-        anyhow::ensure!(answer.ttl() > 0, "lease {id} has expired");
-        Ok(Duration::from_secs(answer.ttl() as u64))
+            .ok_or_else(|| StoreError::Unavailable("etcd closed the keepalive stream".into()))?;
+        Ok(answer.ttl())
     }
 
-    /// Renews the lease (every `loop_wait`, see [`Dcs::apply_config`]) until `stop`; wakes `lost` when etcd
-    /// says the lease is gone. Failures only delay the deadline: the decision
-    /// loop and the health API act on the deadline, not on errors.
-    pub async fn run_keepalive(self, lost: Arc<Notify>, stop: CancellationToken) {
+    /// Renews the lease every [`lease::renew_every`] until `stop`; wakes `lost`
+    /// when etcd says the lease is gone. Failures only delay the deadline: the
+    /// decision loop and the health API act on the deadline, not on errors.
+    pub async fn run_keepalive(self, clock: Clock, lost: Arc<Notify>, stop: CancellationToken) {
         let mut stream_for: Option<(
             i64,
             etcd_client::LeaseKeeper,
             etcd_client::LeaseKeepAliveStream,
         )> = None;
         loop {
-            // After a failed renewal, retry quickly: an etcd leader election
-            // takes a second or two and the deadline is only ttl away.
             let mut next_in = self.keepalive_every();
             if let Some(id) = self.lease.id() {
                 if stream_for.as_ref().map(|(stream_id, ..)| *stream_id) != Some(id) {
@@ -274,40 +362,37 @@ impl Dcs {
                     {
                         Ok((keeper, stream)) => Some((id, keeper, stream)),
                         Err(error) => {
-                            tracing::debug!("{error:#}");
-                            next_in = KEEPALIVE_RETRY;
+                            tracing::debug!("{error}");
+                            next_in = lease::KEEPALIVE_RETRY;
                             None
                         }
                     };
                 }
                 if let Some((_, keeper, stream)) = stream_for.as_mut() {
-                    let sent = Instant::now();
+                    let sent = clock.now();
                     let renewed = async {
                         keeper.keep_alive().await?;
                         stream.message().await
                     };
-                    // An attempt stuck on an etcd member without a leader is
-                    // abandoned early and retried (a healthy etcd answers a
-                    // renewal in milliseconds: it does not go through raft).
-                    match tokio::time::timeout(KEEPALIVE_ATTEMPT.min(self.timeout() / 2), renewed)
-                        .await
-                    {
+                    match tokio::time::timeout(self.attempt_timeout(), renewed).await {
                         Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
-                            self.lease
-                                .confirm(id, sent + Duration::from_secs(answer.ttl() as u64));
+                            let until = lease::confirmed_until(sent, answer.ttl());
+                            self.lease.confirm(id, clock.instant_at(until));
                         }
                         Ok(Ok(Some(_))) => {
                             self.forget_lost_lease(id);
                             stream_for = None;
                             lost.notify_one();
                         }
-                        Ok(Err(error)) if is_lease_gone(&describe(&error)) => {
+                        Ok(Err(error))
+                            if matches!(classify("", &error), StoreError::LeaseGone(_)) =>
+                        {
                             self.forget_lost_lease(id);
                             stream_for = None;
                             lost.notify_one();
                         }
                         Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
-                            next_in = KEEPALIVE_RETRY;
+                            next_in = lease::KEEPALIVE_RETRY;
                             tracing::debug!(lease = id, "lease keepalive failed; retrying");
                             stream_for = None;
                         }
@@ -321,8 +406,17 @@ impl Dcs {
         }
     }
 
-    /// Reads the whole cluster in one request and builds the core's view of it.
-    pub async fn read_cluster(&self, fallback_config: &DynamicConfig) -> Result<ClusterView> {
+    /// etcd expired our lease (we were cut off longer than the TTL): forget it
+    /// so the next round registers with a new one.
+    fn forget_lost_lease(&self, id: i64) {
+        tracing::warn!(lease = id, "etcd says our lease is gone: re-registering");
+        self.lease.forget(id);
+    }
+
+    /// Every key of the cluster in one range request, decoded. A value that
+    /// does not decode is logged (once per distinct problem) and left out,
+    /// except `config`, whose problem the caller reports.
+    pub async fn read_kvs(&self) -> Result<Vec<(Key, Kv)>, StoreError> {
         let mut client = self.client.clone();
         let response = self
             .bounded(
@@ -330,170 +424,70 @@ impl Dcs {
                 client.get(self.keys.prefix(), Some(GetOptions::new().with_prefix())),
             )
             .await?;
-        let my_lease = self.lease.id();
-        let mut view = ClusterView {
-            initialize: None,
-            leader: None,
-            members: Vec::new(),
-            config: fallback_config.clone(),
-            last_leader: None,
-            switchover: None,
-            sync: None,
-        };
+        let mut kvs = Vec::with_capacity(response.kvs().len());
         for kv in response.kvs() {
-            let key = kv.key_str().unwrap_or_default();
-            let value = kv.value_str().unwrap_or_default();
-            let mine = my_lease.is_some_and(|lease| kv.lease() == lease);
-            if key == self.keys.initialize() {
-                view.initialize = Some(if value.is_empty() {
-                    Initialize::InProgress { mine }
-                } else {
-                    Initialize::Done {
-                        system_id: value.to_owned(),
-                    }
-                });
-            } else if key == self.keys.leader() {
-                view.leader = Some(LeaderKey {
-                    name: value.to_owned(),
-                    term: kv.create_revision(),
-                    mine: mine && value == self.name,
-                });
-            } else if key == self.keys.config() {
-                match serde_json::from_str::<DynamicConfig>(value)
-                    .map_err(|error| error.to_string())
-                    .and_then(|config| config.validate().map(|_| config).map_err(|e| e.to_string()))
-                {
-                    Ok(config) => {
-                        view.config = config;
-                        *lock(&self.bad_config) = None;
-                    }
-                    Err(error) => {
-                        let mut last = lock(&self.bad_config);
-                        if last.as_deref() != Some(error.as_str()) {
-                            tracing::error!(
-                                "ignoring invalid cluster config in etcd ({key}): {error}; keeping the config in force"
-                            );
-                            *last = Some(error);
-                        }
-                    }
+            let key_text = kv.key_str().unwrap_or_default();
+            let Some(key) = self.typed_key(key_text) else {
+                continue;
+            };
+            let text = kv.value_str().unwrap_or_default();
+            let value = match decode_value(&key, text) {
+                Ok(value) => value,
+                Err(error) => {
+                    self.note_unreadable(key_text, &error);
+                    continue;
                 }
-            } else if key == self.keys.status() {
-                view.last_leader = serde_json::from_str(value).ok();
-            } else if key == self.keys.sync() {
-                match serde_json::from_str::<SyncState>(value) {
-                    Ok(sync) => view.sync = Some(sync),
-                    Err(error) => tracing::warn!("ignoring unreadable {key}: {error}"),
-                }
-            } else if key == self.keys.switchover() {
-                match serde_json::from_str::<SwitchoverIntent>(value) {
-                    Ok(intent) => view.switchover = Some(intent),
-                    Err(error) => tracing::warn!("ignoring unreadable {key}: {error}"),
-                }
-            } else if self.keys.member_name_of(key).is_some() {
-                match serde_json::from_str::<MemberStatus>(value) {
-                    Ok(member) => view.members.push(member),
-                    Err(error) => tracing::warn!("ignoring unreadable member key {key}: {error}"),
-                }
-            }
+            };
+            kvs.push((
+                key,
+                Kv {
+                    value,
+                    create_revision: kv.create_revision(),
+                    mod_revision: kv.mod_revision(),
+                    lease: (kv.lease() != 0).then_some(kv.lease()),
+                },
+            ));
         }
-        Ok(view)
+        Ok(kvs)
     }
 
-    /// Publishes this member's status on its lease.
-    pub async fn put_member(&self, status: &MemberStatus) -> Result<()> {
-        let lease = self
-            .lease
-            .id()
-            .ok_or_else(|| anyhow!("no lease to register on"))?;
-        let mut client = self.client.clone();
-        let json = serde_json::to_string(status)?;
-        self.bounded(
-            "put member",
-            client.put(
-                self.keys.member(&self.name),
-                json,
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Enters the bootstrap race: creates an empty `initialize` on our lease, and
-    /// seeds `config`, unless someone did first.
-    pub async fn claim_initialize(&self, seed: &DynamicConfig) -> Result<Won> {
-        let lease = self.lease.id().ok_or_else(|| anyhow!("no lease"))?;
-        let won = self
-            .create_if_absent(&self.keys.initialize(), String::new(), Some(lease))
-            .await?;
-        if won {
-            self.create_if_absent(&self.keys.config(), serde_json::to_string(seed)?, None)
-                .await?;
+    fn note_unreadable(&self, key: &str, error: &str) {
+        let text = format!("ignoring unreadable {key}: {error}");
+        let mut last = lock(&self.bad_value);
+        if last.as_deref() != Some(text.as_str()) {
+            tracing::warn!("{text}");
+            *last = Some(text);
         }
-        Ok(won)
     }
 
-    async fn create_if_absent(&self, key: &str, value: String, lease: Option<i64>) -> Result<Won> {
-        let options = lease.map(|lease| PutOptions::new().with_lease(lease));
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, options)]);
-        let mut client = self.client.clone();
-        Ok(self
-            .bounded("create key", client.txn(txn))
+    /// The whole cluster as member `name` sees it (operator paths: the
+    /// control API).
+    pub async fn read_cluster(&self, fallback_config: &DynamicConfig) -> Result<ClusterView> {
+        let kvs = self.read_kvs().await?;
+        Ok(ClusterView::from_kvs(
+            &kvs,
+            self.lease.id(),
+            &self.name,
+            fallback_config,
+        ))
+    }
+
+    /// Deletes the leader key if it is still ours in term `term` (shutdown).
+    pub async fn release_leader(&self, term: i64) -> Result<bool, StoreError> {
+        match self
+            .execute(Request::ReleaseLeader {
+                term,
+                name: self.name.clone(),
+            })
             .await?
-            .succeeded())
-    }
-
-    /// Ends our bootstrap: writes the system identifier into `initialize`,
-    /// detached from any lease, while we still own the empty key.
-    pub async fn publish_system_id(&self, system_id: &str) -> Result<Won> {
-        let lease = self.lease.id().ok_or_else(|| anyhow!("no lease"))?;
-        let key = self.keys.initialize();
-        let txn = Txn::new()
-            .when([
-                Compare::value(key.clone(), CompareOp::Equal, ""),
-                Compare::lease(key.clone(), CompareOp::Equal, lease),
-            ])
-            .and_then([TxnOp::put(key, system_id, None)]);
-        let mut client = self.client.clone();
-        Ok(self
-            .bounded("publish system id", client.txn(txn))
-            .await?
-            .succeeded())
-    }
-
-    /// Takes the leader key if nobody holds it (`create_revision == 0`).
-    pub async fn acquire_leader(&self) -> Result<Won> {
-        let lease = self.lease.id().ok_or_else(|| anyhow!("no lease"))?;
-        self.create_if_absent(&self.keys.leader(), self.name.clone(), Some(lease))
-            .await
-    }
-
-    /// Deletes the leader key if it is still ours in term `term`.
-    pub async fn release_leader(&self, term: i64) -> Result<Won> {
-        let key = self.keys.leader();
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(key.clone(), CompareOp::Equal, term),
-                Compare::value(key.clone(), CompareOp::Equal, self.name.clone()),
-            ])
-            .and_then([TxnOp::delete(key, None)]);
-        let mut client = self.client.clone();
-        Ok(self
-            .bounded("release leader", client.txn(txn))
-            .await?
-            .succeeded())
-    }
-
-    /// Writes `status`, only while we lead in term `term`.
-    pub async fn publish_leader_status(&self, status: &LeaderStatus, term: i64) -> Result<Won> {
-        let json = serde_json::to_string(status)?;
-        self.put_as_leader(term, self.keys.status(), json).await
+        {
+            Reply::Txn(won) => Ok(won),
+            other => Err(StoreError::Invalid(format!("release answered {other:?}"))),
+        }
     }
 
     /// Appends to `history`, only while we lead in term `term`.
-    pub async fn append_history(&self, entry: HistoryEntry, term: i64) -> Result<Won> {
+    async fn append_history(&self, entry: HistoryEntry, term: i64) -> Result<Reply, StoreError> {
         let key = self.keys.history();
         let mut client = self.client.clone();
         let current = self
@@ -509,61 +503,11 @@ impl Dcs {
         history.push(entry);
         let txn = Txn::new()
             .when([
-                Compare::create_revision(self.keys.leader(), CompareOp::Equal, term),
+                self.holds_term(term),
                 Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
             ])
-            .and_then([TxnOp::put(key, serde_json::to_string(&history)?, None)]);
-        Ok(self
-            .bounded("append history", client.txn(txn))
-            .await?
-            .succeeded())
-    }
-
-    async fn put_as_leader(&self, term: i64, key: String, value: String) -> Result<Won> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                self.keys.leader(),
-                CompareOp::Equal,
-                term,
-            )])
-            .and_then([TxnOp::put(key, value, None)]);
-        let mut client = self.client.clone();
-        Ok(self
-            .bounded("leader write", client.txn(txn))
-            .await?
-            .succeeded())
-    }
-
-    /// Writes the `sync` key, only while we lead in term `term`.
-    pub async fn write_sync(&self, sync: &SyncState, term: i64) -> Result<Won> {
-        let json = serde_json::to_string(sync)?;
-        self.put_as_leader(term, self.keys.sync(), json).await
-    }
-
-    /// Deletes the `sync` key, only while we lead in term `term`.
-    pub async fn clear_sync(&self, term: i64) -> Result<Won> {
-        self.delete_as_leader(term, self.keys.sync()).await
-    }
-
-    /// Deletes `key`, only while we lead in term `term`.
-    async fn delete_as_leader(&self, term: i64, key: String) -> Result<Won> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                self.keys.leader(),
-                CompareOp::Equal,
-                term,
-            )])
-            .and_then([TxnOp::delete(key, None)]);
-        let mut client = self.client.clone();
-        Ok(self
-            .bounded("leader delete", client.txn(txn))
-            .await?
-            .succeeded())
-    }
-
-    /// Deletes the `switchover` intent, only while we lead in term `term`.
-    pub async fn clear_switchover(&self, term: i64) -> Result<Won> {
-        self.delete_as_leader(term, self.keys.switchover()).await
+            .and_then([TxnOp::put(key, encode(&history)?, None)]);
+        self.txn("append history", txn).await
     }
 
     /// Records a switchover or failover intent unless one is pending, and only
@@ -728,31 +672,62 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The longest one lease renewal attempt may take before it is retried.
-const KEEPALIVE_ATTEMPT: Duration = Duration::from_millis(500);
-
-/// Pause before retrying a failed lease renewal.
-const KEEPALIVE_RETRY: Duration = Duration::from_millis(100);
-
-/// etcd's answer when a lease expired or was revoked.
-fn is_lease_gone(error: &str) -> bool {
-    error.contains("lease not found")
-}
-
-/// etcd-client's errors print the whole gRPC status; operators need the gist.
-fn describe(error: &etcd_client::Error) -> String {
+/// Types an etcd failure: etcd answers `NotFound` only for a lease it does
+/// not know (puts and keepalives on an expired or revoked lease).
+fn classify(what: &str, error: &etcd_client::Error) -> StoreError {
     match error {
         etcd_client::Error::GRpcStatus(status) => {
-            format!("{} ({:?})", status.message(), status.code())
+            let text = format!("etcd {what}: {} ({:?})", status.message(), status.code());
+            if status.code() == tonic::Code::NotFound {
+                StoreError::LeaseGone(text)
+            } else {
+                StoreError::Unavailable(text)
+            }
         }
-        other => other.to_string(),
+        other => StoreError::Unavailable(format!("etcd {what}: {other}")),
     }
 }
 
-/// The lease deadline as an instant on the shell's clock.
-pub fn lease_deadline_millis(
-    tracker: &LeaseTracker,
-    clock: &crate::shell::Clock,
-) -> Option<Millis> {
+fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|error| StoreError::Invalid(error.to_string()))
+}
+
+/// A typed value as stored: JSON, or plain text for `initialize` and `leader`.
+fn encode_value(value: &Value) -> Result<String, StoreError> {
+    match value {
+        Value::Text(text) => Ok(text.clone()),
+        Value::Member(status) => encode(&**status),
+        Value::Config(Ok(config)) => encode(&**config),
+        Value::Config(Err(error)) => Err(StoreError::Invalid(format!(
+            "refusing to store an invalid config: {error}"
+        ))),
+        Value::Status(status) => encode(status),
+        Value::History(history) => encode(history),
+        Value::Switchover(intent) => encode(&**intent),
+        Value::Sync(sync) => encode(sync),
+    }
+}
+
+/// The typed value of `key` stored as `text`. `config` always decodes (its
+/// problem travels in the value, for the round to report).
+fn decode_value(key: &Key, text: &str) -> Result<Value, String> {
+    let error = |error: serde_json::Error| error.to_string();
+    Ok(match key {
+        Key::Initialize | Key::Leader => Value::Text(text.to_owned()),
+        Key::Config => Value::Config(
+            serde_json::from_str::<DynamicConfig>(text)
+                .map(Box::new)
+                .map_err(error),
+        ),
+        Key::History => Value::History(serde_json::from_str(text).map_err(error)?),
+        Key::Member(_) => Value::Member(serde_json::from_str(text).map_err(error)?),
+        Key::Status => Value::Status(serde_json::from_str(text).map_err(error)?),
+        Key::Switchover => Value::Switchover(serde_json::from_str(text).map_err(error)?),
+        Key::Sync => Value::Sync(serde_json::from_str(text).map_err(error)?),
+    })
+}
+
+/// The lease deadline on the agent's clock.
+pub fn lease_deadline_millis(tracker: &LeaseTracker, clock: &Clock) -> Option<Millis> {
     tracker.valid_until().map(|until| clock.millis_at(until))
 }

@@ -4,6 +4,7 @@
 //! else acts.
 //!
 //! - [`ha`]: the sans-IO core. Pure functions from an observation to actions.
+//! - [`clock`]: the monotonic millisecond clock the driver counts in.
 //! - [`config`]: the agent's YAML file, validated at load.
 //! - [`dcs`]: etcd: the lease and its keepalive task, the cluster view, the
 //!   guarded transactions on the leader and initialize keys.
@@ -18,6 +19,7 @@
 //! model types.
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod dcs;

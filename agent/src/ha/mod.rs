@@ -14,8 +14,11 @@
 //! Layout: [`model`] holds the observation and action types, [`election`] ranks
 //! candidates for the leader key, and this module holds the rules.
 
+pub mod driver;
 pub mod election;
+pub mod lease;
 pub mod model;
+pub mod store;
 pub mod sync;
 
 pub use model::*;
@@ -254,6 +257,7 @@ impl Core {
                 "demoting: leader lease not confirmed by etcd in time",
                 vec![Action::Stop {
                     reason: "leader lease not confirmed".into(),
+                    handover_to: None,
                 }],
             ));
         }
@@ -265,6 +269,7 @@ impl Core {
                 format!("demoting: {} holds the leader key", leader.name),
                 vec![Action::Stop {
                     reason: format!("{} holds the leader key", leader.name),
+                    handover_to: None,
                 }],
             )),
             None if cluster.initialize == Some(Initialize::InProgress { mine: true }) => {
@@ -284,6 +289,7 @@ impl Core {
                 "demoting: leader key lost and another member led since",
                 vec![Action::Stop {
                     reason: "leader key lost".into(),
+                    handover_to: None,
                 }],
             )),
         }
@@ -421,6 +427,7 @@ impl Core {
                             ),
                             vec![Action::Stop {
                                 reason: format!("must rewind against {} first", leader.name),
+                                handover_to: None,
                             }],
                         )
                     }
@@ -543,6 +550,7 @@ impl Core {
                         Action::Checkpoint,
                         Action::Stop {
                             reason: format!("switchover to {target}"),
+                            handover_to: Some(target.clone()),
                         },
                         Action::ReleaseLeader,
                     ],

@@ -248,6 +248,10 @@ pub enum Action {
     Stop {
         /// Why, for the log.
         reason: String,
+        /// The stop hands the leader key to this member (a switchover): it
+        /// must be clean however long the WAL senders take, and the final
+        /// WAL position is published before the key is released.
+        handover_to: Option<String>,
     },
     /// Promote the local standby (`pg_promote`) and record it in `history`.
     Promote {
@@ -284,7 +288,58 @@ pub enum Action {
     ClearSync,
 }
 
+/// The kind of an [`Action`], without its payload: what a failure is
+/// logged under, so an outage is logged once whatever the payload says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[allow(missing_docs)]
+pub enum ActionKind {
+    ClaimInitialize,
+    InitDb,
+    PublishSystemId,
+    CloneFrom,
+    Start,
+    Stop,
+    Promote,
+    Rewind,
+    Follow,
+    AcquireLeader,
+    ReleaseLeader,
+    CreateSlot,
+    DropSlot,
+    PublishLeaderStatus,
+    Checkpoint,
+    ClearSwitchover,
+    WriteSync,
+    SetSyncNames,
+    ClearSync,
+}
+
 impl Action {
+    /// Its kind.
+    pub fn kind(&self) -> ActionKind {
+        match self {
+            Action::ClaimInitialize => ActionKind::ClaimInitialize,
+            Action::InitDb => ActionKind::InitDb,
+            Action::PublishSystemId(_) => ActionKind::PublishSystemId,
+            Action::CloneFrom(_) => ActionKind::CloneFrom,
+            Action::Start(_) => ActionKind::Start,
+            Action::Stop { .. } => ActionKind::Stop,
+            Action::Promote { .. } => ActionKind::Promote,
+            Action::Rewind(_) => ActionKind::Rewind,
+            Action::Follow(_) => ActionKind::Follow,
+            Action::AcquireLeader => ActionKind::AcquireLeader,
+            Action::ReleaseLeader => ActionKind::ReleaseLeader,
+            Action::CreateSlot(_) => ActionKind::CreateSlot,
+            Action::DropSlot(_) => ActionKind::DropSlot,
+            Action::PublishLeaderStatus(_) => ActionKind::PublishLeaderStatus,
+            Action::Checkpoint => ActionKind::Checkpoint,
+            Action::ClearSwitchover { .. } => ActionKind::ClearSwitchover,
+            Action::WriteSync(_) => ActionKind::WriteSync,
+            Action::SetSyncNames(_) => ActionKind::SetSyncNames,
+            Action::ClearSync => ActionKind::ClearSync,
+        }
+    }
+
     /// The action changes roles or processes, so the next decision should be
     /// taken at once instead of after `loop_wait`.
     pub fn warrants_immediate_recheck(&self) -> bool {

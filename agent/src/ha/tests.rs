@@ -937,7 +937,8 @@ fn a_due_switchover_checkpoints_stops_cleanly_then_releases_the_key() {
         vec![
             Action::Checkpoint,
             Action::Stop {
-                reason: "switchover to pg2".into()
+                reason: "switchover to pg2".into(),
+                handover_to: Some("pg2".into()),
             },
             Action::ReleaseLeader
         ]

@@ -1,56 +1,35 @@
-//! The simulated shell: one incarnation of `jai-agent` on one member, driving
-//! the real [`Core`].
+//! One incarnation of `jai-agent` on one member: the agent's own round
+//! driver ([`Driver`]) interpreted against the simulated world.
 //!
-//! It mirrors `agent/src/shell.rs` and `agent/src/dcs.rs` step by step, as an
-//! explicit state machine instead of async code, so that every wait (an etcd
-//! request, a PostgreSQL operation, `loop_wait`) is a point where simulated time
-//! passes and faults can strike:
+//! The order of a round's steps is not modelled here: it is the driver's,
+//! exactly as `jai-agent` runs it. This module only does what `shell.rs`
+//! does with each effect — against the simulated etcd (a request bounded by
+//! `retry_timeout`, its answer or timeout an event), the simulated
+//! PostgreSQL (operations that take time and can fail), the peers' published
+//! status and the member's disk — so every wait is a point where simulated
+//! time passes and faults strike. Beside the loop it models what `jai-agent`
+//! runs as tasks, with the agent's own lease arithmetic (`ha::lease`):
 //!
-//! - a cycle observes PostgreSQL, reads the cluster, registers a lease if it
-//!   has none (then reads again), asks the peers for their WAL positions when
-//!   there is no leader, takes the instant of the observation *after* all that,
-//!   arms the fencing watchdog, decides, publishes the member status, executes
-//!   the actions in order (stopping at the first error of an action that
-//!   warrants a recheck), then rechecks at once or sleeps `loop_wait` unless
-//!   woken (a `Notify` permit: watch event, PostgreSQL exit, lease lost, fence);
-//! - `Start(Primary)` and `Promote` check the lease again when they run
-//!   (`ensure_lease_allows_writes`) and fail if it is no longer valid beyond
-//!   the demotion margin; a primary start arms the watchdog with the new
-//!   postmaster at once, a promotion arms it right before `pg_promote`;
-//! - the keepalive task renews the lease every `min(loop_wait, ttl / 10)`
-//!   (100 ms after a failed attempt, each bounded by 500 ms) and
-//!   sets `valid_until = send time of the answered keepalive + TTL`, on this
-//!   member's own (drifting) clock;
-//! - the fencing watchdog checks every 50 ms whether the armed primary's lease
-//!   is still valid beyond the demotion margin, and sends it SIGINT if not;
-//! - every etcd request is bounded by `retry_timeout`; an answer saying the
-//!   lease is gone makes the agent forget it.
+//! - the keepalive task renews the lease every `lease::renew_every` (after a
+//!   failed attempt, `KEEPALIVE_RETRY`; each attempt bounded by
+//!   `lease::attempt_timeout`), on this member's own (drifting) clock;
+//! - the fencing watchdog checks every `FENCE_CHECK_EVERY` whether the armed
+//!   primary's lease is still valid beyond the demotion margin, and sends it
+//!   SIGINT if not.
+//!
+//! HAProxy is not simulated: its effects succeed at once.
 
-use super::etcd::{Key, Kv, LeaseId, Reply, Request, Value};
+use super::etcd::{Key, LeaseId, Reply, Request as EtcdRequest, StoreError, Value};
 use super::postgres::OpKind;
 use super::{Env, Plant, ViolationKind};
-use jai_agent::ha::{
-    Action, ClusterView, Core, DataDir, Decision, Identity, Initialize, LeaderKey, LeaseView,
-    LocalPostgres, MemberAddresses, Millis, Observation, PgProcess, PgRole, RewindOutcome, StartAs,
+use jai_agent::ha::driver::{
+    Command, Context, Driver, Effect, LeaseState, Level, Outcome, PgOp, Setup, Step,
 };
-use jai_proto::{DynamicConfig, HistoryEntry, Lsn, MemberRole, MemberState, MemberStatus, Tags};
-use std::collections::BTreeMap;
+use jai_agent::ha::store::Request;
+use jai_agent::ha::{lease, Action, Identity, LeaseView, MemberAddresses, Millis, StartAs};
+use jai_proto::{DynamicConfig, Lsn, MemberRole, MemberState, MemberStatus, Tags};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-
-/// `shell.rs`: consecutive immediate rechecks before the loop waits anyway.
-const MAX_IMMEDIATE_RECHECKS: u32 = 20;
-
-/// `shell.rs`: how often the fencing watchdog looks at the lease.
-const FENCE_CHECK_EVERY_MS: u64 = 50;
-
-/// `shell.rs`: how long a peer's API may take to report its WAL position.
-pub const PEER_TIMEOUT_MS: u64 = 300;
-
-/// `dcs.rs`: the longest one lease renewal attempt may take.
-const KEEPALIVE_ATTEMPT_MS: u64 = 500;
-
-/// `dcs.rs`: pause before retrying a failed lease renewal.
-const KEEPALIVE_RETRY_MS: u64 = 100;
+use std::time::Duration;
 
 /// A member's monotonic clock: milliseconds since the agent started, running
 /// `ppm` parts per million fast (or slow) against real simulated time.
@@ -97,7 +76,7 @@ pub enum AgentEvent {
         /// The request.
         id: u64,
         /// The answer.
-        result: Result<Reply, String>,
+        result: Result<Reply, StoreError>,
     },
     /// A PostgreSQL operation finished.
     PgDone {
@@ -111,97 +90,29 @@ pub enum AgentEvent {
     Wake,
 }
 
-/// The PostgreSQL half of an observation, taken at the start of a cycle.
-type PgSeen = (PgProcess, DataDir);
-
-/// What the decision loop is waiting for.
-#[derive(Debug)]
-enum Step {
-    /// Not started yet.
-    Idle,
-    /// `read_cluster`; `second` after registering a lease.
-    Read { req: u64, pg: PgSeen, second: bool },
-    /// `ensure_lease`: reading the leader key.
-    GetLeader {
-        req: u64,
-        pg: PgSeen,
-        view: ClusterView,
-    },
-    /// `ensure_lease`: keepalive of the leader key's lease, to adopt it.
-    AdoptLease {
-        req: u64,
-        lease: LeaseId,
-        sent: Millis,
-        pg: PgSeen,
-        view: ClusterView,
-    },
-    /// `ensure_lease`: granting a new lease.
-    Grant {
-        req: u64,
-        sent: Millis,
-        pg: PgSeen,
-        view: ClusterView,
-    },
-    /// `refresh_peer_positions`: asking every peer's API.
-    Peers {
-        token: u64,
-        pg: PgSeen,
-        view: ClusterView,
-        asked: Vec<usize>,
-    },
-    /// `put_member`, before executing the decision.
-    Report { req: u64, actions: Vec<Action> },
-    /// Executing the decision's actions.
-    Execute(Execution),
-    /// Between cycles.
-    Sleeping(u64),
-}
-
-#[derive(Debug)]
-struct Execution {
-    actions: Vec<Action>,
-    next: usize,
-    stage: u8,
-    recheck: bool,
-    waiting: Waiting,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the driver's current effect waits for.
+#[derive(Debug, Clone, PartialEq)]
 enum Waiting {
+    /// Nothing: the driver is being stepped (or the agent died of a panic).
     Nothing,
+    /// An etcd answer.
     Reply(u64),
+    /// A PostgreSQL operation.
     Op(u64),
-    Timer(u64),
+    /// `pg_rewind`.
+    Rewind(u64),
+    /// The peers' answers, at this timer.
+    Peers { token: u64, asked: Vec<usize> },
+    /// `loop_wait`, unless woken.
+    Sleeping(u64),
+    /// The planted late demotion: the stop starts at this timer.
+    DelayedStop { token: u64, grace: Duration },
 }
 
-/// What resumed an action.
-#[derive(Debug)]
-enum Input {
-    Start,
-    Reply(Result<Reply, String>),
-    Op(Result<(), String>),
-    Timer,
-}
-
-impl Input {
-    fn reply(self) -> Result<Reply, String> {
-        match self {
-            Input::Reply(result) => result,
-            other => panic!("simulator bug: expected an etcd reply, got {other:?}"),
-        }
-    }
-
-    fn op(self) -> Result<(), String> {
-        match self {
-            Input::Op(result) => result,
-            other => panic!("simulator bug: expected an operation result, got {other:?}"),
-        }
-    }
-}
-
-enum Progress {
-    Wait(Waiting),
-    Done(Result<(), String>),
+/// An effect carried out: its outcome now, or later.
+enum Performed {
+    Now(Outcome),
+    Later(Waiting),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,76 +145,68 @@ pub struct Agent {
     name: String,
     tags: Tags,
     clock: Clock,
-    core: Core,
-    bootstrap: DynamicConfig,
-    dynamic: DynamicConfig,
-    view: Option<ClusterView>,
+    driver: Driver,
     /// The lease this agent holds (`LeaseTracker::id`).
     pub lease_id: Option<LeaseId>,
     /// `LeaseTracker::valid_until`, on the local clock.
     valid_until: Option<Millis>,
     /// `Postgres::following`: what this agent last configured.
     following: Option<String>,
-    last_rewind: Option<RewindOutcome>,
-    /// The leader term of the rewind under way.
-    rewind_term: i64,
     fence: Option<Fence>,
-    /// The last decision saw PostgreSQL running as a primary.
-    decided_as_primary: bool,
-    step: Step,
+    waiting: Waiting,
     wake_permit: bool,
-    immediate: u32,
     keepalive: Keepalive,
-    last_reason: Option<String>,
-    last_errors: BTreeMap<String, String>,
     plant: Option<Plant>,
 }
 
 impl Agent {
-    /// A fresh agent process, not started.
+    /// A fresh agent process, not started. `unrewound_marker`: what the
+    /// member's disk says (the persisted former-primary marker).
     pub fn new(
         member: usize,
         incarnation: u32,
         identity: Identity,
         clock: Clock,
         bootstrap: DynamicConfig,
+        unrewound_marker: bool,
         plant: Option<Plant>,
     ) -> Self {
         let name = identity.name.clone();
         let tags = identity.tags.clone();
+        let setup = Setup {
+            identity,
+            addresses: MemberAddresses {
+                api_url: String::new(),
+                pg_address: pg_address(&name),
+                grpc_url: None,
+            },
+            version: "sim".into(),
+            handover_stop_grace: Duration::from_secs(60),
+            bootstrap,
+        };
+        let mut driver = Driver::new(setup, unrewound_marker);
+        if let Some(Plant::Ordering(bug)) = plant {
+            driver.plant(bug);
+        }
         Self {
             member,
             incarnation,
             name,
             tags,
             clock,
-            core: Core::new(identity),
-            dynamic: bootstrap.clone(),
-            bootstrap,
-            view: None,
+            driver,
             lease_id: None,
             valid_until: None,
             following: None,
-            last_rewind: None,
-            rewind_term: 0,
             fence: None,
-            decided_as_primary: false,
-            step: Step::Idle,
+            waiting: Waiting::Nothing,
             wake_permit: false,
-            immediate: 0,
             keepalive: Keepalive::Sleeping(0),
-            last_reason: None,
-            last_errors: BTreeMap::new(),
             plant,
         }
     }
 
-    /// What the shell does at start-up when it finds its marker.
-    pub fn restore_unrewound_former_primary(&mut self) {
-        self.core.restore_unrewound_former_primary();
-    }
-
-    /// `initial_snapshot`: what the API reports before the first cycle.
+    /// `initial_snapshot`: what the API reports before the first round.
     pub fn initial_status(&self) -> MemberStatus {
         MemberStatus {
             name: self.name.clone(),
@@ -311,7 +214,7 @@ impl Agent {
             state: MemberState::Stopped,
             reason: Some("starting up".into()),
             api_url: String::new(),
-            pg_address: format!("{}:5432", self.name),
+            pg_address: pg_address(&self.name),
             grpc_url: None,
             system_id: None,
             timeline: None,
@@ -329,7 +232,7 @@ impl Agent {
     /// `run`: spawns the keepalive task (the watch is the world's) and enters the loop.
     pub fn start(&mut self, env: &mut Env) {
         self.schedule_keepalive(env);
-        self.begin_cycle(env);
+        self.advance(env, Outcome::Start);
     }
 
     /// Handles one event.
@@ -343,60 +246,376 @@ impl Agent {
                 }
             }
             AgentEvent::Timer(TimerKind::Fence, token) => self.on_fence_tick(env, token),
-            AgentEvent::Reply { id, result } => {
-                if let Err(error) = &result {
-                    if self.awaits(id) {
-                        self.forget_lease_if_gone(env, error);
-                    }
+            AgentEvent::Reply { id, result } => match self.keepalive {
+                Keepalive::InFlight {
+                    id: keepalive,
+                    lease,
+                    sent,
+                } if keepalive == id => self.on_keepalive_reply(env, lease, sent, result),
+                // A timed-out request's late answer goes nowhere, like a dropped future.
+                _ if self.waiting == Waiting::Reply(id) => {
+                    self.advance(env, Outcome::Store(result))
                 }
-                match self.keepalive {
-                    Keepalive::InFlight {
-                        id: keepalive,
-                        lease,
-                        sent,
-                    } if keepalive == id => self.on_keepalive_reply(env, lease, sent, result),
-                    _ => self.on_reply(env, id, result),
-                }
-            }
+                _ => {}
+            },
             AgentEvent::PgDone { id, result } => {
-                if matches!(&self.step, Step::Execute(execution) if execution.waiting == Waiting::Op(id))
-                {
-                    self.resume(env, Input::Op(result));
+                if self.waiting == Waiting::Op(id) {
+                    self.advance(env, Outcome::Done(result));
+                } else if self.waiting == Waiting::Rewind(id) {
+                    let result = result.map(|()| "pg_rewind: Done!".to_owned());
+                    self.advance(env, Outcome::Rewound(result));
                 }
             }
         }
     }
 
-    /// Whether request `id` is still awaited (a timed-out request's late
-    /// answer goes nowhere, like a dropped future).
-    fn awaits(&self, id: u64) -> bool {
-        let step = match &self.step {
-            Step::Read { req, .. }
-            | Step::GetLeader { req, .. }
-            | Step::AdoptLease { req, .. }
-            | Step::Grant { req, .. }
-            | Step::Report { req, .. } => Some(*req),
-            Step::Execute(execution) => match execution.waiting {
-                Waiting::Reply(req) => Some(req),
-                _ => None,
-            },
-            Step::Idle | Step::Peers { .. } | Step::Sleeping(_) => None,
-        };
-        let keepalive = match self.keepalive {
-            Keepalive::InFlight { id, .. } => Some(id),
-            Keepalive::Sleeping(_) => None,
-        };
-        step == Some(id) || keepalive == Some(id)
+    // ---- the loop: the driver's steps --------------------------------------
+
+    /// Steps the driver until its effect has to wait for the world.
+    fn advance(&mut self, env: &mut Env, mut outcome: Outcome) {
+        self.waiting = Waiting::Nothing;
+        loop {
+            let context = self.context(env);
+            let driver = &mut self.driver;
+            let step: Step = match catch_unwind(AssertUnwindSafe(|| driver.step(&context, outcome)))
+            {
+                Ok(step) => step,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "non-text panic".into());
+                    env.violate(
+                        ViolationKind::CoreAssertion,
+                        format!("{}: the round driver panicked: {message}", self.name),
+                    );
+                    return;
+                }
+            };
+            for command in step.commands {
+                self.apply(env, command);
+            }
+            match self.perform(env, step.effect) {
+                Performed::Now(next) => outcome = next,
+                Performed::Later(waiting) => {
+                    self.waiting = waiting;
+                    return;
+                }
+            }
+        }
     }
+
+    /// What the driver needs at each step. The planted `no-margin` bug tells
+    /// it the lease lasts `demote_margin` longer than it does.
+    fn context(&self, env: &Env) -> Context {
+        let mut valid_until = self.valid_until;
+        if self.plant == Some(Plant::NoMargin) {
+            let margin = self.driver.config().demote_margin().as_millis() as u64;
+            valid_until = valid_until.map(|until| until + margin);
+        }
+        Context {
+            now: self.now(env),
+            wall_clock_unix: env.wall_clock_unix(Some(self.member)),
+            lease: LeaseState {
+                id: self.lease_id,
+                valid_until,
+            },
+        }
+    }
+
+    fn apply(&mut self, env: &mut Env, command: Command) {
+        match command {
+            Command::Log(line) if line.level > Level::Debug => self.log(env, line.text),
+            Command::Log(_) => {}
+            Command::AdoptLease { id, valid_until } => {
+                self.lease_id = Some(id);
+                self.valid_until = Some(valid_until);
+                self.reschedule_fence(env);
+            }
+            Command::ForgetLease(id) => {
+                if self.lease_id == Some(id) {
+                    self.forget_lease(env);
+                }
+            }
+            // The request bound and the renewal period are read from the
+            // driver's config where they are used.
+            Command::ApplyConfig { .. } => {}
+            Command::ArmFence { primary } => self.arm_fence(env, primary),
+            Command::Publish(report) => env.publish_snapshot(self.member, report.member),
+            Command::Decided {
+                decision,
+                lease_left_ms,
+                etcd_reachable,
+            } => {
+                let actions: Vec<String> = decision.actions.iter().map(short).collect();
+                let lease = match lease_left_ms {
+                    Some(left) => format!("lease {left:+}ms"),
+                    None => "no lease".into(),
+                };
+                let unreachable = if etcd_reachable {
+                    ""
+                } else {
+                    ", etcd unreachable"
+                };
+                self.log(
+                    env,
+                    format!(
+                        "decide [{}] {} ({lease}{unreachable})",
+                        actions.join(", "),
+                        decision.reason.as_deref().unwrap_or(""),
+                    ),
+                );
+            }
+            Command::ReconcileHaproxy => {}
+        }
+    }
+
+    fn perform(&mut self, env: &mut Env, effect: Effect) -> Performed {
+        match effect {
+            Effect::ObservePostgres => {
+                let standbys = env.standby_links(self.member);
+                let (process, data_dir) =
+                    env.pgs[self.member].observe(self.following.clone(), standbys);
+                Performed::Now(Outcome::Postgres { process, data_dir })
+            }
+            Effect::Store(request) => {
+                if matches!(
+                    request,
+                    Request::CreateIfAbsent {
+                        key: Key::Leader,
+                        ..
+                    }
+                ) {
+                    if let Some(view) = self.driver.view() {
+                        let view = view.clone();
+                        env.check_paused_takeover(
+                            self.member,
+                            &view,
+                            self.driver.decided_as_primary(),
+                        );
+                    }
+                }
+                let request = self.etcd_request(request);
+                Performed::Later(Waiting::Reply(self.send(env, request)))
+            }
+            Effect::AskPeers(peers) => {
+                let asked: Vec<usize> = peers
+                    .iter()
+                    .filter_map(|peer| env.member_index(&peer.name))
+                    .collect();
+                let delay = env.peer_query_delay(&asked);
+                let token = self.timer(env, TimerKind::Loop, delay);
+                Performed::Later(Waiting::Peers { token, asked })
+            }
+            Effect::PersistMarker(wanted) => {
+                env.unrewound_markers[self.member] = wanted;
+                Performed::Now(Outcome::Done(Ok(())))
+            }
+            Effect::Postgres(op) => self.perform_postgres(env, op),
+            Effect::Haproxy(_) => Performed::Now(Outcome::Done(Ok(()))),
+            Effect::Wait(duration) => {
+                if std::mem::take(&mut self.wake_permit) {
+                    return Performed::Now(Outcome::Woken);
+                }
+                let token = self.timer(env, TimerKind::Loop, duration.as_millis() as u64);
+                Performed::Later(Waiting::Sleeping(token))
+            }
+        }
+    }
+
+    /// The simulated etcd's form of a round's request.
+    fn etcd_request(&self, request: Request) -> EtcdRequest {
+        match request {
+            Request::ReadCluster => EtcdRequest::GetAll,
+            Request::GetLeader => EtcdRequest::GetLeader,
+            Request::KeepAliveOnce(lease) => EtcdRequest::KeepAlive(lease),
+            Request::Grant { ttl_secs } => EtcdRequest::Grant { ttl_secs },
+            Request::PutMember { status, lease } => EtcdRequest::Put {
+                key: Key::Member(self.name.clone()),
+                value: Value::Member(status),
+                lease: Some(lease),
+            },
+            Request::CreateIfAbsent { key, value, lease } => {
+                EtcdRequest::CreateIfAbsent { key, value, lease }
+            }
+            Request::PublishSystemId { lease, system_id } => {
+                EtcdRequest::PublishSystemId { lease, system_id }
+            }
+            Request::ReleaseLeader { term, name } => EtcdRequest::ReleaseLeader { term, name },
+            Request::PutAsLeader { term, key, value } => {
+                EtcdRequest::PutAsLeader { term, key, value }
+            }
+            Request::DeleteAsLeader { term, key } => EtcdRequest::DeleteAsLeader { term, key },
+            Request::AppendHistory { term, entry } => EtcdRequest::AppendHistory { term, entry },
+        }
+    }
+
+    fn perform_postgres(&mut self, env: &mut Env, op: PgOp) -> Performed {
+        let member = self.member;
+        let now = |result: Result<(), String>| Performed::Now(Outcome::Done(result));
+        match op {
+            PgOp::InitDb => self.pg_op(env, OpKind::InitDb),
+            PgOp::CreateReplicationRole => {
+                // A query on the local server.
+                if env.pgs[member].is_running() {
+                    now(Ok(()))
+                } else {
+                    now(Err("PostgreSQL: connection refused".into()))
+                }
+            }
+            PgOp::Clone { from } => match self.member_at(env, &from) {
+                Some(from) => self.pg_op(env, OpKind::Clone { from }),
+                None => now(Err(format!("pg_basebackup: unknown host {from}"))),
+            },
+            PgOp::Configure {
+                follow, standby, ..
+            } => {
+                let upstream = follow
+                    .as_ref()
+                    .and_then(|upstream| self.member_at(env, &upstream.address));
+                env.configure(member, upstream, standby);
+                self.following = follow.map(|upstream| upstream.name);
+                now(Ok(()))
+            }
+            PgOp::Reload => now(env.reload(member)),
+            // The simulated cluster runs with synchronous mode off and no
+            // `sync` key, so the driver never waits for standby names.
+            PgOp::ConfirmSyncNames(_) => {
+                now(Err("synchronous replication is not simulated".into()))
+            }
+            PgOp::Start { primary } => {
+                if primary && !env.pgs[member].has_postmaster() {
+                    env.check_may_run_primary(member, &self.name, self.lease_id, true);
+                }
+                let performed = self.pg_op(env, OpKind::Start);
+                // `Postgres::start(Some(&fence.primary_pid))`: a primary is
+                // guarded by the watchdog from the postmaster's first moment.
+                if primary && matches!(performed, Performed::Later(_)) {
+                    self.arm_fence(env, true);
+                }
+                performed
+            }
+            PgOp::Stop { grace, handover_to } => {
+                if let Some(wait) = self.planted_late_demote(env, grace) {
+                    return wait;
+                }
+                if let Some(target) = &handover_to {
+                    env.begin_handover(member, target);
+                }
+                self.stop_pg(env, grace)
+            }
+            PgOp::Promote => {
+                env.check_may_run_primary(member, &self.name, self.lease_id, false);
+                let performed = self.pg_op(env, OpKind::Promote);
+                if !matches!(performed, Performed::Now(Outcome::Done(Err(_)))) {
+                    self.following = None;
+                }
+                performed
+            }
+            PgOp::CheckpointAt { address } => match self.member_at(env, &address) {
+                Some(from) if env.pgs[from].is_running() => now(Ok(())),
+                _ => now(Err(format!(
+                    "connecting to the leader at {address}: connection refused"
+                ))),
+            },
+            PgOp::Rewind { address } => {
+                let Some(from) = self.member_at(env, &address) else {
+                    return Performed::Now(Outcome::Rewound(Err(format!(
+                        "unknown host {address}"
+                    ))));
+                };
+                match env.begin_op(member, OpKind::Rewind { from }) {
+                    Ok(Some(id)) => Performed::Later(Waiting::Rewind(id)),
+                    Ok(None) => Performed::Now(Outcome::Rewound(Ok("no rewind required".into()))),
+                    Err(error) => Performed::Now(Outcome::Rewound(Err(error))),
+                }
+            }
+            PgOp::CreateSlot(slot) => now(env.create_slot(member, &slot)),
+            PgOp::DropSlot(slot) => now(env.drop_slot(member, &slot)),
+            PgOp::Checkpoint => self.pg_op(env, OpKind::Checkpoint),
+            PgOp::FinalPosition => {
+                let pg = &env.pgs[member];
+                let position = match pg.files() {
+                    Some(files) if !pg.has_postmaster() => {
+                        Ok((files.wal.timeline(), Lsn(files.wal.lsn)))
+                    }
+                    Some(_) => Err("pg_controldata: the server is still running".into()),
+                    None => Err("pg_controldata: no data directory".into()),
+                };
+                Performed::Now(Outcome::FinalPosition(position))
+            }
+            // The CHECKPOINT after a promotion is instantaneous here.
+            PgOp::CheckpointInBackground => now(Ok(())),
+        }
+    }
+
+    fn pg_op(&mut self, env: &mut Env, kind: OpKind) -> Performed {
+        match env.begin_op(self.member, kind) {
+            Ok(Some(id)) => Performed::Later(Waiting::Op(id)),
+            Ok(None) => Performed::Now(Outcome::Done(Ok(()))),
+            Err(error) => Performed::Now(Outcome::Done(Err(error))),
+        }
+    }
+
+    /// `Postgres::stop`: SIGINT (a fast shutdown), escalated to an immediate
+    /// shutdown if the server is still up after `grace`.
+    fn stop_pg(&mut self, env: &mut Env, grace: Duration) -> Performed {
+        let performed = self.pg_op(env, OpKind::Stop);
+        if let Performed::Later(Waiting::Op(op)) = performed {
+            let at = env.now + self.clock.real_duration(grace.as_millis() as u64);
+            env.escalate_stop_at(self.member, op, at);
+        }
+        performed
+    }
+
+    /// The member whose PostgreSQL listens at `address` (`<name>:5432`).
+    fn member_at(&self, env: &Env, address: &str) -> Option<usize> {
+        env.member_index(address.strip_suffix(":5432")?)
+    }
+
+    fn on_wake(&mut self, env: &mut Env) {
+        if matches!(self.waiting, Waiting::Sleeping(_)) {
+            self.advance(env, Outcome::Woken);
+        } else {
+            self.wake_permit = true;
+        }
+    }
+
+    fn on_loop_timer(&mut self, env: &mut Env, token: u64) {
+        match self.waiting.clone() {
+            Waiting::Sleeping(sleeping) if sleeping == token => self.advance(env, Outcome::Woken),
+            Waiting::Peers {
+                token: asked_at,
+                asked,
+            } if asked_at == token => {
+                let fresh = asked
+                    .into_iter()
+                    .filter_map(|member| env.peer_status(member))
+                    .collect();
+                self.advance(env, Outcome::Peers(fresh));
+            }
+            Waiting::DelayedStop {
+                token: delayed,
+                grace,
+            } if delayed == token => match self.stop_pg(env, grace) {
+                Performed::Now(outcome) => self.advance(env, outcome),
+                Performed::Later(waiting) => self.waiting = waiting,
+            },
+            _ => {}
+        }
+    }
+
+    // ---- helpers ------------------------------------------------------------
 
     fn now(&self, env: &Env) -> Millis {
         self.clock.local(env.now)
     }
 
-    fn send(&mut self, env: &mut Env, request: Request) -> u64 {
+    fn send(&mut self, env: &mut Env, request: EtcdRequest) -> u64 {
         let timeout = self
             .clock
-            .real_duration(self.dynamic.retry_timeout.as_millis() as u64);
+            .real_duration(self.driver.config().retry_timeout.as_millis() as u64);
         env.send(self.member, self.incarnation, request, timeout)
     }
 
@@ -409,25 +628,7 @@ impl Agent {
         env.log(format!("{}: {}", self.name, text.as_ref()));
     }
 
-    /// `note_error`: an error is logged once per outage.
-    fn note(&mut self, env: &mut Env, what: &str, error: String) {
-        if self.last_errors.get(what) != Some(&error) {
-            self.log(env, format!("{what}: {error}"));
-            self.last_errors.insert(what.to_owned(), error);
-        }
-    }
-
-    fn note_success(&mut self, what: &str) {
-        self.last_errors.remove(what);
-    }
-
-    // ---- the lease (dcs.rs `LeaseTracker`, `run_keepalive`, `bounded`) ----
-
-    fn adopt(&mut self, env: &mut Env, lease: LeaseId, valid_until: Millis) {
-        self.lease_id = Some(lease);
-        self.valid_until = Some(valid_until);
-        self.reschedule_fence(env);
-    }
+    // ---- the lease (dcs.rs `LeaseTracker`, `run_keepalive`) -----------------
 
     fn forget_lease(&mut self, env: &mut Env) {
         self.lease_id = None;
@@ -435,21 +636,8 @@ impl Agent {
         self.reschedule_fence(env);
     }
 
-    /// `bounded`: etcd saying "lease not found" makes the agent forget its lease.
-    fn forget_lease_if_gone(&mut self, env: &mut Env, error: &str) {
-        if error.contains("lease not found") && self.lease_id.is_some() {
-            self.log(env, "etcd says our lease is gone: re-registering");
-            self.forget_lease(env);
-        }
-    }
-
-    /// `apply_config`: renew ten times per TTL, at least every `loop_wait`.
     fn schedule_keepalive(&mut self, env: &mut Env) {
-        let every = self
-            .dynamic
-            .loop_wait
-            .min(self.dynamic.ttl / 10)
-            .as_millis() as u64;
+        let every = lease::renew_every(self.driver.config()).as_millis() as u64;
         self.schedule_keepalive_in(env, every);
     }
 
@@ -464,14 +652,12 @@ impl Agent {
         };
         let sent = self.now(env);
         // An attempt stuck on etcd is abandoned early and retried.
-        let retry_ms = self.dynamic.retry_timeout.as_millis() as u64;
-        let timeout = self
-            .clock
-            .real_duration(KEEPALIVE_ATTEMPT_MS.min(retry_ms / 2));
+        let attempt = lease::attempt_timeout(self.driver.config()).as_millis() as u64;
+        let timeout = self.clock.real_duration(attempt);
         let id = env.send(
             self.member,
             self.incarnation,
-            Request::KeepAlive(lease),
+            EtcdRequest::KeepAlive(lease),
             timeout,
         );
         self.keepalive = Keepalive::InFlight { id, lease, sent };
@@ -482,19 +668,19 @@ impl Agent {
         env: &mut Env,
         lease: LeaseId,
         sent: Millis,
-        result: Result<Reply, String>,
+        result: Result<Reply, StoreError>,
     ) {
         match result {
             Ok(Reply::KeepAlive { ttl_secs }) if ttl_secs > 0 => {
                 if self.lease_id == Some(lease) {
                     // Never backwards: answers may arrive out of order.
-                    let until = sent + ttl_secs as u64 * 1000;
+                    let until = lease::confirmed_until(sent, ttl_secs);
                     self.valid_until = self.valid_until.max(Some(until));
                     self.reschedule_fence(env);
                 }
             }
-            Ok(Reply::KeepAlive { .. }) => {
-                self.log(env, "etcd says our lease expired: re-registering");
+            Ok(Reply::KeepAlive { .. }) | Err(StoreError::LeaseGone(_)) => {
+                self.log(env, "etcd says our lease is gone: re-registering");
                 if self.lease_id == Some(lease) {
                     self.forget_lease(env);
                 }
@@ -502,85 +688,52 @@ impl Agent {
             }
             Ok(other) => panic!("simulator bug: keepalive answered {other:?}"),
             Err(_) => {
-                // After a failed renewal, retry quickly.
-                return self.schedule_keepalive_in(env, KEEPALIVE_RETRY_MS);
+                let retry = lease::KEEPALIVE_RETRY.as_millis() as u64;
+                return self.schedule_keepalive_in(env, retry);
             }
         }
         self.schedule_keepalive(env);
     }
 
-    // ---- the fencing watchdog (shell.rs `run_fence_watchdog`) ----
+    // ---- the fencing watchdog (shell.rs `run_fence_watchdog`) ---------------
 
-    /// `arm_fence`: the watchdog guards the postmaster iff this cycle observed
-    /// it running as a primary.
-    fn arm_fence(&mut self, env: &mut Env, observation: &Observation) {
-        let primary =
-            matches!(&observation.pg.process, PgProcess::Running(pg) if pg.role == PgRole::Primary);
+    /// `fence.primary_pid.store(..)`: the watchdog guards the current
+    /// postmaster iff it is (about to be) a primary.
+    fn arm_fence(&mut self, env: &mut Env, primary: bool) {
         let pg = &env.pgs[self.member];
         self.fence = (primary && pg.has_postmaster()).then(|| Fence {
             generation: pg.generation,
-            margin_ms: self.dynamic.demote_margin().as_millis() as u64,
+            margin_ms: self.driver.config().demote_margin().as_millis() as u64,
             token: 0,
         });
         self.reschedule_fence(env);
     }
 
-    /// `fence.primary_pid.store(pid)` in an action: the watchdog guards the
-    /// current postmaster (one about to become a primary) from now on.
-    fn arm_fence_now(&mut self, env: &mut Env) {
-        let pg = &env.pgs[self.member];
-        self.fence = pg.has_postmaster().then(|| Fence {
-            generation: pg.generation,
-            margin_ms: self.dynamic.demote_margin().as_millis() as u64,
-            token: 0,
-        });
-        self.reschedule_fence(env);
-    }
-
-    /// `ensure_lease_allows_writes`: right before PostgreSQL could start
-    /// taking writes, the lease must still be valid beyond the demotion
-    /// margin (`is_valid_beyond`, the watchdog's test; `no-margin` ignores
-    /// the margin here too).
-    fn ensure_lease_allows_writes(&self, env: &Env) -> Result<(), String> {
-        let margin = match self.plant {
-            Some(Plant::NoMargin) => 0,
-            _ => self.dynamic.demote_margin().as_millis() as u64,
-        };
-        if self
-            .valid_until
-            .is_some_and(|until| self.now(env) + margin < until)
-        {
-            Ok(())
-        } else {
-            Err(
-                "leader lease no longer confirmed beyond the demotion margin: not becoming writable"
-                    .into(),
-            )
-        }
-    }
-
-    /// Schedules the first watchdog tick (every 50 ms of the local clock) at
-    /// which `now + margin < valid_until` no longer holds.
+    /// Schedules the first watchdog tick at which the lease is no longer
+    /// valid beyond the margin (`lease::fence_tick`).
     fn reschedule_fence(&mut self, env: &mut Env) {
         let Some(mut fence) = self.fence else {
             return;
         };
         let now = self.now(env);
-        let runs_out = self.fence_from(fence.margin_ms);
-        let tick = runs_out.max(now).div_ceil(FENCE_CHECK_EVERY_MS) * FENCE_CHECK_EVERY_MS;
+        let tick = lease::fence_tick(
+            self.fence_deadline(),
+            Duration::from_millis(fence.margin_ms),
+            now,
+        );
         fence.token = self.timer(env, TimerKind::Fence, tick - now);
         self.fence = Some(fence);
     }
 
-    /// The local instant from which the lease is no longer valid beyond the
-    /// margin (`now + margin < valid_until` fails). The planted bugs move it:
-    /// `no-margin` to the deadline itself, `late-demote` past it.
-    fn fence_from(&self, margin_ms: u64) -> Millis {
+    /// The deadline the watchdog compares with. The planted bugs move it:
+    /// `no-margin` by the margin (it fences at the deadline itself),
+    /// `late-demote` past the deadline.
+    fn fence_deadline(&self) -> Option<Millis> {
+        let margin = self.fence.map_or(0, |fence| fence.margin_ms);
         match (self.valid_until, self.plant) {
-            (None, _) => 0,
-            (Some(until), Some(Plant::LateDemote(late))) => until + late,
-            (Some(until), Some(Plant::NoMargin)) => until,
-            (Some(until), None) => until.saturating_sub(margin_ms),
+            (Some(until), Some(Plant::LateDemote(late))) => Some(until + late + margin),
+            (Some(until), Some(Plant::NoMargin)) => Some(until + margin),
+            (until, _) => until,
         }
     }
 
@@ -588,7 +741,10 @@ impl Agent {
         let Some(fence) = self.fence.filter(|fence| fence.token == token) else {
             return;
         };
-        if self.now(env) < self.fence_from(fence.margin_ms) {
+        let lease = LeaseView {
+            valid_until: self.fence_deadline(),
+        };
+        if lease.is_valid_beyond(self.now(env), Duration::from_millis(fence.margin_ms)) {
             return self.reschedule_fence(env);
         }
         self.log(
@@ -600,693 +756,9 @@ impl Agent {
         self.on_wake(env);
     }
 
-    // ---- the decision loop (shell.rs `run_loop` and `cycle`) ----
-
-    fn on_wake(&mut self, env: &mut Env) {
-        if matches!(self.step, Step::Sleeping(_)) {
-            self.begin_cycle(env);
-        } else {
-            self.wake_permit = true;
-        }
-    }
-
-    fn on_loop_timer(&mut self, env: &mut Env, token: u64) {
-        match std::mem::replace(&mut self.step, Step::Idle) {
-            Step::Sleeping(sleeping) if sleeping == token => self.begin_cycle(env),
-            Step::Peers {
-                token: asked_at,
-                pg,
-                mut view,
-                asked,
-            } if asked_at == token => {
-                for member in asked {
-                    if let Some(fresh) = env.peer_status(member) {
-                        if let Some(known) = view.members.iter_mut().find(|m| m.name == fresh.name)
-                        {
-                            *known = fresh;
-                        }
-                    }
-                }
-                self.decide(env, pg, Some(view));
-            }
-            Step::Execute(execution) if execution.waiting == Waiting::Timer(token) => {
-                self.run_actions(env, execution, Input::Timer)
-            }
-            other => self.step = other,
-        }
-    }
-
-    fn begin_cycle(&mut self, env: &mut Env) {
-        let standbys = env.standby_links(self.member);
-        let pg = env.pgs[self.member].observe(self.following.clone(), standbys);
-        self.read(env, pg, false);
-    }
-
-    fn read(&mut self, env: &mut Env, pg: PgSeen, second: bool) {
-        let req = self.send(env, Request::GetAll);
-        self.step = Step::Read { req, pg, second };
-    }
-
-    fn on_reply(&mut self, env: &mut Env, id: u64, result: Result<Reply, String>) {
-        match std::mem::replace(&mut self.step, Step::Idle) {
-            Step::Read { req, pg, second } if req == id => {
-                let dcs = self.read_result(env, result);
-                match dcs {
-                    Some(view) if self.lease_id.is_none() && !second => {
-                        let req = self.send(env, Request::GetLeader);
-                        self.step = Step::GetLeader { req, pg, view };
-                    }
-                    dcs => self.after_read(env, pg, dcs),
-                }
-            }
-            Step::GetLeader { req, pg, view } if req == id => match result {
-                Ok(Reply::Leader(Some(kv))) if self.names_me(&kv) && kv.lease.is_some() => {
-                    let lease = kv.lease.expect("checked");
-                    let sent = self.now(env);
-                    let req = self.send(env, Request::KeepAlive(lease));
-                    self.step = Step::AdoptLease {
-                        req,
-                        lease,
-                        sent,
-                        pg,
-                        view,
-                    };
-                }
-                Ok(_) => self.grant(env, pg, view),
-                Err(error) => {
-                    self.note(env, "cannot get a lease from etcd", error);
-                    self.after_read(env, pg, Some(view));
-                }
-            },
-            Step::AdoptLease {
-                req,
-                lease,
-                sent,
-                pg,
-                view,
-            } if req == id => match result {
-                Ok(Reply::KeepAlive { ttl_secs }) if ttl_secs > 0 => {
-                    self.adopt(env, lease, sent + ttl_secs as u64 * 1000);
-                    self.log(env, "resumed leadership: adopted the leader key's lease");
-                    self.read(env, pg, true);
-                }
-                _ => self.grant(env, pg, view),
-            },
-            Step::Grant {
-                req,
-                sent,
-                pg,
-                view,
-            } if req == id => match result {
-                Ok(Reply::Granted { id, ttl_secs }) => {
-                    self.adopt(env, id, sent + ttl_secs as u64 * 1000);
-                    self.note_success("cannot get a lease from etcd");
-                    self.log(env, format!("granted a new lease {id:x}"));
-                    self.read(env, pg, true);
-                }
-                Ok(other) => panic!("simulator bug: grant answered {other:?}"),
-                Err(error) => {
-                    self.note(env, "cannot get a lease from etcd", error);
-                    self.after_read(env, pg, Some(view));
-                }
-            },
-            Step::Report { req, actions } if req == id => {
-                if let Err(error) = result {
-                    self.note(env, "cannot publish member status", error);
-                }
-                self.execute(env, actions);
-            }
-            Step::Execute(execution) if execution.waiting == Waiting::Reply(id) => {
-                self.run_actions(env, execution, Input::Reply(result));
-            }
-            other => self.step = other,
-        }
-    }
-
-    fn grant(&mut self, env: &mut Env, pg: PgSeen, view: ClusterView) {
-        let sent = self.now(env);
-        let ttl_secs = self.dynamic.ttl.as_secs().max(2) as i64;
-        let req = self.send(env, Request::Grant { ttl_secs });
-        self.step = Step::Grant {
-            req,
-            sent,
-            pg,
-            view,
-        };
-    }
-
-    /// `read_cluster` of the shell: the view, and the cluster config adopted.
-    fn read_result(&mut self, env: &mut Env, result: Result<Reply, String>) -> Option<ClusterView> {
-        match result {
-            Ok(Reply::Kvs(kvs)) => {
-                self.note_success("etcd unreachable");
-                let view = self.build_view(&kvs);
-                if view.config != self.dynamic {
-                    // apply_config: request timeout and keepalive period follow.
-                    self.dynamic = view.config.clone();
-                }
-                Some(view)
-            }
-            Ok(other) => panic!("simulator bug: read answered {other:?}"),
-            Err(error) => {
-                self.note(env, "etcd unreachable", error);
-                None
-            }
-        }
-    }
-
-    /// Without a leader, a running standby asks its peers for fresh positions.
-    fn after_read(&mut self, env: &mut Env, pg: PgSeen, dcs: Option<ClusterView>) {
-        let standby =
-            matches!(&pg.0, PgProcess::Running(running) if running.role == PgRole::Replica);
-        match dcs {
-            Some(view) if view.leader.is_none() && standby => {
-                let asked: Vec<usize> = view
-                    .members
-                    .iter()
-                    .filter(|member| member.name != self.name)
-                    .filter_map(|member| env.member_index(&member.name))
-                    .collect();
-                let delay = env.peer_query_delay(&asked);
-                let token = self.timer(env, TimerKind::Loop, delay);
-                self.step = Step::Peers {
-                    token,
-                    pg,
-                    view,
-                    asked,
-                };
-            }
-            dcs => self.decide(env, pg, dcs),
-        }
-    }
-
-    fn names_me(&self, kv: &Kv) -> bool {
-        kv.value == Value::Text(self.name.clone())
-    }
-
-    /// `Dcs::read_cluster`: the core's view of the keys.
-    fn build_view(&self, kvs: &[(Key, Kv)]) -> ClusterView {
-        cluster_view(kvs, self.lease_id, &self.name, &self.dynamic)
-    }
-
-    fn decide(&mut self, env: &mut Env, pg: PgSeen, dcs: Option<ClusterView>) {
-        self.view = dcs.clone();
-        let mut valid_until = self.valid_until;
-        if self.plant == Some(Plant::NoMargin) {
-            let margin = self.dynamic.demote_margin().as_millis() as u64;
-            valid_until = valid_until.map(|until| until + margin);
-        }
-        let (process, data_dir) = pg;
-        let observation = Observation {
-            now: self.now(env),
-            wall_clock_unix: env.wall_clock_unix(Some(self.member)),
-            pg: LocalPostgres {
-                data_dir,
-                process,
-                last_rewind: self.last_rewind.clone(),
-            },
-            dcs,
-            lease: LeaseView { valid_until },
-        };
-        self.arm_fence(env, &observation);
-        self.decided_as_primary = matches!(
-            &observation.pg.process,
-            PgProcess::Running(pg) if pg.role == PgRole::Primary
-        );
-        let core = &mut self.core;
-        let decision = match catch_unwind(AssertUnwindSafe(|| core.decide(&observation))) {
-            Ok(decision) => decision,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "non-text panic".into());
-                env.violate(
-                    ViolationKind::CoreAssertion,
-                    format!("{}: Core::decide panicked: {message}", self.name),
-                );
-                return;
-            }
-        };
-        // The shell persists the marker before it reports or acts.
-        env.unrewound_markers[self.member] = self.core.unrewound_former_primary();
-        self.log_decision(env, &observation, &decision);
-        let status = self.member_status(&observation, &decision);
-        env.publish_snapshot(self.member, status.clone());
-        if observation.dcs.is_some() && self.lease_id.is_some() {
-            let req = self.send(
-                env,
-                Request::Put {
-                    key: Key::Member(self.name.clone()),
-                    value: Value::Member(Box::new(status)),
-                    lease: self.lease_id,
-                },
-            );
-            self.step = Step::Report {
-                req,
-                actions: decision.actions,
-            };
-        } else {
-            self.execute(env, decision.actions);
-        }
-    }
-
-    fn log_decision(&mut self, env: &mut Env, observation: &Observation, decision: &Decision) {
-        if decision.actions.is_empty() && decision.reason == self.last_reason {
-            return;
-        }
-        self.last_reason = decision.reason.clone();
-        let actions: Vec<String> = decision.actions.iter().map(short).collect();
-        let lease = match observation.lease.valid_until {
-            Some(until) => format!("lease {:+}ms", until as i64 - observation.now as i64),
-            None => "no lease".into(),
-        };
-        let unreachable = if observation.dcs.is_none() {
-            ", etcd unreachable"
-        } else {
-            ""
-        };
-        self.log(
-            env,
-            format!(
-                "decide [{}] {} ({lease}{unreachable})",
-                actions.join(", "),
-                decision.reason.as_deref().unwrap_or(""),
-            ),
-        );
-    }
-
-    /// What the shell publishes: `Core::member_status`.
-    fn member_status(&self, observation: &Observation, decision: &Decision) -> MemberStatus {
-        let reach = MemberAddresses {
-            api_url: String::new(),
-            pg_address: format!("{}:5432", self.name),
-            grpc_url: None,
-        };
-        self.core.member_status(observation, decision, reach, "sim")
-    }
-
-    fn execute(&mut self, env: &mut Env, actions: Vec<Action>) {
-        let execution = Execution {
-            actions,
-            next: 0,
-            stage: 0,
-            recheck: false,
-            waiting: Waiting::Nothing,
-        };
-        self.run_actions(env, execution, Input::Start);
-    }
-
-    fn resume(&mut self, env: &mut Env, input: Input) {
-        if let Step::Execute(execution) = std::mem::replace(&mut self.step, Step::Idle) {
-            self.run_actions(env, execution, input);
-        }
-    }
-
-    fn run_actions(&mut self, env: &mut Env, mut execution: Execution, mut input: Input) {
-        loop {
-            let Some(action) = execution.actions.get(execution.next).cloned() else {
-                return self.finish_cycle(env, execution.recheck);
-            };
-            let progress = self.step_action(env, &action, execution.stage, input);
-            input = Input::Start;
-            match progress {
-                Progress::Wait(waiting) => {
-                    execution.stage += 1;
-                    execution.waiting = waiting;
-                    self.step = Step::Execute(execution);
-                    return;
-                }
-                Progress::Done(Ok(())) => {
-                    execution.recheck |= action.warrants_immediate_recheck();
-                }
-                // Housekeeping (slots, status) failing must not hold up the rest.
-                Progress::Done(Err(error)) if !action.warrants_immediate_recheck() => {
-                    self.note(env, &format!("{} failed", short(&action)), error);
-                }
-                Progress::Done(Err(error)) => {
-                    self.note(env, &format!("{} failed", short(&action)), error);
-                    return self.finish_cycle(env, false);
-                }
-            }
-            execution.next += 1;
-            execution.stage = 0;
-        }
-    }
-
-    fn finish_cycle(&mut self, env: &mut Env, recheck: bool) {
-        if recheck && self.immediate < MAX_IMMEDIATE_RECHECKS {
-            self.immediate += 1;
-            return self.begin_cycle(env);
-        }
-        self.immediate = 0;
-        if std::mem::take(&mut self.wake_permit) {
-            return self.begin_cycle(env);
-        }
-        let loop_wait = self.dynamic.loop_wait.as_millis() as u64;
-        let token = self.timer(env, TimerKind::Loop, loop_wait);
-        self.step = Step::Sleeping(token);
-    }
-
-    fn leader_term(&self) -> Option<i64> {
-        self.view
-            .as_ref()
-            .and_then(|view| view.leader.as_ref())
-            .filter(|leader| leader.mine)
-            .map(|leader| leader.term)
-    }
-
-    /// `address_of`: the member must be registered for the shell to reach it.
-    fn address_of(&self, env: &Env, name: &str) -> Option<usize> {
-        self.view.as_ref()?.member(name)?;
-        env.member_index(name)
-    }
-
-    fn request(&mut self, env: &mut Env, request: Request) -> Progress {
-        Progress::Wait(Waiting::Reply(self.send(env, request)))
-    }
-
-    fn pg_op(&mut self, env: &mut Env, kind: OpKind) -> Progress {
-        match env.begin_op(self.member, kind) {
-            Ok(Some(id)) => Progress::Wait(Waiting::Op(id)),
-            Ok(None) => Progress::Done(Ok(())),
-            Err(error) => Progress::Done(Err(error)),
-        }
-    }
-
-    /// `Agent::execute` of the shell, one stage at a time: stage 0 starts the
-    /// action, later stages receive what the previous stage waited for.
-    fn step_action(&mut self, env: &mut Env, action: &Action, stage: u8, input: Input) -> Progress {
-        use Progress::Done;
-        let no_lease = || Done(Err("no lease".into()));
-        let not_leader = || Done(Err("this member does not hold the leader key".into()));
-        match (action, stage) {
-            (Action::ClaimInitialize, 0) => {
-                let Some(lease) = self.lease_id else {
-                    return no_lease();
-                };
-                self.request(
-                    env,
-                    Request::CreateIfAbsent {
-                        key: Key::Initialize,
-                        value: Value::Text(String::new()),
-                        lease: Some(lease),
-                    },
-                )
-            }
-            (Action::ClaimInitialize, 1) => match input.reply() {
-                Ok(Reply::Txn(true)) => {
-                    self.log(env, "won the bootstrap race");
-                    let seed = Value::Config(Box::new(self.bootstrap.clone()));
-                    self.request(
-                        env,
-                        Request::CreateIfAbsent {
-                            key: Key::Config,
-                            value: seed,
-                            lease: None,
-                        },
-                    )
-                }
-                Ok(_) => Done(Ok(())),
-                Err(error) => Done(Err(error)),
-            },
-            (Action::ClaimInitialize, _) => Done(input.reply().map(drop)),
-            (Action::InitDb, 0) => self.pg_op(env, OpKind::InitDb),
-            (Action::InitDb, _) => Done(input.op()),
-            (Action::PublishSystemId(system_id), 0) => {
-                // create_replication_role: a query on the local server.
-                if !env.pgs[self.member].is_running() {
-                    return Done(Err("PostgreSQL: connection refused".into()));
-                }
-                let Some(lease) = self.lease_id else {
-                    return no_lease();
-                };
-                self.request(
-                    env,
-                    Request::PublishSystemId {
-                        lease,
-                        system_id: system_id.clone(),
-                    },
-                )
-            }
-            (Action::PublishSystemId(system_id), _) => match input.reply() {
-                Ok(Reply::Txn(true)) => {
-                    self.log(env, format!("cluster bootstrapped: system {system_id}"));
-                    Done(Ok(()))
-                }
-                other => Done(other.map(drop)),
-            },
-            (Action::CloneFrom(leader), 0) => match self.address_of(env, leader) {
-                Some(from) => self.pg_op(env, OpKind::Clone { from }),
-                None => Done(Err(format!("leader {leader} has no registered address"))),
-            },
-            (Action::CloneFrom(_), _) => {
-                let result = input.op();
-                if result.is_ok() {
-                    // A fresh copy of the leader: any earlier rewind verdict is moot.
-                    self.last_rewind = None;
-                }
-                Done(result)
-            }
-            (Action::Start(start_as), 0) => {
-                let follow = match start_as {
-                    StartAs::Primary => None,
-                    StartAs::Replica { follow } => follow
-                        .as_deref()
-                        .and_then(|name| Some((name.to_owned(), self.address_of(env, name)?))),
-                };
-                let standby = !matches!(start_as, StartAs::Primary);
-                if !standby {
-                    if let Err(error) = self.ensure_lease_allows_writes(env) {
-                        return Done(Err(error));
-                    }
-                }
-                env.configure(
-                    self.member,
-                    follow.as_ref().map(|(_, index)| *index),
-                    standby,
-                );
-                self.following = follow.map(|(name, _)| name);
-                if !standby && !env.pgs[self.member].has_postmaster() {
-                    env.check_may_run_primary(self.member, &self.name, self.lease_id, true);
-                }
-                let progress = self.pg_op(env, OpKind::Start);
-                // `Postgres::start(Some(&fence.primary_pid))`: a primary is
-                // guarded by the watchdog from the postmaster's first moment.
-                if !standby && matches!(progress, Progress::Wait(_)) {
-                    self.arm_fence_now(env);
-                }
-                progress
-            }
-            (Action::Start(_), _) => Done(input.op()),
-            (Action::Stop { reason }, 0) => {
-                if let Some(wait) = self.planted_late_demote(env) {
-                    return wait;
-                }
-                if let Some(target) = reason.strip_prefix("switchover to ") {
-                    env.begin_handover(self.member, target);
-                }
-                self.stop_pg(env)
-            }
-            (Action::Stop { .. }, _) => match input {
-                Input::Timer => self.stop_pg(env),
-                other => Done(other.op()),
-            },
-            (Action::Promote { .. }, 0) => {
-                if self.leader_term().is_none() {
-                    return not_leader();
-                }
-                if !env.pgs[self.member].is_running() {
-                    return Done(Err("cannot promote: PostgreSQL is not running".into()));
-                }
-                if let Err(error) = self.ensure_lease_allows_writes(env) {
-                    return Done(Err(error));
-                }
-                // The watchdog guards the postmaster before pg_promote.
-                self.arm_fence_now(env);
-                env.check_may_run_primary(self.member, &self.name, self.lease_id, false);
-                self.pg_op(env, OpKind::Promote)
-            }
-            (Action::Promote { reason }, 1) => {
-                if let Err(error) = input.op() {
-                    return Done(Err(error));
-                }
-                self.following = None;
-                let entry = self.history_entry(env, reason);
-                let term = self.leader_term().expect("checked at stage 0");
-                self.request(env, Request::AppendHistory { term, entry })
-            }
-            // The CHECKPOINT after the promotion is instantaneous here.
-            (Action::Promote { .. }, _) => Done(input.reply().map(drop)),
-            (Action::Rewind(leader), 0) => self.start_rewind(env, leader),
-            (Action::Rewind(_), _) => {
-                let error = input.op().err();
-                self.finish_rewind(env, error)
-            }
-            (Action::Follow(leader), _) => {
-                let follow = match leader {
-                    Some(name) => match self.address_of(env, name) {
-                        Some(index) => Some((name.clone(), index)),
-                        None => {
-                            return Done(Err(format!(
-                                "leader {name} has not registered its address yet"
-                            )))
-                        }
-                    },
-                    None => None,
-                };
-                env.configure(self.member, follow.as_ref().map(|(_, index)| *index), true);
-                self.following = follow.map(|(name, _)| name);
-                Done(env.reload(self.member))
-            }
-            (Action::AcquireLeader, 0) => {
-                let Some(lease) = self.lease_id else {
-                    return no_lease();
-                };
-                if let Some(view) = &self.view {
-                    env.check_paused_takeover(self.member, view, self.decided_as_primary);
-                }
-                self.request(
-                    env,
-                    Request::CreateIfAbsent {
-                        key: Key::Leader,
-                        value: Value::Text(self.name.clone()),
-                        lease: Some(lease),
-                    },
-                )
-            }
-            (Action::AcquireLeader, _) => match input.reply() {
-                Ok(Reply::Txn(won)) => {
-                    let outcome = if won {
-                        "acquired the leader key"
-                    } else {
-                        "another member took the leader key first"
-                    };
-                    self.log(env, outcome);
-                    Done(Ok(()))
-                }
-                other => Done(other.map(drop)),
-            },
-            (Action::ReleaseLeader, 0) => {
-                let Some(term) = self.leader_term() else {
-                    return not_leader();
-                };
-                let name = self.name.clone();
-                self.request(env, Request::ReleaseLeader { term, name })
-            }
-            (Action::ReleaseLeader, _) => Done(input.reply().map(drop)),
-            (Action::CreateSlot(slot), _) => Done(env.create_slot(self.member, slot)),
-            (Action::DropSlot(slot), _) => Done(env.drop_slot(self.member, slot)),
-            (Action::PublishLeaderStatus(status), 0) => {
-                let Some(term) = self.leader_term() else {
-                    return not_leader();
-                };
-                self.request(
-                    env,
-                    Request::PutAsLeader {
-                        term,
-                        key: Key::Status,
-                        value: Value::Status(status.clone()),
-                    },
-                )
-            }
-            (Action::PublishLeaderStatus(_), _) => Done(input.reply().map(drop)),
-            (Action::Checkpoint, 0) => self.pg_op(env, OpKind::Checkpoint),
-            (Action::Checkpoint, _) => Done(input.op()),
-            (Action::ClearSwitchover { .. }, 0) => {
-                let Some(term) = self.leader_term() else {
-                    return not_leader();
-                };
-                self.request(env, Request::ClearSwitchover { term })
-            }
-            (Action::ClearSwitchover { reason }, _) => match input.reply() {
-                Ok(Reply::Txn(true)) => {
-                    self.log(env, format!("switchover intent removed: {reason}"));
-                    Done(Ok(()))
-                }
-                other => Done(other.map(drop)),
-            },
-            // Synchronous mode is not simulated yet: the simulated cluster
-            // runs with it off and no `sync` key, so the core never asks.
-            (Action::WriteSync(_) | Action::SetSyncNames(_) | Action::ClearSync, _) => {
-                Done(Err("synchronous replication is not simulated".into()))
-            }
-        }
-    }
-
-    /// `Postgres::stop`: SIGINT (a fast shutdown), escalated to an immediate
-    /// shutdown if the server is still up after `retry_timeout`.
-    fn stop_pg(&mut self, env: &mut Env) -> Progress {
-        let progress = self.pg_op(env, OpKind::Stop);
-        if let Progress::Wait(Waiting::Op(op)) = progress {
-            let grace = self.dynamic.retry_timeout.as_millis() as u64;
-            let at = env.now + self.clock.real_duration(grace);
-            env.escalate_stop_at(self.member, op, at);
-        }
-        progress
-    }
-
-    fn history_entry(&self, env: &Env, reason: &str) -> HistoryEntry {
-        let (timeline, lsn) = env.pgs[self.member]
-            .files()
-            .map(|files| {
-                let fork = files.wal.segments.last().map_or(0, |segment| segment.start);
-                (files.wal.timeline().saturating_sub(1), fork)
-            })
-            .unwrap_or_default();
-        HistoryEntry {
-            timeline,
-            lsn: Lsn(lsn),
-            reason: reason.to_owned(),
-            time_unix: env.now / 1000,
-            new_leader: self.name.clone(),
-        }
-    }
-
-    /// `Action::Rewind`: the leader must still hold the key and be registered;
-    /// whatever pg_rewind then says is recorded for the core, not an error.
-    fn start_rewind(&mut self, env: &mut Env, leader: &str) -> Progress {
-        let term = self
-            .view
-            .as_ref()
-            .and_then(|view| view.leader.as_ref())
-            .filter(|key| key.name == leader)
-            .map(|key| key.term);
-        let Some(term) = term else {
-            return Progress::Done(Err(format!("{leader} no longer holds the leader key")));
-        };
-        let Some(from) = self.address_of(env, leader) else {
-            return Progress::Done(Err(format!("leader {leader} has no registered address")));
-        };
-        // checkpoint_at: failing to reach the leader is no verdict on the rewind.
-        if !env.pgs[from].is_running() {
-            return Progress::Done(Err(format!(
-                "connecting to the leader at {leader}: connection refused"
-            )));
-        }
-        self.rewind_term = term;
-        match env.begin_op(self.member, OpKind::Rewind { from }) {
-            Ok(Some(id)) => Progress::Wait(Waiting::Op(id)),
-            Ok(None) => self.finish_rewind(env, None),
-            Err(error) => self.finish_rewind(env, Some(error)),
-        }
-    }
-
-    fn finish_rewind(&mut self, env: &mut Env, error: Option<String>) -> Progress {
-        if let Some(error) = &error {
-            self.log(env, format!("pg_rewind failed: {error}"));
-        }
-        self.last_rewind = Some(RewindOutcome {
-            leader_term: self.rewind_term,
-            error,
-        });
-        Progress::Done(Ok(()))
-    }
-
-    /// The planted bug `late-demote`: a primary's demotion waits until after
-    /// its lease deadline.
-    fn planted_late_demote(&mut self, env: &mut Env) -> Option<Progress> {
+    /// The planted bug `late-demote`: a writable primary's stop waits until
+    /// after its lease deadline.
+    fn planted_late_demote(&mut self, env: &mut Env, grace: Duration) -> Option<Performed> {
         let Some(Plant::LateDemote(by)) = self.plant else {
             return None;
         };
@@ -1294,63 +766,18 @@ impl Agent {
             return None;
         }
         let now = self.now(env);
-        let ttl = self.dynamic.ttl.as_millis() as u64;
+        let ttl = self.driver.config().ttl.as_millis() as u64;
         let late = self.valid_until.unwrap_or(now + ttl) + by;
         (late > now).then(|| {
             let token = self.timer(env, TimerKind::Loop, late - now);
-            Progress::Wait(Waiting::Timer(token))
+            Performed::Later(Waiting::DelayedStop { token, grace })
         })
     }
 }
 
-/// `Dcs::read_cluster` as seen by `name` holding `lease` (`None` for an
-/// operator): the core's view of the keys, `fallback` until `config` exists.
-pub fn cluster_view(
-    kvs: &[(Key, Kv)],
-    lease: Option<LeaseId>,
-    name: &str,
-    fallback: &DynamicConfig,
-) -> ClusterView {
-    let mut view = ClusterView {
-        initialize: None,
-        leader: None,
-        members: Vec::new(),
-        config: fallback.clone(),
-        last_leader: None,
-        switchover: None,
-        sync: None,
-    };
-    for (key, kv) in kvs {
-        let mine = lease.is_some() && kv.lease == lease;
-        match (key, &kv.value) {
-            (Key::Initialize, Value::Text(value)) => {
-                view.initialize = Some(if value.is_empty() {
-                    Initialize::InProgress { mine }
-                } else {
-                    Initialize::Done {
-                        system_id: value.clone(),
-                    }
-                });
-            }
-            (Key::Leader, Value::Text(leader)) => {
-                view.leader = Some(LeaderKey {
-                    name: leader.clone(),
-                    term: kv.create_revision,
-                    mine: mine && leader == name,
-                });
-            }
-            (Key::Config, Value::Config(config)) if config.validate().is_ok() => {
-                view.config = (**config).clone();
-            }
-            (Key::Status, Value::Status(status)) => view.last_leader = Some(status.clone()),
-            (Key::Member(_), Value::Member(member)) => view.members.push((**member).clone()),
-            (Key::Switchover, Value::Switchover(intent)) => {
-                view.switchover = Some((**intent).clone());
-            }
-            _ => {}
-        }
-    }
-    view
+/// Where a simulated member's PostgreSQL listens.
+fn pg_address(name: &str) -> String {
+    format!("{name}:5432")
 }
 
 /// A short form of an action, for the trace.

@@ -2,7 +2,7 @@
 //! etcd, and the glue that turns etcd changes into watch wake-ups.
 
 use super::agent::{AgentEvent, TimerKind};
-use super::etcd::{self, Change, Etcd, Key, Request};
+use super::etcd::{self, Change, Etcd, Key, Request, StoreError};
 use super::faults::{Fault, LinkMode, MAX_BASE_LATENCY_MS};
 use super::postgres::PgSim;
 use super::rng::Rng;
@@ -267,7 +267,9 @@ impl Env {
         let id = self.id();
         let timed_out = AgentEvent::Reply {
             id,
-            result: Err(format!("no answer within {timeout}ms")),
+            result: Err(StoreError::Unavailable(format!(
+                "no answer within {timeout}ms"
+            ))),
         };
         self.schedule(
             self.now + timeout,
@@ -281,7 +283,7 @@ impl Env {
             Some(LinkMode::Reject) => {
                 let refused = AgentEvent::Reply {
                     id,
-                    result: Err("connection refused".into()),
+                    result: Err(StoreError::Unavailable("connection refused".into())),
                 };
                 self.schedule(
                     self.now + 1,
@@ -354,7 +356,7 @@ impl Env {
     /// the full timeout; a dead one refuses at once.
     pub fn peer_query_delay(&mut self, peers: &[usize]) -> u64 {
         if peers.iter().any(|peer| self.paused[*peer]) {
-            super::agent::PEER_TIMEOUT_MS
+            jai_agent::ha::driver::PEER_TIMEOUT.as_millis() as u64
         } else {
             self.rng.range(1, 8)
         }

@@ -1,5 +1,6 @@
 //! A simulated etcd: one linearizable key-value store with revisions, leases
-//! and the transactions `jai_agent::dcs` issues, with etcd's timing quirks:
+//! and the transactions `jai_agent::dcs` issues (keys, values and answers are
+//! the agent's own types, `jai_agent::ha::store`), with etcd's timing quirks:
 //!
 //! - a lease expires `ttl` after the keepalive *arrived* (etcd's clock), and its
 //!   keys are deleted only by the next expiry sweep (every 500 ms);
@@ -7,63 +8,13 @@
 //! - while etcd elects a new leader it answers nothing, and the new leader
 //!   extends every lease to its full TTL (and a little more).
 
-use jai_proto::{DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus, SwitchoverIntent};
+use jai_proto::{DynamicConfig, HistoryEntry, SwitchoverIntent};
 use std::collections::BTreeMap;
 
-/// An etcd lease id.
-pub type LeaseId = i64;
+pub use jai_agent::ha::store::{Key, Kv, LeaseId, Reply, StoreError, Value};
 
 /// How often etcd's lessor revokes expired leases.
 pub const SWEEP_EVERY_MS: u64 = 500;
-
-/// The keys of one cluster (`/jai/<cluster>/…` in the real layout).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Key {
-    /// `config`
-    Config,
-    /// `history`
-    History,
-    /// `initialize`
-    Initialize,
-    /// `leader`
-    Leader,
-    /// `members/<name>`
-    Member(String),
-    /// `status`
-    Status,
-    /// `switchover`
-    Switchover,
-}
-
-/// A stored value, typed instead of JSON: the shell's encoding is not under test.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    /// `initialize` (empty or a system id) and `leader` (a member name).
-    Text(String),
-    /// `members/<name>`.
-    Member(Box<MemberStatus>),
-    /// `config`.
-    Config(Box<DynamicConfig>),
-    /// `status`.
-    Status(LeaderStatus),
-    /// `history`.
-    History(Vec<HistoryEntry>),
-    /// `switchover`.
-    Switchover(Box<SwitchoverIntent>),
-}
-
-/// A key's value and metadata, as etcd returns it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Kv {
-    /// The value.
-    pub value: Value,
-    /// Revision of the put that created the key (the leader's term for `leader`).
-    pub create_revision: i64,
-    /// Revision of the last put.
-    pub mod_revision: i64,
-    /// The lease the key is attached to.
-    pub lease: Option<LeaseId>,
-}
 
 /// A request as one of `jai_agent::dcs`'s methods sends it.
 #[derive(Debug, Clone)]
@@ -127,10 +78,12 @@ pub enum Request {
         /// The new entry.
         entry: HistoryEntry,
     },
-    /// `clear_switchover`: txn `create_revision(leader) == term`, delete `switchover`.
-    ClearSwitchover {
+    /// `DeleteAsLeader`: txn `create_revision(leader) == term`, delete `key`.
+    DeleteAsLeader {
         /// The term.
         term: i64,
+        /// The key.
+        key: Key,
     },
     /// `record_switchover` (the control API): txn `create_revision(switchover) == 0
     /// && create_revision(leader) == term` (0: no leader), put.
@@ -149,31 +102,6 @@ pub enum Request {
         /// The new config.
         config: Box<DynamicConfig>,
     },
-}
-
-/// A successful answer.
-#[derive(Debug, Clone)]
-pub enum Reply {
-    /// The prefix.
-    Kvs(Vec<(Key, Kv)>),
-    /// The `leader` key, if any.
-    Leader(Option<Kv>),
-    /// A keepalive answer: the TTL in seconds, 0 when the lease is gone.
-    KeepAlive {
-        /// Seconds.
-        ttl_secs: i64,
-    },
-    /// A granted lease.
-    Granted {
-        /// Its id.
-        id: LeaseId,
-        /// Its TTL in seconds.
-        ttl_secs: i64,
-    },
-    /// A put.
-    Done,
-    /// A transaction: whether its comparison succeeded.
-    Txn(bool),
 }
 
 /// One change, for the watchers.
@@ -237,7 +165,11 @@ impl Etcd {
     }
 
     /// Applies one request at real time `now`.
-    pub fn apply(&mut self, now: u64, request: Request) -> (Result<Reply, String>, Vec<Change>) {
+    pub fn apply(
+        &mut self,
+        now: u64,
+        request: Request,
+    ) -> (Result<Reply, StoreError>, Vec<Change>) {
         let mut changes = Vec::new();
         let reply = match request {
             Request::GetAll => Ok(Reply::Kvs(
@@ -319,11 +251,11 @@ impl Etcd {
                     Ok(Reply::Txn(false))
                 }
             }
-            Request::ClearSwitchover { term } => {
+            Request::DeleteAsLeader { term, key } => {
                 let ok = self.term() == Some(term);
-                if ok && self.kvs.contains_key(&Key::Switchover) {
+                if ok && self.kvs.contains_key(&key) {
                     self.revision += 1;
-                    self.delete(&Key::Switchover, &mut changes);
+                    self.delete(&key, &mut changes);
                 }
                 Ok(Reply::Txn(ok))
             }
@@ -355,7 +287,7 @@ impl Etcd {
             Request::SwapConfig { revision, config } => {
                 let current = self.kvs.get(&Key::Config).map_or(0, |kv| kv.mod_revision);
                 if current == revision {
-                    self.put(Key::Config, Value::Config(config), None, &mut changes)
+                    self.put(Key::Config, Value::Config(Ok(config)), None, &mut changes)
                         .map(|()| Reply::Txn(true))
                 } else {
                     Ok(Reply::Txn(false))
@@ -390,10 +322,12 @@ impl Etcd {
         value: Value,
         lease: Option<LeaseId>,
         changes: &mut Vec<Change>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         if let Some(id) = lease {
             if !self.leases.contains_key(&id) {
-                return Err(format!("etcdserver: requested lease not found ({id:x})"));
+                return Err(StoreError::LeaseGone(format!(
+                    "etcdserver: requested lease not found ({id:x})"
+                )));
             }
         }
         self.revision += 1;

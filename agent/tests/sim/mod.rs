@@ -75,6 +75,7 @@ mod world;
 
 use env::{Env, Event};
 use faults::FaultProfile;
+use jai_agent::ha::driver::PlantedBug;
 use jai_proto::{DynamicConfig, Tags};
 use rng::Rng;
 use world::World;
@@ -90,9 +91,12 @@ const MAX_WALL_CLOCK_SKEW_MS: u64 = 1_500;
 /// How often primaries write and standbys receive.
 const WAL_TICK_MS: u64 = 100;
 
-/// A bug planted in the simulated shell, to prove the checks can see it.
+/// A bug planted in the agent, to prove the checks can see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plant {
+    /// A bug in the order of a round's steps, planted in the agent's own
+    /// round driver.
+    Ordering(PlantedBug),
     /// A primary's demotion (Stop, and the watchdog) runs only this many
     /// milliseconds after its lease deadline.
     LateDemote(u64),
@@ -103,12 +107,23 @@ pub enum Plant {
 }
 
 impl Plant {
-    /// Parses `late-demote[:<ms>]` (1000 ms by default) or `no-margin`.
+    /// Parses `late-demote[:<ms>]` (1000 ms by default), `no-margin`,
+    /// `no-lease-recheck` or `final-position-after-release`.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let unknown = || format!("unknown plant {text:?}: late-demote[:<ms>] or no-margin");
+        let unknown = || {
+            format!(
+                "unknown plant {text:?}: late-demote[:<ms>], no-margin, no-lease-recheck or final-position-after-release"
+            )
+        };
         match text.split_once(':') {
             None if text == "late-demote" => Ok(Plant::LateDemote(1_000)),
             None if text == "no-margin" => Ok(Plant::NoMargin),
+            None if text == "no-lease-recheck" => {
+                Ok(Plant::Ordering(PlantedBug::NoLeaseRecheckBeforeWrites))
+            }
+            None if text == "final-position-after-release" => {
+                Ok(Plant::Ordering(PlantedBug::FinalPositionAfterRelease))
+            }
             Some(("late-demote", ms)) => ms.parse().map(Plant::LateDemote).map_err(|_| unknown()),
             _ => Err(unknown()),
         }

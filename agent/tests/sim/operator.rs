@@ -9,7 +9,6 @@
 //! (`update_config`). A refused or failed call is logged and dropped, except
 //! turning maintenance mode off, which the operator retries until it sticks.
 
-use super::agent::cluster_view;
 use super::env::{Env, Event};
 use super::etcd::{Key, Reply, Request, Value};
 use jai_agent::control::running_primary;
@@ -108,7 +107,12 @@ impl Env {
         let (Ok(Reply::Kvs(kvs)), _) = self.etcd.apply(self.now, Request::GetAll) else {
             unreachable!("a read answers the keys");
         };
-        Some(cluster_view(&kvs, None, "", &DynamicConfig::default()))
+        Some(ClusterView::from_kvs(
+            &kvs,
+            None,
+            "",
+            &DynamicConfig::default(),
+        ))
     }
 
     /// `request_switchover`: the leader must run a primary, nothing may be
@@ -210,7 +214,7 @@ impl Env {
     fn pause_request(&self, pause: bool) -> (Request, String) {
         let (config, revision) = match self.etcd.get(&Key::Config) {
             Some(kv) => match &kv.value {
-                Value::Config(config) => ((**config).clone(), kv.mod_revision),
+                Value::Config(Ok(config)) => ((**config).clone(), kv.mod_revision),
                 other => unreachable!("config holds {other:?}"),
             },
             None => (DynamicConfig::default(), 0),

@@ -60,11 +60,9 @@ impl World {
             identity,
             clock,
             self.bootstrap.clone(),
+            self.env.unrewound_markers[member],
             self.plant,
         );
-        if self.env.unrewound_markers[member] {
-            agent.restore_unrewound_former_primary();
-        }
         self.env
             .log(format!("{}: agent starts", self.env.names[member]));
         self.env.snapshots[member] = Some(agent.initial_status());
