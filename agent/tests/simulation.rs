@@ -30,7 +30,8 @@
 //!   core rewinds only former primaries); `JAI_SIM_STRICT=switchover`: so
 //!   does a switchover target that streamed when the old primary's stop began
 //!   but missed its last writes (counted otherwise); both: `diverged,switchover`;
-//! - `JAI_SIM_PLANT=late-demote[:<ms>]|no-margin`: plant a bug in the simulated shell;
+//! - `JAI_SIM_PLANT=late-demote[:<ms>]|no-margin|no-lease-recheck|final-position-after-release`:
+//!   plant a bug in the agent's lease handling or in its round driver's ordering;
 //! - `JAI_SIM_EXPOSE=1` (or a case name): run the histories that demonstrate
 //!   known bugs; `known_core_bugs` fails while they exist (see [`KNOWN_BUGS`]).
 
@@ -233,6 +234,58 @@ fn the_simulator_catches_a_planted_late_demotion() {
     );
 }
 
+/// Ordering bugs planted in the agent's own round driver (not in the core,
+/// not in the simulator) must be caught within this many seeds.
+const ORDERING_PLANT_BUDGET_SEEDS: u64 = 400;
+
+/// Runs seeds with an ordering bug planted in the driver until one breaks
+/// `kind`; panics if none does within the budget.
+fn catch_planted(plant: &str, faults: &str, strict_switchover: bool, kind: ViolationKind) {
+    let config = SimConfig {
+        faults: FaultProfile::with(faults).expect("known fault kinds"),
+        plant: Some(Plant::parse(plant).expect("known plant")),
+        strict_switchover,
+        ..SimConfig::default()
+    };
+    let caught = (0..ORDERING_PLANT_BUDGET_SEEDS)
+        .filter_map(|seed| sim::run(seed, &config).err())
+        .find(|failure| failure.kind == kind);
+    match caught {
+        Some(failure) => eprintln!(
+            "planted {plant} caught at seed {}: {:?}: {}",
+            failure.seed, failure.kind, failure.message
+        ),
+        None => panic!(
+            "the planted ordering bug {plant} broke no {kind:?} in {ORDERING_PLANT_BUDGET_SEEDS} \
+             seeds: the simulator does not test the agent's round ordering"
+        ),
+    }
+}
+
+/// The lease re-check right before PostgreSQL can take writes, removed from
+/// the agent's round driver, lets a stale leader write.
+#[test]
+fn the_simulator_catches_a_promotion_without_a_lease_recheck() {
+    catch_planted(
+        "no-lease-recheck",
+        "long-pause",
+        false,
+        ViolationKind::PrimaryWithoutKey,
+    );
+}
+
+/// A switchover whose final WAL position is published after the leader key
+/// is released lets the target promote without the last writes.
+#[test]
+fn the_simulator_catches_a_final_position_published_after_the_release() {
+    catch_planted(
+        "final-position-after-release",
+        "handover-crash",
+        true,
+        ViolationKind::LostWrites,
+    );
+}
+
 /// The same seed gives the same history, event for event.
 #[test]
 fn a_seed_replays_the_same_history() {
@@ -271,7 +324,13 @@ struct KnownBug {
 /// replica stalled in maintenance mode (`StalledSwitchover`, seeds 1444 and
 /// 1795), an old leader restarting its primary on the key it had given up
 /// (`PrimaryWithoutKey`, seed 12305), and an intent firing twice
-/// (`IntentTwice`, seed 19648).
+/// (`IntentTwice`, seed 19648). Fixed since the simulator runs the agent's
+/// own round driver: `former-primary-forgotten` (the rejoin memory is
+/// persisted) and `switchover-target-missed-the-end` (the stop of a
+/// switchover is never escalated and the final position is published before
+/// the release; no `LostWrites` in seeds 10,796–13,795 with
+/// `JAI_SIM_STRICT=switchover`, forced intents aside: they accept a lagging
+/// target).
 const KNOWN_BUGS: &[KnownBug] = &[
     KnownBug {
         name: "stopped-agent-leader",
@@ -283,7 +342,7 @@ const KNOWN_BUGS: &[KnownBug] = &[
         strict_divergence: false,
         strict_switchover: false,
         kind: ViolationKind::TwoWriters,
-        first_seed: 12,
+        first_seed: 29,
         budget: 100,
     },
     KnownBug {
@@ -295,52 +354,112 @@ const KNOWN_BUGS: &[KnownBug] = &[
         strict_divergence: true,
         strict_switchover: false,
         kind: ViolationKind::DivergedStream,
-        first_seed: 122,
+        first_seed: 129,
         budget: 300,
-    },
-    KnownBug {
-        name: "former-primary-forgotten",
-        what: "a former primary whose data directory last ran as a standby (started without a \
-               leader, crashed mid-promotion or mid-rewind) is no longer known as one after an \
-               agent restart: `unrewound_former_primary` lives only in memory",
-        faults: "default",
-        strict_divergence: true,
-        strict_switchover: false,
-        kind: ViolationKind::DivergedStream,
-        first_seed: 234,
-        budget: 1,
-    },
-    KnownBug {
-        name: "switchover-target-missed-the-end",
-        what: "a switchover's target streamed when the old primary's stop began but missed its \
-               last writes, and still takes the key: it disconnected during the stop (seed \
-               10796), or `Postgres::stop` escalated the fast shutdown to an immediate one after \
-               retry_timeout while the walsenders still sent WAL (seed 15768, a forced \
-               switchover). The target's lag is judged against the last `status`, published \
-               before the stop; needs the shell: no escalation during a switchover's stop, and \
-               the stopped primary's final position published before the key is released",
-        faults: "default",
-        strict_divergence: false,
-        strict_switchover: true,
-        kind: ViolationKind::LostWrites,
-        first_seed: 10796,
-        budget: 3000,
     },
 ];
 
 /// The first history from `bug.first_seed` within its budget that breaks the
 /// bug's invariant (other failures are skipped: they belong to other bugs).
 fn demonstrate(bug: &KnownBug) -> Option<Failure> {
-    let config = SimConfig {
+    let config = known_bug_config(bug);
+    (bug.first_seed..bug.first_seed + bug.budget)
+        .filter_map(|seed| sim::run(seed, &config).err())
+        .find(|failure| failure.kind == bug.kind)
+}
+
+/// Where docs/architecture.md lists the known bugs: generated from
+/// [`KNOWN_BUGS`], so the docs and the simulator cannot disagree.
+const DOC_BEGIN: &str =
+    "<!-- known-bugs:begin: generated from KNOWN_BUGS in agent/tests/simulation.rs; \
+     rewrite with JAI_BLESS=1 cargo test -p jai-agent --test simulation known_bugs -->";
+const DOC_END: &str = "<!-- known-bugs:end -->";
+
+/// The known-bug list as docs/architecture.md shows it.
+fn known_bugs_markdown() -> String {
+    if KNOWN_BUGS.is_empty() {
+        return "None: every bug the simulator found is fixed.\n".into();
+    }
+    let mut text = String::new();
+    for bug in KNOWN_BUGS {
+        let mut strict = Vec::new();
+        if bug.strict_divergence {
+            strict.push("diverged");
+        }
+        if bug.strict_switchover {
+            strict.push("switchover");
+        }
+        let strict = if strict.is_empty() {
+            String::new()
+        } else {
+            format!(", `JAI_SIM_STRICT={}`", strict.join(","))
+        };
+        text.push_str(&format!(
+            "- `{}` (faults `{}`{strict}; breaks {:?} at seed {}): {}.\n",
+            bug.name, bug.faults, bug.kind, bug.first_seed, bug.what
+        ));
+    }
+    text
+}
+
+/// The docs' known-bug list is [`KNOWN_BUGS`]; `JAI_BLESS=1` rewrites it.
+#[test]
+fn known_bugs_in_the_docs_are_the_simulators() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/architecture.md");
+    let doc = std::fs::read_to_string(&path).expect("docs/architecture.md");
+    let (before, rest) = doc
+        .split_once(DOC_BEGIN)
+        .unwrap_or_else(|| panic!("{} lacks the line {DOC_BEGIN}", path.display()));
+    let (listed, after) = rest
+        .split_once(DOC_END)
+        .unwrap_or_else(|| panic!("{} lacks the line {DOC_END}", path.display()));
+    let wanted = format!("\n{}", known_bugs_markdown());
+    if listed == wanted {
+        return;
+    }
+    if env_var("JAI_BLESS").is_some() {
+        std::fs::write(
+            &path,
+            format!("{before}{DOC_BEGIN}{wanted}{DOC_END}{after}"),
+        )
+        .expect("rewriting docs/architecture.md");
+        return;
+    }
+    panic!(
+        "docs/architecture.md's known-bug list differs from KNOWN_BUGS; rewrite it with \
+         JAI_BLESS=1 cargo test -p jai-agent --test simulation known_bugs\n--- docs:{listed}--- simulator:{wanted}"
+    );
+}
+
+/// Every listed bug still breaks its invariant at its seed: a bug that the
+/// code fixed (or whose seed moved) fails this test until the list says so.
+#[test]
+fn every_known_bug_reproduces_at_its_seed() {
+    for bug in KNOWN_BUGS {
+        let failure = sim::run(bug.first_seed, &known_bug_config(bug)).err();
+        assert!(
+            failure
+                .as_ref()
+                .is_some_and(|failure| failure.kind == bug.kind),
+            "known bug {} no longer breaks {:?} at seed {} (got {:?}): fixed? Remove it from \
+             KNOWN_BUGS, or find its new seed with `JAI_SIM_EXPOSE={} make sim-bugs`",
+            bug.name,
+            bug.kind,
+            bug.first_seed,
+            failure.map(|failure| failure.kind),
+            bug.name,
+        );
+    }
+}
+
+fn known_bug_config(bug: &KnownBug) -> SimConfig {
+    SimConfig {
         faults: FaultProfile::with(bug.faults).expect("known fault kinds"),
         strict_divergence: bug.strict_divergence,
         strict_switchover: bug.strict_switchover,
         trace_lines: 80,
         ..SimConfig::default()
-    };
-    (bug.first_seed..bug.first_seed + bug.budget)
-        .filter_map(|seed| sim::run(seed, &config).err())
-        .find(|failure| failure.kind == bug.kind)
+    }
 }
 
 /// Demonstrates the bugs in [`KNOWN_BUGS`]: fails while any of them still

@@ -16,6 +16,11 @@ pub struct LeaderStatus {
     pub timeline: u32,
     /// Its `pg_current_wal_lsn()` then.
     pub optime: Lsn,
+    /// The leader stopped cleanly at `optime` to hand over (a switchover):
+    /// every write it acknowledged is at or before `optime` and its data is
+    /// intact, so no member short of `optime` may take over unless forced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clean_stop: bool,
 }
 
 /// One entry of `history`: a promotion.

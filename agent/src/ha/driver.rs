@@ -1293,8 +1293,10 @@ impl Driver {
                 };
                 let mut sync_names = None;
                 if primary {
-                    if let Err(error) = self.ensure_lease_allows_writes(cx) {
-                        return Done(Err(error));
+                    if self.planted != Some(PlantedBug::NoLeaseRecheckBeforeWrites) {
+                        if let Err(error) = self.ensure_lease_allows_writes(cx) {
+                            return Done(Err(error));
+                        }
                     }
                     sync_names = Some(self.sync_names_as_new_primary());
                 }
@@ -1536,6 +1538,7 @@ impl Driver {
                             leader: name,
                             timeline,
                             optime,
+                            clean_stop: true,
                         }),
                     }))
                 }
@@ -1562,6 +1565,7 @@ impl Driver {
                             leader: name,
                             timeline,
                             optime,
+                            clean_stop: true,
                         }),
                     }))
                 }

@@ -72,8 +72,9 @@ pub enum Override {
 
 /// The rules every member taking the key must pass, whoever chose it: not
 /// tagged `nofailover`, not on a timeline older than the last leader's, and
-/// (unless forced) not further behind it than `maximum_lag_on_failover` and,
-/// in synchronous mode, listed in the `sync` key.
+/// (unless forced) not further behind it than `maximum_lag_on_failover` —
+/// not behind it at all when it stopped cleanly to hand over — and, in
+/// synchronous mode, listed in the `sync` key.
 pub fn check_eligible(
     identity: &Identity,
     pg: &RunningPostgres,
@@ -96,6 +97,14 @@ pub fn check_eligible(
         ));
     }
     let behind = last.optime.bytes_since(pg.wal_position());
+    // After a switchover's clean stop the old primary's data is intact:
+    // taking over without its last writes would lose them for nothing.
+    if waiver == Override::None && last.clean_stop && pg.timeline == last.timeline && behind > 0 {
+        return Err(format!(
+            "{behind} bytes short of {}'s final position {} (it stopped cleanly to hand over)",
+            last.leader, last.optime
+        ));
+    }
     if waiver == Override::None
         && pg.timeline == last.timeline
         && behind > cluster.config.maximum_lag_on_failover

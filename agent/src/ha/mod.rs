@@ -902,6 +902,7 @@ impl Core {
                 leader: self.identity.name.clone(),
                 timeline: pg.timeline,
                 optime,
+                clean_stop: false,
             };
             if cluster.last_leader.as_ref() != Some(&status) {
                 actions.push(Action::PublishLeaderStatus(status));

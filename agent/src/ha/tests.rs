@@ -318,6 +318,7 @@ fn a_primary_that_lost_its_key_reclaims_it_only_if_nobody_led_since() {
         leader: "a".into(),
         timeline: 1,
         optime: Lsn(100),
+        clean_stop: false,
     });
     let running = PgProcess::Running(primary_at(100));
     let decision = decide(
@@ -408,6 +409,7 @@ fn ties_go_to_the_former_leader_then_priority_then_name() {
         leader: "b".into(),
         timeline: 1,
         optime: Lsn(100),
+        clean_stop: false,
     });
     assert!(
         !races("a", &view) && races("b", &view),
@@ -440,6 +442,7 @@ fn a_replica_too_far_behind_does_not_race() {
         leader: "a".into(),
         timeline: 1,
         optime: Lsn(10_000_000),
+        clean_stop: false,
     });
     view.members = vec![member("a", MemberRole::Replica, 50)];
     let decision = decide(
@@ -529,6 +532,7 @@ fn after_a_restart_replicas_give_the_former_leader_time_to_return() {
         leader: "a".into(),
         timeline: 1,
         optime: Lsn(100),
+        clean_stop: false,
     });
     let mut core = Core::new(identity("b"));
     let mut observation = observe(
@@ -766,6 +770,7 @@ fn a_member_standing_down_is_no_candidate_even_if_more_advanced() {
         leader: "a".into(),
         timeline: 1,
         optime: Lsn(100),
+        clean_stop: false,
     });
     let decision = decide(
         "b",
@@ -1007,6 +1012,7 @@ fn after_release(lsn: u64, to: Option<&str>) -> Observation {
         leader: "pg1".into(),
         timeline: 1,
         optime: Lsn(1000),
+        clean_stop: false,
     });
     view.switchover = Some(intent(Some("pg1"), to));
     observe(

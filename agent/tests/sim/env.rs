@@ -163,6 +163,8 @@ pub struct Env {
     pub(super) strict_switchover: bool,
     /// `FaultProfile::targeted_cut`.
     pub(super) targeted_cut: bool,
+    /// `FaultProfile::handover_crash`.
+    pub(super) handover_crash: bool,
     /// When the last fault so far ends (scheduled ones, and the cuts of the
     /// `targeted-cut` nemesis): the liveness bound counts from here.
     pub(super) faults_end: u64,
@@ -205,6 +207,7 @@ impl Env {
             strict_divergence: config.strict_divergence,
             strict_switchover: config.strict_switchover,
             targeted_cut: config.faults.targeted_cut,
+            handover_crash: config.faults.handover_crash,
             faults_end: 0,
             diverged_seen: BTreeSet::new(),
             stats: RunStats::default(),
@@ -428,6 +431,20 @@ impl Env {
         let at = self.now + self.rng.range(0, 200);
         self.faults_end = self.faults_end.max(at + fault.duration());
         self.schedule(at, Event::Fault(fault));
+    }
+
+    /// The `handover-crash` nemesis: the target of a switchover whose stop
+    /// just began loses its PostgreSQL within 100 ms, half the time.
+    pub(super) fn maybe_crash_handover_target(&mut self, target: Option<usize>) {
+        if !self.handover_crash || self.now >= super::FAULTS_UNTIL_MS {
+            return;
+        }
+        let Some(member) = target.filter(|_| self.rng.chance(500)) else {
+            return;
+        };
+        let at = self.now + self.rng.range(0, 100);
+        self.faults_end = self.faults_end.max(at);
+        self.schedule(at, Event::Fault(Fault::PgCrash { member }));
     }
 
     /// A request reaches etcd: applied (or held while etcd elects a leader),

@@ -231,6 +231,9 @@ pub struct FaultProfile {
     /// Black-hole a member right after it takes the leader key, half the time:
     /// the moment a new primary is least guarded.
     pub targeted_cut: bool,
+    /// Crash a switchover target's PostgreSQL during the old primary's
+    /// stop, half the time: the target misses the end of the handover.
+    pub handover_crash: bool,
     /// Operator calls: switchovers, failovers, cancels, maintenance mode.
     pub operator: bool,
 }
@@ -257,6 +260,10 @@ pub const OPT_IN: &[(&str, &str)] = &[
         "targeted-cut",
         "half the time, black-hole the member that just took the leader key, for 1-8 s (until 60 s; the liveness bound counts from the last cut)",
     ),
+    (
+        "handover-crash",
+        "half the time, crash a switchover target's PostgreSQL within 100 ms of the old primary's stop, so it misses the end",
+    ),
 ];
 
 impl FaultProfile {
@@ -281,6 +288,7 @@ impl FaultProfile {
             // A new etcd leader extends every lease, so even long elections are safe.
             etcd_outage_ms: Some((100, 3_000)),
             targeted_cut: false,
+            handover_crash: false,
             operator: true,
         }
     }
@@ -316,6 +324,7 @@ impl FaultProfile {
             "flaky" => self.flaky_loss = Some((100, 500)),
             "slow-timeout" => self.slow_link_max_ms = Some(3_000),
             "targeted-cut" => self.targeted_cut = true,
+            "handover-crash" => self.handover_crash = true,
             _ => unreachable!("checked by the caller"),
         }
     }

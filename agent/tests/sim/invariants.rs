@@ -4,7 +4,7 @@
 
 use super::agent::Agent;
 use super::env::Env;
-use super::etcd::{self, Key, Value};
+use super::etcd::{self, Key, Kv, Value};
 use super::postgres::Wal;
 use super::ViolationKind;
 use jai_agent::ha::ClusterView;
@@ -99,6 +99,9 @@ pub(crate) struct Handover {
     target_streaming: bool,
     /// When the operator wrote the intent it carries out.
     asked_at: u64,
+    /// The intent was forced: the operator accepted a target that lags
+    /// (`jaictl switchover --force`), so losing what it missed is allowed.
+    forced: bool,
     /// Set when the stop ends.
     end: Option<HandoverEnd>,
     /// When the old leader's release of the key applied in etcd, while no
@@ -133,6 +136,10 @@ impl Env {
     /// another member leader already (it would fire twice).
     pub fn begin_handover(&mut self, member: usize, target: &str) {
         self.stats.handovers += 1;
+        let forced = matches!(
+            self.etcd.get(&Key::Switchover),
+            Some(Kv { value: Value::Switchover(intent), .. }) if intent.force
+        );
         if let Some(kv) = self.etcd.get(&Key::Switchover) {
             let revision = kv.create_revision;
             if self.intents_fired.contains(&revision) {
@@ -156,11 +163,13 @@ impl Env {
             "{}: switchover stop begins (target {target:?} streaming: {target_streaming})",
             self.names[member]
         ));
+        self.maybe_crash_handover_target(target);
         self.handover = Some(Handover {
             from: member,
             target,
             target_streaming,
             asked_at: self.intent_written_at,
+            forced,
             end: None,
             released_at: None,
         });
@@ -232,8 +241,9 @@ impl Env {
                 end.wal.describe()
             );
         // The old primary crashing is a failover: asynchronous replication
-        // loses what the standbys had not received.
-        let strict = self.strict_switchover && end.how != StopKind::Crash;
+        // loses what the standbys had not received. A forced intent accepted
+        // a target that lags.
+        let strict = self.strict_switchover && end.how != StopKind::Crash && !handover.forced;
         if streamed_to_the_end || strict {
             self.violate(ViolationKind::LostWrites, message);
         } else {

@@ -70,7 +70,7 @@ impl Env {
                 ) {
                     return Err("PostgreSQL: recovery is not in progress".into());
                 }
-                self.rng.range(100, 1_000)
+                self.rng.range(10, 1_000)
             }
             OpKind::Rewind { from } => {
                 if self.pgs[member].has_postmaster() {
