@@ -87,3 +87,8 @@ CHAOS_FLAGS ?=
 chaos: build
 	@if [ -f $(CHAOS_DIR)/lab.json ]; then $(LAB) down --dir $(CHAOS_DIR) >/dev/null; fi
 	$(BENCH) chaos --duration $(CHAOS_DURATION) --dir $(CHAOS_DIR) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) $(CHAOS_FLAGS)
+
+## A fresh Debian 12 root (debootstrap minbase, chroot) runs scripts/setup.sh, builds and runs the demo. Needs root; minutes; not part of `make test`.
+.PHONY: fresh-check
+fresh-check:
+	scripts/fresh-check.sh
