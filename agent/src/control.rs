@@ -11,8 +11,8 @@
 
 use crate::dcs::Dcs;
 use crate::ha::{self, ClusterView, Initialize, LeaderKey, PgRole, RunningPostgres};
-use jai_proto::grpc::control_server::{Control, ControlServer};
-use jai_proto::grpc::{
+use jai_grpc::control_server::{Control, ControlServer};
+use jai_grpc::{
     CancelSwitchoverRequest, ConfigReply, FailoverRequest, GetConfigRequest, HistoryReply,
     HistoryRequest, Member, OperationReply, PatchConfigRequest, ReinitializeRequest, ReloadRequest,
     RestartRequest, SetPauseRequest, StatusReply, StatusRequest, SwitchoverRequest,
@@ -274,7 +274,7 @@ impl Control for ControlService {
         Ok(Response::new(HistoryReply {
             entries: history
                 .into_iter()
-                .map(|entry| jai_proto::grpc::HistoryEntry {
+                .map(|entry| jai_grpc::HistoryEntry {
                     timeline: entry.timeline,
                     lsn: entry.lsn.to_string(),
                     reason: entry.reason,

@@ -23,8 +23,11 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod dcs;
-pub mod ha;
 pub mod haproxy;
 pub mod persisted;
 pub mod postgres;
 pub mod shell;
+
+/// The sans-IO core and round driver (the `jai-ha` crate), under the name
+/// the agent's modules use.
+pub use jai_ha as ha;

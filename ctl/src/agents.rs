@@ -3,7 +3,7 @@
 use crate::cluster::ClusterState;
 use crate::config::CtlConfig;
 use crate::error::CtlError;
-use jai_proto::grpc::control_client::ControlClient;
+use jai_grpc::control_client::ControlClient;
 use jai_proto::MemberStatus;
 use tonic::transport::{Channel, Endpoint};
 

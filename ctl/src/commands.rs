@@ -10,7 +10,7 @@ use crate::config::CtlConfig;
 use crate::error::CtlError;
 use crate::render;
 use clap::CommandFactory;
-use jai_proto::grpc::{
+use jai_grpc::{
     CancelSwitchoverRequest, FailoverRequest, PatchConfigRequest, ReinitializeRequest,
     ReloadRequest, RestartRequest, SetPauseRequest, SwitchoverRequest,
 };

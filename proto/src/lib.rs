@@ -12,10 +12,10 @@
 //! - [`lsn`]: PostgreSQL WAL positions, parsed and printed as PostgreSQL does.
 //! - [`haproxy_cfg`]: a complete `haproxy.cfg` rendered from the members.
 //! - [`patch`]: merge patches, `key=value` assignments and diffs of the config.
-//! - [`grpc`]: the control API compiled from `jai.proto` (client and server).
 //!
-//! This crate must never depend on etcd-client or PostgreSQL: it is data, plus
-//! the generated gRPC stubs (tonic) that both ends of the control API share.
+//! This crate must never depend on etcd-client, PostgreSQL, tonic or tokio: it
+//! is data (the gRPC stubs of the control API are `jai-grpc`'s), so the HA
+//! core (`jai-ha`) can build on it without an async runtime.
 
 pub mod dynamic;
 pub mod haproxy_cfg;
@@ -32,9 +32,3 @@ pub use keys::ClusterKeys;
 pub use lsn::Lsn;
 pub use member::{MemberRole, MemberState, MemberStatus, StandbyLink, Tags};
 pub use record::{HistoryEntry, LeaderStatus, SwitchoverIntent, SyncState};
-
-/// The gRPC control API (`jai.proto`): the agent serves it, `jaictl` calls it.
-pub mod grpc {
-    #![allow(missing_docs, clippy::all)]
-    tonic::include_proto!("jai.v1");
-}

@@ -218,8 +218,8 @@ async fn an_operator_drives_the_cluster_with_jaictl() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_api_refuses_changes_without_the_token() -> Result<()> {
-    use jai_proto::grpc::control_client::ControlClient;
-    use jai_proto::grpc::{SetPauseRequest, StatusRequest};
+    use jai_grpc::control_client::ControlClient;
+    use jai_grpc::{SetPauseRequest, StatusRequest};
     let dir = lab_dir()?;
     let lab = Lab::up(common::spec(&dir, 1, 1)).await?;
     lab.wait_healthy(WITHIN).await?;
