@@ -6,6 +6,7 @@
 //! primary whose lease is not confirmed *now* gets 503 on `/primary` even if the
 //! loop is stuck (DESIGN.md §3.4).
 
+use crate::bytes::parse_bytes;
 use crate::dcs::LeaseTracker;
 use axum::extract::{Query, State};
 use axum::http::{Method, StatusCode};
@@ -140,7 +141,7 @@ async fn replica(
     let node = state.snapshot();
     let max_lag = match query.get("lag").map(|text| parse_bytes(text)).transpose() {
         Ok(max_lag) => max_lag,
-        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+        Err(why) => return (StatusCode::BAD_REQUEST, format!("lag={why}")).into_response(),
     };
     state.answer(&method, replica_healthy(&node, max_lag), &node)
 }
@@ -235,33 +236,6 @@ impl From<&NodeSnapshot> for StatusBody {
     }
 }
 
-/// Parses a byte count as Patroni accepts it: `1048576`, `16kB`, `10MB`, `1GB`.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("lag={text:?}: expected a byte count like 1048576, 16kB or 10MB"))?;
-    let multiplier: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "kB" | "KB" => 1 << 10,
-        "MB" => 1 << 20,
-        "GB" => 1 << 30,
-        "TB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "lag={text:?}: unknown unit {other:?} (use B, kB, MB, GB or TB)"
-            ))
-        }
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("lag={text:?}: too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,14 +293,5 @@ mod tests {
         let mut primary = standby(None, false);
         primary.member.role = MemberRole::Primary;
         assert!(!replica_healthy(&primary, None));
-    }
-
-    #[test]
-    fn byte_counts_parse_like_patroni() {
-        assert_eq!(parse_bytes("1048576"), Ok(1_048_576));
-        assert_eq!(parse_bytes("16kB"), Ok(16 * 1024));
-        assert_eq!(parse_bytes("10MB"), Ok(10 * 1024 * 1024));
-        assert!(parse_bytes("ten").is_err());
-        assert!(parse_bytes("10XB").unwrap_err().contains("unknown unit"));
     }
 }

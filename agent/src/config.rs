@@ -4,7 +4,12 @@
 //! key; the `bootstrap.dcs` section here only seeds that key when this member
 //! bootstraps a new cluster. Every setting is validated before the agent acts:
 //! an unknown key or a bad value stops it with the file, the key and the reason.
+//!
+//! Every section's type lives here, the `haproxy:` section's
+//! ([`HaproxyConfig`]) too: the modules that act on a section import it from
+//! here, and this module imports none of them.
 
+use crate::bytes::ByteCount;
 use jai_proto::{DynamicConfig, Tags};
 use serde::Deserialize;
 use std::fmt;
@@ -39,7 +44,7 @@ pub struct AgentConfig {
     pub bootstrap: BootstrapConfig,
     /// Load balancers to tell about role changes at once (optional).
     #[serde(default)]
-    pub haproxy: Option<crate::haproxy::HaproxyConfig>,
+    pub haproxy: Option<HaproxyConfig>,
     /// How the log is written (stderr; `format: text|json`).
     #[serde(default)]
     pub log: jai_proto::logging::LogConfig,
@@ -161,6 +166,78 @@ pub struct BootstrapConfig {
     /// Seed for the cluster-wide `config` key.
     #[serde(default)]
     pub dcs: DynamicConfig,
+}
+
+/// Where HAProxy's admin-level runtime API listens and which backends are ours.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyConfig {
+    /// Runtime API sockets: a Unix socket path, or `HOST:PORT`.
+    pub sockets: Vec<String>,
+    /// The backend (or `listen` section) routing writes to the primary.
+    #[serde(default = "default_write_backend")]
+    pub write_backend: String,
+    /// The backend balancing reads over the replicas; `null`: none.
+    #[serde(default = "default_read_backend")]
+    pub read_backend: Option<String>,
+    /// Replicas further behind than this leave the read backend.
+    #[serde(default = "default_max_read_lag")]
+    pub max_read_lag: ByteCount,
+    /// The servers' check interval in `haproxy.cfg`, given to servers added at runtime.
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub check_interval: std::time::Duration,
+}
+
+fn default_write_backend() -> String {
+    "jai_write".into()
+}
+
+fn default_read_backend() -> Option<String> {
+    Some("jai_read".into())
+}
+
+fn default_max_read_lag() -> ByteCount {
+    ByteCount::Bytes(1 << 20)
+}
+
+fn default_check_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(2)
+}
+
+impl HaproxyConfig {
+    /// Checks what serde cannot: returns the key (under `haproxy.`) and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, reason: String| Err((format!("haproxy.{key}"), reason));
+        if self.sockets.is_empty() {
+            return fail("sockets", "needs at least one socket".into());
+        }
+        for (index, socket) in self.sockets.iter().enumerate() {
+            let tcp = socket
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !socket.starts_with('/') && !tcp {
+                return fail(
+                    &format!("sockets[{index}]"),
+                    format!("{socket:?} is neither an absolute Unix socket path nor HOST:PORT"),
+                );
+            }
+        }
+        if self.write_backend.is_empty() {
+            return fail("write_backend", "must not be empty".into());
+        }
+        if let Some(read) = &self.read_backend {
+            if read == &self.write_backend {
+                return fail("read_backend", "must differ from write_backend".into());
+            }
+        }
+        if let Err(reason) = self.max_read_lag.bytes() {
+            return fail("max_read_lag", reason);
+        }
+        if self.check_interval.is_zero() {
+            return fail("check_interval", "must be more than 0".into());
+        }
+        Ok(())
+    }
 }
 
 fn default_bin_dir() -> PathBuf {
@@ -505,6 +582,21 @@ bootstrap:
         );
         let error = parse(&text).unwrap_err().to_string();
         assert!(error.contains("postgresql.superuser"), "{error}");
+    }
+
+    #[test]
+    fn the_haproxy_section_has_defaults_and_is_validated() {
+        let config: HaproxyConfig =
+            serde_saphyr::from_str("sockets: [/run/haproxy/admin.sock]").unwrap();
+        assert_eq!(config.write_backend, "jai_write");
+        assert_eq!(config.read_backend.as_deref(), Some("jai_read"));
+        assert_eq!(config.max_read_lag.bytes(), Ok(1 << 20));
+        assert!(config.validate().is_ok());
+        let text: HaproxyConfig =
+            serde_saphyr::from_str("sockets: [127.0.0.1:9999]\nmax_read_lag: 16kB").unwrap();
+        assert_eq!(text.max_read_lag.bytes(), Ok(16 << 10));
+        let bad: HaproxyConfig = serde_saphyr::from_str("sockets: [admin.sock]").unwrap();
+        assert_eq!(bad.validate().unwrap_err().0, "haproxy.sockets[0]");
     }
 
     #[test]

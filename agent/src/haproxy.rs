@@ -14,6 +14,7 @@
 //! by [`PUSH_TIMEOUT`]: one being down delays nothing. An outage is logged once,
 //! when it starts, and once when the HAProxy answers again.
 
+use crate::config::HaproxyConfig;
 use anyhow::{anyhow, Context, Result};
 use jai_proto::haproxy_cfg::{server_options, BalancedMember};
 use jai_proto::{Lsn, MemberRole, MemberState, MemberStatus};
@@ -28,98 +29,6 @@ const PUSH_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often the leader re-sends its routing to HAProxys that answer; one
 /// that does not is retried every decision round until it does.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(5);
-
-/// Where HAProxy's admin-level runtime API listens and which backends are ours.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HaproxyConfig {
-    /// Runtime API sockets: a Unix socket path, or `HOST:PORT`.
-    pub sockets: Vec<String>,
-    /// The backend (or `listen` section) routing writes to the primary.
-    #[serde(default = "default_write_backend")]
-    pub write_backend: String,
-    /// The backend balancing reads over the replicas; `null`: none.
-    #[serde(default = "default_read_backend")]
-    pub read_backend: Option<String>,
-    /// Replicas further behind than this leave the read backend.
-    #[serde(default = "default_max_read_lag")]
-    pub max_read_lag: ByteCount,
-    /// The servers' check interval in `haproxy.cfg`, given to servers added at runtime.
-    #[serde(default = "default_check_interval", with = "humantime_serde")]
-    pub check_interval: Duration,
-}
-
-/// A byte count: an integer, or a string such as `16MB`.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(untagged)]
-pub enum ByteCount {
-    /// Bytes.
-    Bytes(u64),
-    /// With a unit, as `/replica?lag=` takes it.
-    Text(String),
-}
-
-impl ByteCount {
-    /// The count in bytes.
-    pub fn bytes(&self) -> Result<u64, String> {
-        match self {
-            Self::Bytes(bytes) => Ok(*bytes),
-            Self::Text(text) => crate::api::parse_bytes(text),
-        }
-    }
-}
-
-fn default_write_backend() -> String {
-    "jai_write".into()
-}
-
-fn default_read_backend() -> Option<String> {
-    Some("jai_read".into())
-}
-
-fn default_max_read_lag() -> ByteCount {
-    ByteCount::Bytes(1 << 20)
-}
-
-fn default_check_interval() -> Duration {
-    Duration::from_secs(2)
-}
-
-impl HaproxyConfig {
-    /// Checks what serde cannot: returns the key (under `haproxy.`) and why.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let fail = |key: &str, reason: String| Err((format!("haproxy.{key}"), reason));
-        if self.sockets.is_empty() {
-            return fail("sockets", "needs at least one socket".into());
-        }
-        for (index, socket) in self.sockets.iter().enumerate() {
-            let tcp = socket
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !socket.starts_with('/') && !tcp {
-                return fail(
-                    &format!("sockets[{index}]"),
-                    format!("{socket:?} is neither an absolute Unix socket path nor HOST:PORT"),
-                );
-            }
-        }
-        if self.write_backend.is_empty() {
-            return fail("write_backend", "must not be empty".into());
-        }
-        if let Some(read) = &self.read_backend {
-            if read == &self.write_backend {
-                return fail("read_backend", "must differ from write_backend".into());
-            }
-        }
-        if let Err(reason) = self.max_read_lag.bytes() {
-            return fail("max_read_lag", reason);
-        }
-        if self.check_interval.is_zero() {
-            return fail("check_interval", "must be more than 0".into());
-        }
-        Ok(())
-    }
-}
 
 /// What every HAProxy should route, as the leader sees the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -589,20 +498,6 @@ mod tests {
             standbys: Vec::new(),
             version: "test".into(),
         }
-    }
-
-    #[test]
-    fn defaults_and_validation() {
-        let config = config();
-        assert_eq!(config.write_backend, "jai_write");
-        assert_eq!(config.read_backend.as_deref(), Some("jai_read"));
-        assert_eq!(config.max_read_lag.bytes(), Ok(1 << 20));
-        assert!(config.validate().is_ok());
-        let text: HaproxyConfig =
-            serde_saphyr::from_str("sockets: [127.0.0.1:9999]\nmax_read_lag: 16kB").unwrap();
-        assert_eq!(text.max_read_lag.bytes(), Ok(16 << 10));
-        let bad: HaproxyConfig = serde_saphyr::from_str("sockets: [admin.sock]").unwrap();
-        assert_eq!(bad.validate().unwrap_err().0, "haproxy.sockets[0]");
     }
 
     #[test]

@@ -5,12 +5,16 @@
 //!
 //! - [`ha`]: the sans-IO core. Pure functions from an observation to actions.
 //! - [`clock`]: the monotonic millisecond clock the driver counts in.
-//! - [`config`]: the agent's YAML file, validated at load.
+//! - [`bytes`]: byte counts as Patroni writes them (`16MB`), for the file
+//!   and the health API alike.
+//! - [`config`]: the agent's YAML file, every section of it (`haproxy:` too),
+//!   validated at load.
 //! - [`dcs`]: etcd: the lease and its keepalive task, the cluster view, the
 //!   guarded transactions on the leader and initialize keys.
 //! - [`postgres`]: the PostgreSQL process, its files and its queries.
 //! - [`api`]: the HTTP health API HAProxy checks, and `/status`.
-//! - [`haproxy`]: pushes role changes to HAProxy's runtime API.
+//! - [`haproxy`]: pushes role changes to HAProxy's runtime API (its settings
+//!   are [`config::HaproxyConfig`]).
 //! - [`persisted`]: the little the core must remember across agent restarts.
 //! - [`control`]: the gRPC control API `jaictl` drives (token-checked).
 //! - [`shell`]: the loop that observes, calls the core and executes actions.
@@ -19,6 +23,7 @@
 //! model types.
 
 pub mod api;
+pub mod bytes;
 pub mod clock;
 pub mod config;
 pub mod control;

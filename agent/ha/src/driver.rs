@@ -21,10 +21,10 @@ use super::lease;
 use super::model::{
     Action, ActionKind, ClusterView, DataDir, Decision, Identity, LeaseView, LocalPostgres,
     MemberAddresses, Millis, Observation, PgProcess, PgRole, RewindOutcome, RunningPostgres,
-    StartAs,
+    StartAs, SyncNames,
 };
 use super::store::{rejected_config, Key, LeaseId, Reply, Request, StoreError, Value};
-use super::sync::{names_for_new_primary, SyncNames};
+use super::sync::names_for_new_primary;
 use super::Core;
 use jai_proto::{DynamicConfig, HistoryEntry, LeaderStatus, Lsn, MemberRole, MemberStatus};
 use std::collections::BTreeMap;

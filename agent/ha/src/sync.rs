@@ -9,64 +9,8 @@
 //! standby that may have acknowledged a commit, and promoting only members of
 //! the key (or the leader itself) never loses an acknowledged write.
 
-use super::model::{Action, ClusterView, Identity, Initialize, RunningPostgres};
+use super::model::{Action, ClusterView, Identity, Initialize, RunningPostgres, SyncNames};
 use jai_proto::{SyncState, SynchronousMode};
-
-/// What `synchronous_standby_names` says.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum SyncNames {
-    /// Empty: commits do not wait.
-    #[default]
-    Off,
-    /// `*`: commits wait for any one standby (strict mode with no eligible
-    /// standby: writes block until one streams).
-    AnyStandby,
-    /// `FIRST n ("a","b")`: commits wait for the first `count` of `names`.
-    First {
-        /// How many acknowledgements a commit waits for.
-        count: u32,
-        /// The standbys, by member name (their `application_name`).
-        names: Vec<String>,
-    },
-}
-
-impl SyncNames {
-    /// The value to write into `postgresql.conf`.
-    pub fn render(&self) -> String {
-        match self {
-            SyncNames::Off => String::new(),
-            SyncNames::AnyStandby => "*".into(),
-            SyncNames::First { count, names } => {
-                let quoted: Vec<String> = names.iter().map(|name| format!("\"{name}\"")).collect();
-                format!("FIRST {count} ({})", quoted.join(","))
-            }
-        }
-    }
-
-    /// Reads back what [`SyncNames::render`] wrote (and what
-    /// `current_setting('synchronous_standby_names')` returns for it).
-    pub fn parse(text: &str) -> SyncNames {
-        let text = text.trim();
-        if text.is_empty() {
-            return SyncNames::Off;
-        }
-        if text == "*" {
-            return SyncNames::AnyStandby;
-        }
-        let count = text
-            .strip_prefix("FIRST ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|count| count.parse().ok())
-            .unwrap_or(1);
-        let names = text
-            .split('"')
-            .skip(1)
-            .step_by(2)
-            .map(str::to_owned)
-            .collect();
-        SyncNames::First { count, names }
-    }
-}
 
 /// Whether `name` may become leader under the cluster's synchronous mode:
 /// always when it is off or no leader has written the `sync` key yet;
@@ -247,31 +191,4 @@ fn choose_standbys(cluster: &ClusterView, pg: &RunningPostgres, listed: &[String
         .take(cluster.config.synchronous_node_count as usize)
         .map(|(_, _, name)| name.to_owned())
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_round_trip_through_postgresql_text() {
-        for names in [
-            SyncNames::Off,
-            SyncNames::AnyStandby,
-            SyncNames::First {
-                count: 1,
-                names: vec!["pg2".into(), "pg3".into()],
-            },
-        ] {
-            assert_eq!(SyncNames::parse(&names.render()), names);
-        }
-        assert_eq!(
-            SyncNames::First {
-                count: 2,
-                names: vec!["a".into(), "b".into()]
-            }
-            .render(),
-            "FIRST 2 (\"a\",\"b\")"
-        );
-    }
 }
