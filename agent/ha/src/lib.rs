@@ -1078,7 +1078,7 @@ fn received_the_handover(
     intent: &SwitchoverIntent,
     cluster: &ClusterView,
     pg: &RunningPostgres,
-) -> Result<(), String> {
+) -> Result<(), election::NotEligible> {
     let (Some(from), Some(last)) = (intent.from.as_deref(), cluster.last_leader.as_ref()) else {
         return Ok(());
     };
@@ -1087,10 +1087,11 @@ fn received_the_handover(
     }
     match last.optime.bytes_since(pg.wal_position()) {
         0 => Ok(()),
-        missing => Err(format!(
-            "{missing} bytes short of {from}'s final position {}",
-            last.optime
-        )),
+        missing => Err(election::NotEligible::ShortOfHandover {
+            missing,
+            from: from.to_owned(),
+            final_position: last.optime,
+        }),
     }
 }
 
