@@ -4,7 +4,7 @@
 //! Answers come from the latest [`NodeSnapshot`] the decision loop published,
 //! except the lease, which is checked against the clock at request time: a
 //! primary whose lease is not confirmed *now* gets 503 on `/primary` even if the
-//! loop is stuck (DESIGN.md §3.4).
+//! loop is stuck (docs/architecture.md, "Safety invariants", §3.4).
 
 use crate::bytes::parse_bytes;
 use crate::dcs::LeaseTracker;
@@ -88,7 +88,8 @@ impl ApiState {
         self.snapshot.borrow().clone()
     }
 
-    /// DESIGN.md §3.4: primary, holding the key, lease confirmed beyond the margin now.
+    /// Invariant §3.4 (docs/architecture.md, "Safety invariants"): primary,
+    /// holding the key, lease confirmed beyond the margin now.
     fn is_writable_primary(&self, node: &NodeSnapshot) -> bool {
         node.member.role == MemberRole::Primary
             && node.member.state == MemberState::Running

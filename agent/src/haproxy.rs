@@ -1,5 +1,6 @@
 //! Pushes role changes to HAProxy's runtime API, so routing follows a
-//! promotion at once instead of at the next health check (DESIGN.md §5).
+//! promotion at once instead of at the next health check (docs/architecture.md,
+//! "Routing").
 //!
 //! Health checks stay the safety net. A push only changes a server's *health*
 //! (operational state), never its admin state: the next check still decides,

@@ -1,7 +1,8 @@
 //! `jai-agent`: supervises one PostgreSQL node and keeps it in its right role.
 //!
-//! The crate is split the way DESIGN.md §2 asks: [`ha`] decides, everything
-//! else acts.
+//! The crate is split as docs/architecture.md's code map describes it
+//! ("`agent/` — `jai-agent`: the daemon"): [`ha`] decides, everything else
+//! acts.
 //!
 //! - [`ha`]: the sans-IO core. Pure functions from an observation to actions.
 //! - [`clock`]: the monotonic millisecond clock the driver counts in.

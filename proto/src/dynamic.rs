@@ -33,7 +33,8 @@ pub struct DynamicConfig {
     /// restart, no rewind) and say so in their status. Fencing stays on: a
     /// primary whose lease is not confirmed still stops writing.
     pub pause: bool,
-    /// Whether commits wait for standbys (DESIGN.md §3.3): see [`SynchronousMode`].
+    /// Whether commits wait for standbys (docs/architecture.md, "Safety
+    /// invariants", §3.3): see [`SynchronousMode`].
     pub synchronous_mode: SynchronousMode,
     /// How many standbys each commit waits for in synchronous mode.
     pub synchronous_node_count: u32,
@@ -131,7 +132,8 @@ impl DynamicConfig {
     ///
     /// The central rule is `ttl >= loop_wait + 2 * retry_timeout`: a leader must be
     /// able to miss one loop and one full retry of its renewal and still demote
-    /// itself before its lease can expire (DESIGN.md §3.1).
+    /// itself before its lease can expire (docs/architecture.md, "Safety
+    /// invariants", §3.1).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let error = |field: &str, reason: String| {
             Err(ConfigError {

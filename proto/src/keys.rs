@@ -1,4 +1,5 @@
-//! The etcd key layout of one cluster (DESIGN.md §4).
+//! The etcd key layout of one cluster (docs/architecture.md, "etcd layout as
+//! built").
 //!
 //! Every key of cluster `c` lives under `/jai/c/`, so one prefix watch sees the
 //! whole cluster and two clusters can share one etcd.

@@ -42,9 +42,9 @@ pub struct HistoryEntry {
 ///
 /// The leader writes a standby here *before* it lists it in
 /// `synchronous_standby_names`, and unlists it there *before* it removes it
-/// here (DESIGN.md §3.3), so every standby that ever acknowledged a commit is in
-/// this key. In synchronous mode only these members (or `leader`) may be
-/// promoted.
+/// here (docs/architecture.md, "Safety invariants", §3.3), so every standby
+/// that ever acknowledged a commit is in this key. In synchronous mode only
+/// these members (or `leader`) may be promoted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncState {
     /// The leader that wrote it.

@@ -7,12 +7,25 @@
 //! rule is unit-tested and the whole core can be driven by a seeded simulator.
 //!
 //! The core re-derives everything from the observation each time; its only
-//! memory is what cannot be observed (how long a crashed primary has been down).
-//! Safety rules (DESIGN.md §3) are asserted on every decision by
-//! [`assert_safe`]: a broken rule is a bug in the core and stops the agent.
+//! memory is what cannot be observed: how long a crashed primary has been
+//! down, when the agent started (the restart grace), whether this data is a
+//! former primary not yet rewound, the standing-down window and the term of a
+//! leader key it gave up, the last intent it handed over for, and since when
+//! a due intent has waited without a leader. That memory lives in the
+//! process, except the former-primary fact, which the round driver persists
+//! after every decision (an `Effect::PersistMarker` the shell writes to disk)
+//! and gives back through [`Core::restore_unrewound_former_primary`] after a
+//! restart. Safety rules (docs/architecture.md, "Safety invariants") are
+//! asserted on every decision by [`assert_safe`]: a broken rule is a bug in
+//! the core and stops the agent.
 //!
 //! Layout: [`model`] holds the observation and action types, [`election`] ranks
-//! candidates for the leader key, and this module holds the rules.
+//! candidates for the leader key, [`sync`] plans synchronous replication and
+//! says who may be promoted under it, [`lease`] holds the lease arithmetic
+//! shared with the shell's tasks (keepalive, fencing watchdog), [`store`] the
+//! typed etcd requests and the key→view decoding, [`driver`] is the round
+//! driver (the order of a round's steps, sans-IO: effects out, outcomes in),
+//! and this module holds the rules.
 
 pub mod driver;
 pub mod election;
@@ -243,7 +256,8 @@ impl Core {
     }
 
     /// A primary must stop accepting writes before its lease can expire, and
-    /// must never run without the leader key (DESIGN.md §3.1).
+    /// must never run without the leader key (docs/architecture.md, "Safety
+    /// invariants", §3.1 and §3.2).
     fn fence_if_unsafe_primary(&self, observation: &Observation) -> Option<Decision> {
         let PgProcess::Running(pg) = &observation.pg.process else {
             return None;
@@ -692,8 +706,9 @@ impl Core {
     }
 
     /// A former primary may hold WAL the new leader never had: it follows only
-    /// after `pg_rewind` against that leader (DESIGN.md §3.5). If the rewind
-    /// fails it re-clones when allowed, else stays down and says why.
+    /// after `pg_rewind` against that leader (docs/architecture.md, "Safety
+    /// invariants", §3.5). If the rewind fails it re-clones when allowed, else
+    /// stays down and says why.
     fn rejoin_former_primary(
         &mut self,
         observation: &Observation,
@@ -1169,8 +1184,9 @@ fn sync_allows(identity: &Identity, observation: &Observation) -> bool {
     forced || sync::allows_promotion(cluster, &identity.name).is_ok()
 }
 
-/// Checks the safety rules of DESIGN.md §3 against one decision. A violation is
-/// a bug in the core, so it panics with the observation and the decision.
+/// Checks the safety rules (docs/architecture.md, "Safety invariants") against
+/// one decision. A violation is a bug in the core, so it panics with the
+/// observation and the decision.
 pub fn assert_safe(identity: &Identity, observation: &Observation, decision: &Decision) {
     let holds_key = observation
         .dcs

@@ -1,5 +1,6 @@
 //! Synchronous replication: which standbys the leader's commits wait for, and
-//! who may be promoted because of it (DESIGN.md §3.3).
+//! who may be promoted because of it (docs/architecture.md, "Synchronous
+//! replication"; invariant §3.3 of "Safety invariants").
 //!
 //! Two places say who is synchronous: the `sync` key in etcd (what failover
 //! trusts) and PostgreSQL's `synchronous_standby_names` (what commits wait

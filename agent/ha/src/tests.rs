@@ -1239,7 +1239,7 @@ fn a_member_stops_standing_down_once_another_member_leads() {
     );
 }
 
-// ---- synchronous replication (DESIGN.md §3.3) ----
+// ---- synchronous replication (docs/architecture.md, "Safety invariants", §3.3) ----
 
 fn sync_actions(decision: &Decision) -> Vec<Action> {
     decision
