@@ -12,6 +12,8 @@
 //!   validated at load.
 //! - [`dcs`]: etcd: the lease and its keepalive task, the cluster view, the
 //!   guarded transactions on the leader and initialize keys.
+//! - [`fence`]: self-fencing: the lease watchdog and the panic hook that
+//!   stop a primary before the agent can no longer vouch for it.
 //! - [`postgres`]: the PostgreSQL process, its files and its queries.
 //! - [`api`]: the HTTP health API HAProxy checks, and `/status`.
 //! - [`haproxy`]: pushes role changes to HAProxy's runtime API (its settings
@@ -29,6 +31,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod dcs;
+pub mod fence;
 pub mod haproxy;
 pub mod persisted;
 pub mod postgres;

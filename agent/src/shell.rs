@@ -13,19 +13,19 @@ use crate::api::{self, NodeSnapshot};
 use crate::clock::Clock;
 use crate::config::AgentConfig;
 use crate::control::{self, OperatorRequest, OperatorRequestKind};
-use crate::dcs::{self, Dcs, LeaseTracker};
+use crate::dcs::{self, Dcs};
+use crate::fence::{self, FenceTarget};
 use crate::ha::driver::{
     Command, Context, Driver, Effect, HaproxyOp, LeaseState, Level, Outcome, Peer, PgOp, Report,
     Setup, Upstream, PEER_TIMEOUT,
 };
-use crate::ha::{lease, DataDir, Identity, LeaseView, MemberAddresses, PgProcess, PgRole};
+use crate::ha::{DataDir, Identity, LeaseView, MemberAddresses, PgProcess, PgRole};
 use crate::persisted::UnrewoundMarker;
 use crate::postgres::Postgres;
 use anyhow::{anyhow, Context as _, Result};
 use jai_proto::{DynamicConfig, MemberRole, MemberState, MemberStatus};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -49,50 +49,6 @@ struct Agent {
     haproxy: Option<Arc<crate::haproxy::Balancers>>,
     /// Operator requests from the control API, run between two rounds.
     operator_requests: mpsc::Receiver<OperatorRequest>,
-}
-
-/// The primary the fencing watchdog must stop if the lease runs out.
-#[derive(Debug, Default)]
-struct FenceTarget {
-    /// PID of a postmaster running as primary; 0 when there is none.
-    primary_pid: AtomicI32,
-    /// Demotion margin in milliseconds.
-    margin_ms: AtomicU64,
-}
-
-/// Stops a primary whose lease is not confirmed beyond the demotion margin,
-/// independently of the decision loop, which may be blocked on a slow etcd
-/// request or a long action (docs/architecture.md, "The lease and
-/// self-fencing"). A fast shutdown (SIGINT) ends every session at once, so no
-/// write is acknowledged after it.
-async fn run_fence_watchdog(
-    lease: Arc<LeaseTracker>,
-    target: Arc<FenceTarget>,
-    wake: Arc<Notify>,
-    stop: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(lease::FENCE_CHECK_EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let pid = target.primary_pid.load(Ordering::SeqCst);
-        let margin = Duration::from_millis(target.margin_ms.load(Ordering::SeqCst));
-        if pid > 0 && !lease.is_valid_beyond(margin) {
-            tracing::error!(
-                pid,
-                "fencing: leader lease not confirmed by etcd; stopping PostgreSQL before the lease can expire"
-            );
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGINT,
-            );
-            target.primary_pid.store(0, Ordering::SeqCst);
-            wake.notify_one();
-        }
-    }
 }
 
 /// Runs the agent until `stop` is cancelled, then shuts down gracefully.
@@ -138,7 +94,8 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
     tokio::spawn(dcs.clone().run_keepalive(clock, wake.clone(), stop.clone()));
     tokio::spawn(dcs.clone().run_watch(wake.clone(), stop.clone()));
     let fence = Arc::new(FenceTarget::default());
-    tokio::spawn(run_fence_watchdog(
+    fence::install_panic_hook(fence.clone());
+    tokio::spawn(fence::run_watchdog(
         dcs.lease(),
         fence.clone(),
         wake.clone(),
@@ -313,11 +270,7 @@ impl Agent {
                 } else {
                     0
                 };
-                self.fence.primary_pid.store(pid, Ordering::SeqCst);
-                self.fence.margin_ms.store(
-                    self.dynamic.demote_margin().as_millis() as u64,
-                    Ordering::SeqCst,
-                );
+                self.fence.arm(pid, self.dynamic.demote_margin());
             }
             Command::Publish(report) => self.publish(*report),
             Command::Decided {

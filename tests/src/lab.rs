@@ -55,6 +55,8 @@ pub struct LabSpec {
     pub chaos: bool,
     /// The agents' `log.format` (the app's is in [`AppSpec`]).
     pub agent_log_format: jai_proto::logging::LogFormat,
+    /// `postgresql.reclone_on_rewind_failure` of every agent.
+    pub reclone_on_rewind_failure: bool,
 }
 
 impl LabSpec {
@@ -77,6 +79,7 @@ impl LabSpec {
             app: None,
             chaos: false,
             agent_log_format: jai_proto::logging::LogFormat::Text,
+            reclone_on_rewind_failure: false,
         }
     }
 }
@@ -1478,6 +1481,9 @@ fn agent_yaml(
     );
     if let Some(user) = run_as {
         let _ = writeln!(yaml, "  run_as: {user}");
+    }
+    if spec.reclone_on_rewind_failure {
+        let _ = writeln!(yaml, "  reclone_on_rewind_failure: true");
     }
     let _ = write!(
         yaml,

@@ -314,6 +314,75 @@ async fn a_frozen_primary_agent_is_replaced_and_cannot_keep_the_writes() -> Resu
     Ok(())
 }
 
+/// `reclone_on_rewind_failure: true`, end to end: a former primary whose
+/// `pg_rewind` fails is wiped and cloned from the new leader once, then
+/// streams; what it wrote alone after losing its lease is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rewind_re_clones_the_former_primary_once() -> Result<()> {
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(LabSpec {
+        reclone_on_rewind_failure: true,
+        ..spec(&dir, 3)
+    })
+    .await?;
+    let old = lab.wait_healthy(WITHIN).await?;
+    insert(&lab, "before the freeze").await?;
+    wait_replicated(&lab, "before the freeze").await?;
+
+    // A frozen agent leaves its primary running (the known gap): a client
+    // connected to it directly writes past the failover, so its WAL
+    // diverges from the new leader's and a rewind is needed.
+    lab.stop_node(&old, StopSignal::Stop)?;
+    let new = wait_new_primary(&lab, &old).await?;
+    let old_pg = lab.node(&old)?.pg.clone();
+    insert(&lab, "on the new leader").await?;
+    let stray = lab.connect_app(&old_pg).await?;
+    stray
+        .execute("INSERT INTO probe (note) VALUES ('diverged')", &[])
+        .await
+        .context("writing to the frozen agent's primary directly")?;
+    drop(stray);
+    // pg_rewind (running as the postgres user) cannot read this directory
+    // of the target, so it fails once it has to compare the data directories.
+    let blocker = lab.node(&old)?.data_dir.join("jai_rewind_blocker");
+    std::fs::create_dir_all(&blocker)?;
+    std::fs::set_permissions(
+        &blocker,
+        std::os::unix::fs::PermissionsExt::from_mode(0o000),
+    )?;
+
+    lab.start_node(&old)?;
+    let log = lab.node(&old)?.log.clone();
+    wait::until(&format!("{old} streaming from {new}"), WITHIN, || async {
+        Ok(has_row(&lab, &old_pg, "on the new leader")
+            .await
+            .unwrap_or(false)
+            .then_some(()))
+    })
+    .await?;
+    let text = std::fs::read_to_string(&log)?;
+    let count = |needle: &str| text.lines().filter(|line| line.contains(needle)).count();
+    assert!(
+        count("pg_rewind from") >= 1 && count("failed") >= 1,
+        "{old}'s log shows no failed pg_rewind:\n{text}"
+    );
+    assert_eq!(
+        count("re-cloning"),
+        1,
+        "{old} re-cloned more than once:\n{text}"
+    );
+    assert!(
+        !blocker.exists(),
+        "the re-clone wiped the old data directory"
+    );
+    assert!(
+        !has_row(&lab, &old_pg, "diverged").await?,
+        "the write taken alone after the failover is discarded with the old data"
+    );
+    assert_eq!(lab.wait_healthy(WITHIN).await?, new);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_crash_on_the_primary_is_restarted_in_place() -> Result<()> {
     let dir = lab_dir()?;

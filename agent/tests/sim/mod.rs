@@ -1,9 +1,14 @@
-//! A deterministic, seeded simulator of a jai cluster (DESIGN.md §2, §6).
+//! A deterministic, seeded simulator of a jai cluster (docs/architecture.md,
+//! "Simulation").
 //!
-//! N members each run the real [`jai_agent::ha::Core`] inside a simulated
-//! shell ([`agent`]), against a simulated etcd ([`etcd`]) and a simulated
-//! PostgreSQL per member ([`postgres`], operated by `pg_ops`), on simulated
-//! time. Faults come from a seeded schedule ([`faults`]).
+//! N members each run the agent's own round driver
+//! ([`jai_agent::ha::driver::Driver`], with the real `Core` inside), on
+//! simulated time. [`agent`] interprets the driver's effects as `shell.rs`
+//! does, but against a simulated etcd ([`etcd`]), a simulated PostgreSQL per
+//! member ([`postgres`], operated by `pg_ops`) and the member's disk. The
+//! order of a round's steps is the agent's (docs/architecture.md, "The round
+//! driver"): nothing here models it. Faults come from a seeded schedule
+//! ([`faults`]).
 //!
 //! What is modelled, and why it matters for the invariants:
 //!
@@ -14,25 +19,28 @@
 //!   slow, lossy, fail-fast or black-holed links; a request can apply in etcd
 //!   and still time out at the caller; watch events are lost while cut;
 //! - etcd: revisions, leases expiring `ttl` after the keepalive *arrived* and
-//!   swept every 500 ms, the shell's transactions (`create_revision == 0`,
-//!   term-guarded writes, the `switchover` intent recorded, cleared and
-//!   cancelled as `Dcs` does, `config` swapped on its revision), and leader
-//!   elections that answer nothing for a while, then extend every lease;
+//!   swept every 500 ms, the transactions of a round (`ha::store`'s requests:
+//!   `create_revision == 0`, term-guarded writes), the `switchover` intent
+//!   recorded and cancelled as the control API's `Dcs` calls do, `config`
+//!   swapped on its revision, and leader elections that answer nothing for a
+//!   while, then extend every lease;
 //! - PostgreSQL: WAL histories as branches (so diverged timelines are seen),
 //!   a primary taking writes until a stop signal, standbys streaming through a
-//!   slot with lag, promote, start, stop, initdb, pg_basebackup, pg_rewind,
-//!   CHECKPOINT, crashes, a postmaster that will not start, and the watchdog's
-//!   fast shutdown (SIGINT: no more writes at once, nor a start or a
-//!   promotion). A primary reports `pg_stat_replication`: its connected
+//!   slot with lag, promote (10–1,000 ms), start, stop, initdb,
+//!   pg_basebackup, pg_rewind, CHECKPOINT, crashes, a postmaster that will
+//!   not start, and the watchdog's fast shutdown (SIGINT: no more writes at
+//!   once, nor a start or a promotion). A primary reports `pg_stat_replication`: its connected
 //!   standbys (running, pointed at it, through their slot, on a history that
 //!   contains theirs), `catchup` until they first reached its end, then
 //!   `streaming`, with their flush position. A fast shutdown of a primary
 //!   ends only once every connected standby has all its WAL (the walsenders
 //!   wait for the standbys' flush); a crash does not wait, nor does the
-//!   immediate shutdown `Postgres::stop` escalates to after `retry_timeout`.
-//!   A shutdown soon after a CHECKPOINT is short;
-//! - the shell: the cycle, keepalive task and fencing watchdog of
-//!   `shell.rs`/`dcs.rs`, with their waits and timeouts (see [`agent`]);
+//!   immediate shutdown a stop escalates to after the grace the driver gives
+//!   it (`retry_timeout`, or for a switchover `postgresql.start_timeout`: 60 s
+//!   here). A shutdown soon after a CHECKPOINT is short;
+//! - what `jai-agent` runs beside its round driver: the keepalive task and
+//!   the fencing watchdog, with the agent's own lease arithmetic
+//!   (`ha::lease`), and the waits and timeouts of each effect (see [`agent`]);
 //! - wall clocks: each member's is up to ±1.5 s off, so a scheduled
 //!   switchover becomes due at slightly different moments on each;
 //! - the operator (`operator`): switchovers (to a member or the best
@@ -41,22 +49,24 @@
 //!   checked against what the operator reads in etcd as `control.rs` checks
 //!   them, and written with the control API's guards.
 //!
-//! Checked after every event (`invariants`): one writer (§3.1), promotion only
-//! with the key (§3.2, at the moment the shell acts), no standby pointed at a
-//! diverged upstream (§3.5, counted unless strict), `Core::decide` never
-//! panics; for the operator's intents: the first promotion after a
-//! switchover's stop keeps every write the old primary acknowledged if the
-//! new primary streamed from it to the end of a clean stop (a target that
-//! streamed at its start but missed its end is counted, fatal only with
-//! `strict_switchover`), nobody but an intent's target takes the key in maintenance
-//! mode (a running primary may reclaim its own), a leader never hands over
-//! again for an intent that already made another member leader, and a
-//! switchover whose leader released the key in maintenance mode gets a new
-//! leader within `2 * ttl` unless a fault struck since the intent was
-//! written. At the end: a leader within `3 * ttl + 10 s` of the end of the
-//! last fault (scheduled, a cut of the `targeted-cut` nemesis, or the end of
-//! maintenance mode), and no intent left pending under it. The first broken
-//! one ends the history with the seed and the last events.
+//! Checked after every event (`invariants`; the numbers are those of
+//! docs/architecture.md, "Safety invariants"): one writer (invariant 1),
+//! promotion only with the key (invariant 2, at the moment the interpreter
+//! promotes or starts a primary), no standby pointed at a diverged upstream
+//! (invariant 5, counted unless strict), the round driver never panics; for
+//! the operator's intents: the first promotion after a switchover's stop
+//! keeps every write the old primary acknowledged if the new primary streamed
+//! from it to the end of a clean stop (a target that streamed at its start
+//! but missed its end is counted, fatal only with `strict_switchover` and
+//! unless the intent was forced), nobody but an intent's target takes the
+//! key in maintenance mode (a running primary may reclaim its own), a leader
+//! never hands over again for an intent that already made another member
+//! leader, and a switchover whose leader released the key in maintenance
+//! mode gets a new leader within `2 * ttl` unless a fault struck since the
+//! intent was written. At the end: a leader within `3 * ttl + 10 s` of the
+//! end of the last fault (scheduled, a cut of the `targeted-cut` nemesis, or
+//! the end of maintenance mode), and no intent left pending under it. The
+//! first broken one ends the history with the seed and the last events.
 //!
 //! Everything random comes from one seed through [`rng::Rng`], and every
 //! collection iterates in a fixed order, so a seed replays the same history.
