@@ -56,7 +56,7 @@ bench-status: build
 	@if [ -f $(BENCH_DIR)/lab.json ]; then $(LAB) down --dir $(BENCH_DIR) >/dev/null; fi
 	$(BENCH) status --runs $(STATUS_RUNS) --dir $(BENCH_DIR) $(BENCH_FLAGS)
 
-## Deterministic simulation of the HA core: SEEDS histories (docs/architecture.md).
+## Deterministic simulation of the agent's core and round driver: SEEDS histories (docs/architecture.md).
 SEEDS ?= 10000
 .PHONY: sim sim-bugs
 sim:

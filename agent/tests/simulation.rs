@@ -1,5 +1,5 @@
 //! Deterministic simulation of whole clusters running the real HA core
-//! (DESIGN.md §2 and §6, "simulation" tier).
+//! (docs/architecture.md, "Simulation").
 //!
 //! Each seed is one history: 2–5 members bootstrap a cluster, then suffer a
 //! seeded schedule of faults (crashes, PostgreSQL crashes or refusing to
@@ -7,15 +7,15 @@
 //! while an operator asks for switchovers and failovers and turns
 //! maintenance mode on and off; after the last fault (and the end of
 //! maintenance mode) the cluster must have a leader again within
-//! `3 * ttl + 10 s`, and no intent left pending. The invariants of DESIGN.md
-//! §3, and those of the operator's intents (no acknowledged write lost by a
+//! `3 * ttl + 10 s`, and no intent left pending. The invariants of
+//! docs/architecture.md ("Safety invariants"), and those of the operator's intents (no acknowledged write lost by a
 //! switchover, no takeover in maintenance mode but an intent's target, an
 //! intent fires once), are checked after every event; see `sim/mod.rs` for
 //! what is modelled.
 //!
 //! The default faults are those the design promises to survive with the
 //! default timings; opt-in kinds go further (`sim/faults.rs`). A plain
-//! `cargo test` runs [`DEFAULT_SEEDS`] histories (about 90 seeds/s in a debug
+//! `cargo test` runs [`DEFAULT_SEEDS`] histories (a few seconds in a debug
 //! build), checks that a planted bug is caught, and that a seed replays.
 //!
 //! Environment variables:

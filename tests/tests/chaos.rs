@@ -1,4 +1,4 @@
-//! The bounded chaos set of `make test` (DESIGN.md §6): every fault kind of
+//! The bounded chaos set of `make test` (docs/benchmarks.md, "Chaos"): every fault kind of
 //! the chaos suite once, in a fixed order with fixed-seed targets and holds,
 //! on a chaos lab under the benchmark's writer. No invariant may break
 //! (one writer, recovery after every fault, no acknowledged write lost where

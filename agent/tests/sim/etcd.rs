@@ -21,7 +21,7 @@ pub const SWEEP_EVERY_MS: u64 = 500;
 pub enum Request {
     /// `read_cluster`: get the whole prefix.
     GetAll,
-    /// `ensure_lease`: get `leader`.
+    /// `Request::GetLeader`: get `leader` (to adopt its lease after a restart).
     GetLeader,
     /// One keepalive of a lease.
     KeepAlive(LeaseId),
@@ -30,7 +30,7 @@ pub enum Request {
         /// Requested TTL in seconds.
         ttl_secs: i64,
     },
-    /// `put_member`: a plain put on a lease.
+    /// `Request::PutMember`: a plain put on a lease.
     Put {
         /// Key.
         key: Key,

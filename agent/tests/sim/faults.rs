@@ -1,6 +1,6 @@
 //! Faults, and the seeded schedule of them.
 //!
-//! The *default* profile holds the faults under which DESIGN.md §3 promises
+//! The *default* profile holds the faults under which docs/architecture.md ("Safety invariants") promises
 //! safety with the default timings (`ttl 4s >= loop_wait 1s + 2 * retry_timeout 1.5s`).
 //! The opt-in kinds go beyond what the shell currently survives; each is
 //! named after what it models and documented with the bug it exposes, so

@@ -1,4 +1,4 @@
-//! The safety invariants of DESIGN.md §3, checked by the world after every
+//! The safety invariants (docs/architecture.md, "Safety invariants"), checked by the world after every
 //! event (one writer) or by the shell before an irreversible action (the key),
 //! and the healthy-leader test of the liveness check.
 

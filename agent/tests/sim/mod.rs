@@ -153,8 +153,10 @@ pub struct SimConfig {
     pub strict_divergence: bool,
     /// Fail on a switchover target that streamed when the old primary's stop
     /// began but missed its last writes (it disconnected during the stop, or
-    /// the stop was escalated to an immediate shutdown). The core cannot see
-    /// the stopped primary's final position, so by default this is counted.
+    /// the stop was escalated to an immediate shutdown). Forced intents are
+    /// exempt (they accept a lagging target); otherwise the agent publishes
+    /// the stopped primary's final position and the core refuses a target
+    /// short of it, so with `handover-crash` this must never fire.
     pub strict_switchover: bool,
     /// Trace lines kept for the failure report.
     pub trace_lines: usize,
