@@ -85,6 +85,14 @@ fn a_ttl_too_small_for_loop_wait_and_retries_is_refused() {
 }
 
 #[test]
+fn an_absurd_ttl_is_refused_with_the_reason() {
+    let (code, stderr) = check(Some(&GOOD.replace("ttl: 5s", "ttl: 1000000h")));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("ttl"), "{stderr}");
+    assert!(stderr.contains("above the maximum of 10m"), "{stderr}");
+}
+
+#[test]
 fn an_unreadable_password_file_is_named() {
     let text = GOOD.replace(
         "password: secret2",

@@ -127,6 +127,34 @@ pub const MAX_DEMOTE_MARGIN: Duration = Duration::from_millis(500);
 /// etcd 3.4 grants no lease shorter than this.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 
+/// The longest accepted timings, with the reason each bound exists: a typo
+/// (`1000000h`) must be refused, not applied to a running cluster.
+pub const MAX_TIMINGS: &[(&str, Duration, &str)] = &[
+    (
+        "ttl",
+        Duration::from_secs(600),
+        "a dead leader is replaced only after its lease runs out, so writes would stop that long",
+    ),
+    (
+        "loop_wait",
+        Duration::from_secs(300),
+        "the agent would notice a change only that late",
+    ),
+    (
+        "retry_timeout",
+        Duration::from_secs(300),
+        "a hung etcd request would block the agent's round that long",
+    ),
+    (
+        "primary_start_timeout",
+        Duration::from_secs(3600),
+        "a primary that cannot start would block any failover that long",
+    ),
+];
+
+/// The most synchronous standbys a commit may wait for.
+pub const MAX_SYNCHRONOUS_NODE_COUNT: u32 = 64;
+
 impl DynamicConfig {
     /// Checks every rule; the first broken one is returned, naming its field.
     ///
@@ -150,6 +178,24 @@ impl DynamicConfig {
                     show(MIN_TTL)
                 ),
             );
+        }
+        for (field, max, why) in MAX_TIMINGS {
+            let value = match *field {
+                "ttl" => self.ttl,
+                "loop_wait" => self.loop_wait,
+                "retry_timeout" => self.retry_timeout,
+                _ => self.primary_start_timeout,
+            };
+            if value > *max {
+                return error(
+                    field,
+                    format!(
+                        "{} is above the maximum of {}: {why}",
+                        show(value),
+                        show(*max)
+                    ),
+                );
+            }
         }
         if self.loop_wait < Duration::from_millis(100) {
             return error(
@@ -180,6 +226,15 @@ impl DynamicConfig {
             return error(
                 "synchronous_node_count",
                 "must be at least 1 (use synchronous_mode: off for none)".into(),
+            );
+        }
+        if self.synchronous_node_count > MAX_SYNCHRONOUS_NODE_COUNT {
+            return error(
+                "synchronous_node_count",
+                format!(
+                    "{} is above the maximum of {MAX_SYNCHRONOUS_NODE_COUNT}",
+                    self.synchronous_node_count
+                ),
             );
         }
         for name in self.postgresql.parameters.keys() {
@@ -219,6 +274,52 @@ impl DynamicConfig {
 
 fn show(duration: Duration) -> String {
     humantime_serde::re::humantime::format_duration(duration).to_string()
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    #[test]
+    fn absurd_timings_are_refused_with_the_field_and_the_reason() {
+        let config = DynamicConfig {
+            ttl: Duration::from_secs(1_000_000 * 3600),
+            ..DynamicConfig::default()
+        };
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.field, "ttl");
+        assert!(
+            error.reason.contains("above the maximum of 10m"),
+            "{}",
+            error.reason
+        );
+        for (field, max, _) in MAX_TIMINGS {
+            let mut config = DynamicConfig {
+                ttl: Duration::from_secs(600),
+                ..DynamicConfig::default()
+            };
+            let over = *max + Duration::from_secs(1);
+            match *field {
+                "ttl" => config.ttl = over,
+                "loop_wait" => config.loop_wait = over,
+                "retry_timeout" => config.retry_timeout = over,
+                _ => config.primary_start_timeout = over,
+            }
+            assert_eq!(config.validate().unwrap_err().field, *field);
+        }
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        let config = DynamicConfig {
+            ttl: Duration::from_secs(600),
+            loop_wait: Duration::from_secs(10),
+            retry_timeout: Duration::from_secs(10),
+            primary_start_timeout: Duration::from_secs(3600),
+            ..DynamicConfig::default()
+        };
+        assert!(config.validate().is_ok());
+    }
 }
 
 #[cfg(test)]

@@ -109,6 +109,12 @@ async fn an_operator_drives_the_cluster_with_jaictl() -> Result<()> {
     let refused = jaictl(&lab, &["config", "set", "ttl=1s", "--force"])?;
     assert_eq!(refused.code, 2, "{refused}");
     assert!(refused.stderr.contains("ttl"), "{refused}");
+    let absurd = jaictl(&lab, &["config", "set", "ttl=1000000h", "--force"])?;
+    assert_eq!(absurd.code, 2, "{absurd}");
+    assert!(
+        absurd.stderr.contains("ttl") && absurd.stderr.contains("above the maximum of 10m"),
+        "{absurd}"
+    );
     let unknown = jaictl(&lab, &["config", "set", "ttll=10s", "--force"])?;
     assert_eq!(unknown.code, 2, "{unknown}");
     let applied = jaictl_ok(
