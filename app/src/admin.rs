@@ -9,6 +9,7 @@
 use crate::admin_pages::{self, PollDraft};
 use crate::admin_store;
 use crate::db::DbError;
+use crate::forwarded::limit_key;
 use crate::http::{self, Caching, Fields};
 use crate::public::{error_page, no_such_poll};
 use crate::signing::{random_token, Purpose};
@@ -212,8 +213,10 @@ async fn login(
         let text = "This form has expired. Please log in again.";
         return render_login(&app, &headers, StatusCode::FORBIDDEN, Some(text));
     }
-    let address = http::client_address(&headers, peer, app.config.limits.trust_forwarded_for);
-    if !app.login_limit.allow(&address, Instant::now()) {
+    // The peer itself: the admin listener is not behind the proxy, so an
+    // X-Forwarded-For here is whatever the client chose to write.
+    let address = peer.ip().to_canonical();
+    if !app.login_limit.allow(&limit_key(address), Instant::now()) {
         let text = "Too many login attempts. Wait a minute and try again.";
         return render_login(&app, &headers, StatusCode::TOO_MANY_REQUESTS, Some(text));
     }
@@ -490,4 +493,64 @@ async fn remove_option(
     };
     let result = admin_store::remove_option(&app.db, poll, option).await;
     after_edit(&app, poll, result).await
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::signing::Purpose;
+    use crate::state::App;
+    use crate::testing::{self, loopback, request, Side, ADMIN_PASSWORD};
+    use std::net::{IpAddr, SocketAddr};
+
+    /// A login attempt from `from` claiming to forward for `forwarded`.
+    async fn login(
+        app: &App,
+        to: SocketAddr,
+        from: IpAddr,
+        forwarded: &str,
+        password: &str,
+    ) -> u16 {
+        let nonce = "a-login-cookie-nonce";
+        let csrf = app.signer.sign(Purpose::LoginCsrf, nonce);
+        let cookie = format!("jai_login={nonce}");
+        let body = format!("csrf={csrf}&username=admin&password={password}");
+        let headers = [("cookie", cookie.as_str()), ("x-forwarded-for", forwarded)];
+        request(to, from, "POST", "/login", &headers, &body)
+            .await
+            .status
+    }
+
+    // Even with every loopback address a "trusted proxy": the admin
+    // listener is not behind the proxy and never reads X-Forwarded-For.
+    const TRUSTING: &str = "limits: {trusted_proxies: [127.0.0.0/8]}\n";
+
+    #[tokio::test]
+    async fn a_rotating_forwarded_for_does_not_reset_the_login_limit() {
+        let app = testing::app(TRUSTING);
+        let (admin, _stop) = testing::serve(&app, Side::Admin).await;
+        let attacker = loopback(21);
+        for attempt in 1..=10 {
+            let forwarded = format!("203.0.113.{attempt}");
+            assert_eq!(login(&app, admin, attacker, &forwarded, "guess").await, 401);
+        }
+        let status = login(&app, admin, attacker, "203.0.113.99", ADMIN_PASSWORD).await;
+        assert_eq!(status, 429, "the 11th attempt of one address got through");
+    }
+
+    #[tokio::test]
+    async fn a_spoofed_forwarded_for_does_not_lock_the_admin_out() {
+        let app = testing::app(TRUSTING);
+        let (admin, _stop) = testing::serve(&app, Side::Admin).await;
+        let (attacker, real_admin) = (loopback(22), loopback(1));
+        for _ in 0..12 {
+            login(&app, admin, attacker, "127.0.0.1", "guess").await;
+        }
+        assert_eq!(
+            login(&app, admin, attacker, "127.0.0.1", "guess").await,
+            429
+        );
+        // The admin's own address was not charged: a wrong password is
+        // answered as such, not with "too many attempts".
+        assert_eq!(login(&app, admin, real_admin, "", "typo").await, 401);
+    }
 }

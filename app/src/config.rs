@@ -7,6 +7,7 @@
 //! configuration or from an environment variable, so they stay out of command
 //! lines, process listings and logs.
 
+use crate::forwarded::TrustedProxies;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,9 @@ pub struct AppConfig {
     /// Abuse limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Timeouts and the connection cap of each listener.
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
     /// Worker threads of the async runtime; absent: one per core. Set it
     /// below the core count when several instances (or PostgreSQL) share a
     /// machine: fewer threads mean fewer cross-thread wake-ups per request.
@@ -162,10 +166,15 @@ pub struct LimitsConfig {
     /// Vote submissions per client address per minute (burst of the same size).
     #[serde(default = "default_ip_rate")]
     pub votes_per_ip_per_minute: u32,
-    /// Take the client address from the last `X-Forwarded-For` entry
-    /// (set when the app sits behind HAProxy / Cloudflare).
+    /// The proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names
+    /// the client on the public listener (see `forwarded`). Empty: the
+    /// client is always the TCP peer.
     #[serde(default)]
-    pub trust_forwarded_for: bool,
+    pub trusted_proxies: TrustedProxies,
+    /// Replaced by `trusted_proxies`: `false` is accepted and means nothing,
+    /// `true` (believe the header from anyone) is refused with a hint.
+    #[serde(default)]
+    pub trust_forwarded_for: Option<bool>,
 }
 
 impl Default for LimitsConfig {
@@ -174,9 +183,57 @@ impl Default for LimitsConfig {
             body_bytes: default_body_bytes(),
             votes_per_voter_per_minute: default_voter_rate(),
             votes_per_ip_per_minute: default_ip_rate(),
-            trust_forwarded_for: false,
+            trusted_proxies: TrustedProxies::default(),
+            trust_forwarded_for: None,
         }
     }
+}
+
+/// How long each listener lets a client hold a connection, and how many it
+/// holds at once (the public and the admin listener each; see `listener`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// From a request's first byte to the end of its headers.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// From the end of the headers to the end of the body.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A connection without a request under way (new, or kept alive after
+    /// one) is closed after this long; also bounds writing an answer to a
+    /// client that does not read it.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections open at once per listener. At the cap a new connection
+    /// closes the one that has waited longest on its client; if every
+    /// connection has a request in a handler, it waits in the kernel's queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    1000
 }
 
 fn default_admin_user() -> String {
@@ -339,6 +396,34 @@ impl AppConfig {
                 "limits.votes_per_ip_per_minute",
                 "must be at least 1".into(),
             ));
+        }
+        if self.limits.trust_forwarded_for == Some(true) {
+            return Err((
+                "limits.trust_forwarded_for",
+                "replaced by limits.trusted_proxies: list the addresses of your proxies \
+                 (e.g. [127.0.0.1] for HAProxy on this machine); believing X-Forwarded-For \
+                 from every peer lets any client pick its own address"
+                    .into(),
+            ));
+        }
+        let connections = &self.connections;
+        for (key, value) in [
+            (
+                "connections.header_read_timeout",
+                connections.header_read_timeout,
+            ),
+            (
+                "connections.body_read_timeout",
+                connections.body_read_timeout,
+            ),
+            ("connections.idle_timeout", connections.idle_timeout),
+        ] {
+            if value < Duration::from_millis(100) || value > Duration::from_secs(3600) {
+                return Err((key, "must be 100ms-1h".into()));
+            }
+        }
+        if !(1..=100_000).contains(&connections.max_connections) {
+            return Err(("connections.max_connections", "must be 1-100000".into()));
         }
         Ok(())
     }
@@ -558,6 +643,82 @@ mod tests {
         );
         let error = parse(&format!("{GOOD}limits: {{body_bytes: 10}}\n")).unwrap_err();
         assert_eq!(error, "app.yaml: limits.body_bytes: must be at least 1024");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_blocks() {
+        let config = parse(&format!(
+            "{GOOD}limits:\n  trusted_proxies: [127.0.0.1, 10.0.0.0/8, '2001:db8::/32']\n"
+        ))
+        .unwrap();
+        assert!(config
+            .limits
+            .trusted_proxies
+            .contains("10.9.8.7".parse().unwrap()));
+        assert!(!config
+            .limits
+            .trusted_proxies
+            .contains("11.0.0.1".parse().unwrap()));
+        assert!(parse(GOOD).unwrap().limits.trusted_proxies.0.is_empty());
+        let error = parse(&format!(
+            "{GOOD}limits:\n  trusted_proxies: [haproxy.local]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            error.starts_with(
+                "app.yaml: limits.trusted_proxies: `haproxy.local` is not an IP address or CIDR block"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn trust_forwarded_for_is_replaced_by_trusted_proxies() {
+        let config = parse(&format!("{GOOD}limits: {{trust_forwarded_for: false}}\n")).unwrap();
+        assert!(config.limits.trusted_proxies.0.is_empty());
+        let error = parse(&format!("{GOOD}limits: {{trust_forwarded_for: true}}\n")).unwrap_err();
+        assert!(
+            error.starts_with(
+                "app.yaml: limits.trust_forwarded_for: replaced by limits.trusted_proxies"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_bounds() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.connections, ConnectionsConfig::default());
+        assert_eq!(
+            config.connections.header_read_timeout,
+            Duration::from_secs(10)
+        );
+        let config = parse(&format!(
+            "{GOOD}connections: {{header_read_timeout: 2s, max_connections: 64}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.connections.header_read_timeout,
+            Duration::from_secs(2)
+        );
+        assert_eq!(config.connections.max_connections, 64);
+        for (setting, error) in [
+            (
+                "idle_timeout: 0s",
+                "app.yaml: connections.idle_timeout: must be 100ms-1h",
+            ),
+            (
+                "body_read_timeout: 2h",
+                "app.yaml: connections.body_read_timeout: must be 100ms-1h",
+            ),
+            (
+                "max_connections: 0",
+                "app.yaml: connections.max_connections: must be 1-100000",
+            ),
+        ] {
+            let text = format!("{GOOD}connections: {{{setting}}}\n");
+            assert_eq!(parse(&text).unwrap_err(), error);
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Small HTTP helpers both listeners use: HTML responses with their cache
-//! policy, cookies, form bodies and the client address.
+//! policy, cookies and form bodies.
 
 use axum::extract::rejection::FormRejection;
 use axum::extract::Form;
@@ -7,7 +7,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use maud::Markup;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 /// A form body as name → value (the last of repeated names wins).
 pub type Fields = HashMap<String, String>;
@@ -113,24 +112,6 @@ pub fn form_fields(
     }
 }
 
-/// The client's address: the last `X-Forwarded-For` entry (the one our own
-/// proxy appended) when trusted, else the TCP peer.
-pub fn client_address(headers: &HeaderMap, peer: SocketAddr, trust_forwarded: bool) -> String {
-    if trust_forwarded {
-        let forwarded = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            .rfind(|entry| !entry.is_empty());
-        if let Some(address) = forwarded {
-            return address.to_owned();
-        }
-    }
-    peer.ip().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,17 +125,5 @@ mod tests {
         );
         assert_eq!(cookie_value(&headers, "jai_voter"), Some("x.y"));
         assert_eq!(cookie_value(&headers, "jai"), None);
-    }
-
-    #[test]
-    fn forwarded_address_is_used_only_when_trusted() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("6.6.6.6, 10.0.0.7"),
-        );
-        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        assert_eq!(client_address(&headers, peer, true), "10.0.0.7");
-        assert_eq!(client_address(&headers, peer, false), "127.0.0.1");
     }
 }

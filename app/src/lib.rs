@@ -21,7 +21,9 @@
 //! | [`views`] | view counting in memory, flushed in idempotent batches |
 //! | [`ratelimit`] | per-node token buckets |
 //! | [`metrics`] | Prometheus registry and request tracking |
-//! | [`http`] | responses with cache policy, cookies, forms, client address |
+//! | [`http`] | responses with cache policy and security headers, cookies, forms |
+//! | [`forwarded`] | the client's address: `X-Forwarded-For` from trusted proxies only |
+//! | [`listener`] | connection timeouts and the connection cap of both listeners |
 //! | [`pages`], [`admin_pages`], [`chart`] | HTML (maud, escaped) and the SVG chart |
 //! | [`public`], [`admin`] | the two routers' handlers |
 //! | [`state`] | shared state and degraded mode |
@@ -35,7 +37,9 @@ pub mod cache;
 pub mod chart;
 pub mod config;
 pub mod db;
+pub mod forwarded;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod pages;
 pub mod pipelined;
@@ -46,5 +50,7 @@ pub mod server;
 pub mod signing;
 pub mod state;
 pub mod store;
+#[cfg(test)]
+pub mod testing;
 pub mod validate;
 pub mod views;

@@ -50,6 +50,22 @@ pub struct PoolLabels {
     pub state: &'static str,
 }
 
+/// Labels of a listener's connection gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `public` or `admin`.
+    pub listener: &'static str,
+}
+
+/// Labels of connections closed by the listener's limits.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// `public` or `admin`.
+    pub listener: &'static str,
+    /// `idle_timeout`, `header_timeout`, `body_timeout` or `evicted`.
+    pub reason: &'static str,
+}
+
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 /// All metrics of one app node.
@@ -61,6 +77,8 @@ pub struct Metrics {
     views_flushed: Counter,
     pools: Family<PoolLabels, Gauge>,
     degraded: Gauge,
+    connections: Family<ListenerLabels, Gauge>,
+    connections_closed: Family<ClosedLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -113,6 +131,18 @@ impl Default for Metrics {
             "1 while the site is read-only (no primary or operator switch)",
             degraded.clone(),
         );
+        let connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "http_connections",
+            "Open HTTP connections by listener",
+            connections.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "http_connections_closed",
+            "HTTP connections closed by a timeout or at the connection cap, by reason",
+            connections_closed.clone(),
+        );
         Self {
             registry,
             requests,
@@ -121,6 +151,8 @@ impl Default for Metrics {
             views_flushed,
             pools,
             degraded,
+            connections,
+            connections_closed,
         }
     }
 }
@@ -129,6 +161,30 @@ impl Metrics {
     /// Counts a vote submission result.
     pub fn vote(&self, result: &'static str) {
         self.votes.get_or_create(&VoteLabels { result }).inc();
+    }
+
+    /// A listener accepted a connection.
+    pub fn connection_opened(&self, listener: &'static str) {
+        self.connections
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
+    }
+
+    /// A listener's connection ended.
+    pub fn connection_ended(&self, listener: &'static str) {
+        self.connections
+            .get_or_create(&ListenerLabels { listener })
+            .dec();
+    }
+
+    /// A listener closed a connection early.
+    pub fn connection_closed(&self, listener: &'static str, reason: crate::listener::Closed) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels {
+                listener,
+                reason: reason.label(),
+            })
+            .inc();
     }
 
     /// Counts views written.

@@ -1,6 +1,7 @@
 //! The public listener: poll list, poll pages, votes and results.
 
 use crate::db::DbError;
+use crate::forwarded::limit_key;
 use crate::http::{self, Caching, Fields};
 use crate::pages;
 use crate::signing::{random_token, Purpose};
@@ -310,8 +311,12 @@ fn check_submission(
         )
     })?;
     let now = Instant::now();
-    let address = http::client_address(headers, peer, app.config.limits.trust_forwarded_for);
-    if !app.ip_limit.allow(&address, now) {
+    let address = app
+        .config
+        .limits
+        .trusted_proxies
+        .client_address(headers, peer);
+    if !app.ip_limit.allow(&limit_key(address), now) {
         return Err(too_many());
     }
     let voter = voter(app, headers).ok_or_else(forged)?;
@@ -397,5 +402,60 @@ async fn record(app: &App, vote: &Submission) -> Result<(), Refusal> {
             "Pick an option",
             "That option is not part of this poll. Please pick one of the options shown.",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{self, loopback, request, Side};
+    use std::net::{IpAddr, SocketAddr};
+
+    /// A vote without a voter cookie from `from`, claiming to forward for
+    /// `forwarded`: 429 when the address is over its limit, else 403.
+    async fn vote(to: SocketAddr, from: IpAddr, forwarded: &str) -> u16 {
+        let headers = [("x-forwarded-for", forwarded)];
+        request(
+            to,
+            from,
+            "POST",
+            "/polls/1/vote",
+            &headers,
+            "csrf=x&key=k&option=2",
+        )
+        .await
+        .status
+    }
+
+    #[tokio::test]
+    async fn a_direct_client_cannot_pick_its_address_with_forwarded_for() {
+        let app = testing::app("limits: {votes_per_ip_per_minute: 2}\n");
+        let (public, _stop) = testing::serve(&app, Side::Public).await;
+        let client = loopback(31);
+        assert_eq!(vote(public, client, "198.51.100.1").await, 403);
+        assert_eq!(vote(public, client, "198.51.100.2").await, 403);
+        assert_eq!(vote(public, client, "198.51.100.3").await, 429);
+    }
+
+    #[tokio::test]
+    async fn a_trusted_proxy_forwards_each_clients_address() {
+        let app =
+            testing::app("limits: {votes_per_ip_per_minute: 2, trusted_proxies: [127.0.0.41]}\n");
+        let (public, _stop) = testing::serve(&app, Side::Public).await;
+        let proxy = loopback(41);
+        for client in 1..=5 {
+            let forwarded = format!("198.51.100.{client}");
+            assert_eq!(vote(public, proxy, &forwarded).await, 403, "{forwarded}");
+        }
+        assert_eq!(vote(public, proxy, "198.51.100.1").await, 403);
+        assert_eq!(vote(public, proxy, "198.51.100.1").await, 429);
+        // Not an address: the proxy's own bucket, the same for every such value.
+        assert_eq!(vote(public, proxy, "garbage-1").await, 403);
+        assert_eq!(vote(public, proxy, "garbage-2").await, 403);
+        assert_eq!(vote(public, proxy, "garbage-3").await, 429);
+        // Another peer is no proxy, whatever it sends.
+        let direct = loopback(42);
+        assert_eq!(vote(public, direct, "198.51.100.9").await, 403);
+        assert_eq!(vote(public, direct, "198.51.100.10").await, 403);
+        assert_eq!(vote(public, direct, "198.51.100.11").await, 429);
     }
 }

@@ -2,14 +2,15 @@
 //!
 //! On SIGTERM or SIGINT the listeners stop accepting, requests in flight
 //! finish, then the counted views are flushed (bounded by the retry
-//! timeout) before the process exits.
+//! timeout) before the process exits. Both listeners keep the connection
+//! timeouts and cap of [`crate::listener`].
 
+use crate::listener::{read_request, CappedListener, Client, Reading};
 use crate::metrics::{track, Tracked};
 use crate::state::App;
 use crate::{admin, public, schema};
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -35,13 +36,37 @@ fn layered(router: Router, app: &App, listener: &'static str) -> Router {
         metrics: app.metrics.clone(),
         listener,
     };
+    let reading = Reading {
+        body_bytes: app.config.limits.body_bytes,
+        body_read_timeout: app.config.connections.body_read_timeout,
+    };
     router
+        .layer(axum::middleware::from_fn_with_state(reading, read_request))
         .layer(axum::middleware::from_fn_with_state(tracked, track))
         .layer(DefaultBodyLimit::max(app.config.limits.body_bytes))
 }
 
+/// Serves `router` on `listener` (named `name` in metrics and logs) with
+/// the connection limits, until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    app: &App,
+    name: &'static str,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = CappedListener::new(listener, app.config.connections, name, app.metrics.clone());
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<Client>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+}
+
 /// Runs the app until `shutdown` is cancelled.
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    raise_file_limit(&app);
     let applied = schema::migrate(&app.db).await?;
     tracing::info!(applied, "schema up to date");
     let public = TcpListener::bind(app.config.listen).await?;
@@ -53,20 +78,21 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<(
         tokio::spawn(flush_loop(app.clone(), tasks.clone())),
         tokio::spawn(prune_loop(app.clone(), tasks.clone())),
     ];
-    let serve = |listener: TcpListener, router: Router| {
-        let shutdown = shutdown.clone();
-        async move {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        }
-    };
     let (public_result, admin_result) = tokio::join!(
-        serve(public, public_router(app.clone())),
-        serve(admin, admin_router(app.clone())),
+        serve(
+            public,
+            public_router(app.clone()),
+            &app,
+            "public",
+            shutdown.clone()
+        ),
+        serve(
+            admin,
+            admin_router(app.clone()),
+            &app,
+            "admin",
+            shutdown.clone()
+        ),
     );
     tasks.cancel();
     for task in background {
@@ -115,5 +141,32 @@ async fn prune_loop(app: Arc<App>, stop: CancellationToken) {
         if let Err(error) = crate::store::prune(&app.db).await {
             tracing::warn!("pruning postponed: {error}");
         }
+    }
+}
+
+/// Raises the soft limit of open files to the hard one (as Go programs do
+/// at start), and warns when even that is short of what the connection caps
+/// and the pools may hold: running out of descriptors fails every accept.
+fn raise_file_limit(app: &App) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let config = &app.config;
+    let needed = 2 * config.connections.max_connections
+        + 2 * config.database.pool_size
+        + config.database.vote_connections
+        + 64;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let mut limit = soft;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        limit = hard;
+    }
+    if usize::try_from(limit).is_ok_and(|limit| limit < needed) {
+        tracing::warn!(
+            open_files = limit,
+            needed,
+            "the open-file limit is below two listeners' connections.max_connections \
+             plus the database pools: raise it (LimitNOFILE=) or lower max_connections"
+        );
     }
 }

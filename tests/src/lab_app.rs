@@ -33,6 +33,10 @@ pub struct AppSpec {
     pub workers: Option<usize>,
     /// `log.format` of every instance.
     pub log_format: jai_proto::logging::LogFormat,
+    /// `connections.header_read_timeout` (None: the app's default).
+    pub header_read_timeout: Option<Duration>,
+    /// `connections.max_connections` of each listener (None: the app's default).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for AppSpec {
@@ -44,6 +48,8 @@ impl Default for AppSpec {
             results_ttl: Duration::from_secs(2),
             workers: None,
             log_format: jai_proto::logging::LogFormat::Text,
+            header_read_timeout: None,
+            max_connections: None,
         }
     }
 }
@@ -119,21 +125,33 @@ fn host_port(url: &str) -> &str {
     url.trim_start_matches("http://")
 }
 
+fn host_of(url: &str) -> &str {
+    let host_port = host_port(url);
+    host_port
+        .rsplit_once(':')
+        .map_or(host_port, |(host, _)| host)
+}
+
 /// HAProxy's HTTP frontend over the instances (appended to haproxy.cfg).
 ///
 /// A voter goes to the instance the hash of their voter cookie picks
 /// (consistent hashing: an instance going away moves only its own voters), so
 /// the per-voter rate limit, kept in each instance's memory, holds across
 /// instances; requests without the cookie (first visits) go round robin.
+/// HAProxy connects from the lab's address (`source`), the one the instances
+/// list in `limits.trusted_proxies`: a client connecting to an instance
+/// directly comes from elsewhere (127.0.0.1), so its `X-Forwarded-For` is
+/// not believed.
 pub fn haproxy_section(app: &AppInfo, check_interval: Duration) -> String {
     let inter = check_interval.as_millis();
     let mut cfg = format!(
         "listen jai_http\n    mode http\n    bind {bind}\n    balance hash req.cook(jai_voter)\n    \
-         hash-type consistent\n    \
+         hash-type consistent\n    source {source}\n    \
          option forwardfor\n    option httpchk\n    http-check send meth GET uri /healthz\n    \
          http-check expect status 200\n    timeout client 30s\n    timeout server 30s\n    \
          default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall 2 rise 1\n",
         bind = host_port(&app.url),
+        source = host_of(&app.url),
     );
     for instance in &app.instances {
         let _ = writeln!(
@@ -209,9 +227,12 @@ fn app_yaml(instance: &AppInstance, spec: &AppSpec, db: &Database<'_>, secrets: 
          password_file: {secrets}/app-db-password\n\
          cookies:\n  signing_key_file: {secrets}/app-cookie-key\n\
          cache:\n  results_ttl: {ttl}\n\
-         limits:\n  trust_forwarded_for: true\n  votes_per_voter_per_minute: {voter}\n  votes_per_ip_per_minute: {ip}\n\
+         limits:\n  trusted_proxies: [{proxy}]\n  votes_per_voter_per_minute: {voter}\n  votes_per_ip_per_minute: {ip}\n\
+         {connections}\
          workers: {workers}\n\
          log:\n  format: {log_format}\n",
+        proxy = host_of(&instance.url),
+        connections = connections_yaml(spec),
         listen = host_port(&instance.url),
         admin = host_port(&instance.admin_url),
         secrets = secrets.display(),
@@ -226,6 +247,26 @@ fn app_yaml(instance: &AppInstance, spec: &AppSpec, db: &Database<'_>, secrets: 
         }),
         log_format = spec.log_format.name(),
     )
+}
+
+/// The `connections` section, when the spec sets any of it.
+fn connections_yaml(spec: &AppSpec) -> String {
+    let mut lines = String::new();
+    if let Some(timeout) = spec.header_read_timeout {
+        let _ = writeln!(
+            lines,
+            "  header_read_timeout: {}",
+            humantime::format_duration(timeout)
+        );
+    }
+    if let Some(max) = spec.max_connections {
+        let _ = writeln!(lines, "  max_connections: {max}");
+    }
+    if lines.is_empty() {
+        lines
+    } else {
+        format!("connections:\n{lines}")
+    }
 }
 
 /// Runs `jai-app hash-password` with the password on its standard input.
