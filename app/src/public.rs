@@ -378,7 +378,7 @@ async fn record(app: &App, vote: &Submission) -> Result<(), Refusal> {
         app.metrics.vote("retried");
     }
     match attempted.value {
-        outcome if outcome.accepted() => {
+        VoteOutcome::Recorded | VoteOutcome::Moved | VoteOutcome::Unchanged => {
             app.results.invalidate(&vote.poll);
             Ok(())
         }
@@ -397,7 +397,13 @@ async fn record(app: &App, vote: &Submission) -> Result<(), Refusal> {
             "No such poll",
             "This poll does not exist.",
         )),
-        _ => Err(Refusal::new(
+        VoteOutcome::KeyReused => Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "Vote not accepted",
+            "This form was already sent with a different choice, so this vote was not counted. \
+             Reload the poll page and vote again.",
+        )),
+        VoteOutcome::UnknownOption => Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             "Pick an option",
             "That option is not part of this poll. Please pick one of the options shown.",

@@ -17,10 +17,11 @@ use crate::db::{Database, DbError};
 const MIGRATION_LOCK: i64 = 0x6a_6169_2d61_7070;
 
 /// (version, name, SQL). Never edit an applied migration: add a new one.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "polls, options, votes, idempotency keys, views",
-    r#"
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "polls, options, votes, idempotency keys, views",
+        r#"
 CREATE TABLE polls (
     id           bigserial PRIMARY KEY,
     title        text NOT NULL CHECK (length(title) BETWEEN 1 AND 200),
@@ -135,7 +136,82 @@ BEGIN
 END
 $$;
 "#,
-)];
+    ),
+    (
+        2,
+        "jai_vote refuses an idempotency key reused for another poll or option",
+        r#"
+-- A key is one submission of one choice: (voter, key) -> (poll, option).
+-- Sent again with another poll or option, it is answered 'key_reused' and
+-- nothing is stored; before, the first submission's outcome came back as if
+-- the new choice had been counted. CREATE OR REPLACE keeps the signature, so
+-- the prepared statement of every running node stays valid.
+CREATE OR REPLACE FUNCTION jai_vote(p_voter text, p_key text, p_poll bigint, p_option bigint)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_prior        text;
+    v_prior_poll   bigint;
+    v_prior_option bigint;
+    v_open         boolean;
+    v_revote       boolean;
+    v_current      bigint;
+    v_result       text;
+BEGIN
+    INSERT INTO vote_requests (voter, idempotency_key, poll_id, option_id, outcome)
+    VALUES (p_voter, p_key, p_poll, p_option, 'pending')
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        SELECT outcome, poll_id, option_id INTO v_prior, v_prior_poll, v_prior_option
+        FROM vote_requests
+        WHERE voter = p_voter AND idempotency_key = p_key;
+        IF NOT FOUND OR v_prior_poll <> p_poll OR v_prior_option <> p_option THEN
+            RETURN 'key_reused';
+        END IF;
+        RETURN v_prior;
+    END IF;
+    SELECT is_open, allow_revote INTO v_open, v_revote FROM polls WHERE id = p_poll;
+    IF NOT FOUND THEN
+        v_result := 'unknown_poll';
+    ELSIF NOT v_open THEN
+        v_result := 'closed';
+    ELSIF NOT EXISTS (SELECT 1 FROM options
+                      WHERE id = p_option AND poll_id = p_poll AND NOT removed) THEN
+        v_result := 'unknown_option';
+    ELSE
+        -- Two first votes of one voter may race: the loser of the insert
+        -- waits for the winner, then sees its row and decides again.
+        LOOP
+            SELECT option_id INTO v_current FROM votes
+            WHERE poll_id = p_poll AND voter = p_voter FOR UPDATE;
+            IF NOT FOUND THEN
+                INSERT INTO votes (poll_id, voter, option_id) VALUES (p_poll, p_voter, p_option)
+                ON CONFLICT (poll_id, voter) DO NOTHING;
+                IF FOUND THEN
+                    v_result := 'recorded';
+                    EXIT;
+                END IF;
+            ELSIF v_current = p_option THEN
+                v_result := 'unchanged';
+                EXIT;
+            ELSIF v_revote THEN
+                UPDATE votes SET option_id = p_option, updated_at = now()
+                WHERE poll_id = p_poll AND voter = p_voter;
+                v_result := 'moved';
+                EXIT;
+            ELSE
+                v_result := 'already_voted';
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
+    UPDATE vote_requests SET outcome = v_result
+    WHERE voter = p_voter AND idempotency_key = p_key;
+    RETURN v_result;
+END
+$$;
+"#,
+    ),
+];
 
 /// Applies the migrations this database lacks; returns how many ran.
 pub async fn migrate(db: &Database) -> Result<usize, DbError> {

@@ -77,6 +77,9 @@ pub enum VoteOutcome {
     UnknownPoll,
     /// The option is not (or no longer) part of this poll.
     UnknownOption,
+    /// The idempotency key was first sent with another poll or option:
+    /// nothing was stored.
+    KeyReused,
 }
 
 impl VoteOutcome {
@@ -89,6 +92,7 @@ impl VoteOutcome {
             "closed" => Self::Closed,
             "unknown_poll" => Self::UnknownPoll,
             "unknown_option" => Self::UnknownOption,
+            "key_reused" => Self::KeyReused,
             other => {
                 return Err(DbError::Permanent(format!(
                     "unexpected vote outcome {other:?}"

@@ -104,6 +104,7 @@ pub async fn run(lab: &Lab) -> Result<()> {
     pages_escape_and_cache(app, poll).await?;
     vote_is_counted_once_and_moves(lab, app, poll).await?;
     concurrent_votes_of_one_voter(lab, app, poll).await?;
+    reused_key_is_refused(lab, app, poll, other_poll).await?;
     bad_votes_are_refused(app, poll, other_poll).await?;
     rate_limit_is_hit(app, other_poll).await?;
     admin_needs_session_and_csrf(app).await?;
@@ -253,6 +254,79 @@ async fn concurrent_votes_of_one_voter(lab: &Lab, app: &AppInfo, poll: i64) -> R
         row.get::<_, i64>(0) == 1,
         "concurrent votes left {} rows",
         row.get::<_, i64>(0)
+    );
+    Ok(())
+}
+
+/// An idempotency key is one submission of one choice: sent again with
+/// another option or poll it is refused with 409, and nothing changes
+/// (issue #18: it was answered "your vote for X is counted").
+async fn reused_key_is_refused(lab: &Lab, app: &AppInfo, poll: i64, other_poll: i64) -> Result<()> {
+    let mut voter = Voter::open(app, poll).await?;
+    let options = voter.options();
+    let (csrf, key) = (voter.field("csrf"), voter.field("key"));
+    let first = voter.vote(app, poll, &options[0]).await?;
+    ensure!(first.status == 303, "first vote answered {}", first.status);
+    let other_option = voter
+        .post(
+            app,
+            poll,
+            &[("csrf", &csrf), ("key", &key), ("option", &options[1])],
+        )
+        .await?;
+    let foreign = Voter::open(app, other_poll).await?.options()[0].clone();
+    let other_poll_page = voter
+        .post(
+            app,
+            other_poll,
+            &[("csrf", &csrf), ("key", &key), ("option", &foreign)],
+        )
+        .await?;
+    for (page, what) in [
+        (other_option, "the key reused for another option"),
+        (other_poll_page, "the key reused in another poll"),
+    ] {
+        ensure!(
+            page.status == 409,
+            "{what} answered {}: {}",
+            page.status,
+            page.body
+        );
+        ensure!(
+            page.body.contains("already sent with a different choice")
+                && !page.body.contains("is counted"),
+            "{what}: the page does not say the vote was not counted"
+        );
+        ensure!(
+            page.cache_control.as_deref() == Some("no-store"),
+            "{what}: refusal cacheable"
+        );
+    }
+    // The same choice again is still the retry it was: the first outcome.
+    let again = voter.vote(app, poll, &options[0]).await?;
+    ensure!(
+        again.status == 303 && again.location == first.location,
+        "the retry of the first choice answered {}",
+        again.status
+    );
+    let voter_id = voter
+        .client
+        .cookies
+        .get("jai_voter")
+        .and_then(|cookie| cookie.rsplit_once('.'))
+        .map(|(id, _)| id.to_owned())
+        .unwrap_or_default();
+    let db = lab.connect_app(&lab.desc.haproxy.write).await?;
+    let rows = db
+        .query(
+            "SELECT poll_id, option_id::text FROM votes WHERE voter = $1 ORDER BY poll_id",
+            &[&voter_id],
+        )
+        .await?;
+    let stored: Vec<(i64, String)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    ensure!(
+        stored == [(poll, options[0].clone())],
+        "votes stored for the voter: {stored:?}"
     );
     Ok(())
 }
