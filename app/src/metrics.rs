@@ -19,8 +19,9 @@ pub struct RequestLabels {
     pub listener: &'static str,
     /// The route pattern, e.g. `/polls/{id}` (never the raw path: bounded cardinality).
     pub route: String,
-    /// HTTP method.
-    pub method: String,
+    /// HTTP method: one of the standard ones, else `other` (a client may
+    /// send any token as a method: bounded cardinality).
+    pub method: &'static str,
     /// Status code.
     pub status: String,
 }
@@ -211,7 +212,7 @@ impl Metrics {
         &self,
         listener: &'static str,
         route: String,
-        method: String,
+        method: &'static str,
         status: u16,
         started: Instant,
     ) {
@@ -241,6 +242,17 @@ pub struct Tracked {
     pub listener: &'static str,
 }
 
+/// The metric label of `method`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    KNOWN
+        .into_iter()
+        .find(|known| method.as_str() == *known)
+        .unwrap_or("other")
+}
+
 /// Middleware: counts every request and observes its latency.
 pub async fn track(State(tracked): State<Tracked>, request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -249,7 +261,7 @@ pub async fn track(State(tracked): State<Tracked>, request: Request, next: Next)
         .get::<MatchedPath>()
         .map(|path| path.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let response = next.run(request).await;
     tracked.metrics.observe(
         tracked.listener,
@@ -259,4 +271,25 @@ pub async fn track(State(tracked): State<Tracked>, request: Request, next: Next)
         started,
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{self, loopback, request, Side};
+
+    #[tokio::test]
+    async fn made_up_methods_share_one_label() {
+        // Issue #18: a label per method a client invents is a metric
+        // series per request, kept for the life of the process.
+        let app = testing::app("");
+        let (public, _stop) = testing::serve(&app, Side::Public).await;
+        for n in 0..50 {
+            let method = format!("BREW{n}");
+            let answer = request(public, loopback(1), &method, "/", &[], "").await;
+            assert_eq!(answer.status, 405);
+        }
+        let text = app.metrics.render(&[], false);
+        assert!(!text.contains("BREW"), "{text}");
+        assert!(text.contains("method=\"other\""), "{text}");
+    }
 }

@@ -60,6 +60,8 @@ impl std::fmt::Debug for App {
 
 /// Admin login attempts allowed per address per minute.
 const LOGINS_PER_MINUTE: u32 = 10;
+/// Polls (and results) cached per node, existing or not (docs/app.md).
+const MAX_CACHED_POLLS: usize = 10_000;
 
 impl App {
     /// Builds the shared state (no connection is opened yet).
@@ -70,9 +72,9 @@ impl App {
             admin_hash: secrets.admin_hash,
             metrics_token: secrets.metrics_token,
             signer: Signer::new(&secrets.cookie_key),
-            poll_list: TtlCache::new(ttl),
-            polls: TtlCache::new(ttl),
-            results: TtlCache::new(ttl),
+            poll_list: TtlCache::new(ttl, 4),
+            polls: TtlCache::new(ttl, MAX_CACHED_POLLS),
+            results: TtlCache::new(ttl, MAX_CACHED_POLLS),
             views: ViewCounter::default(),
             voter_limit: RateLimiter::new(config.limits.votes_per_voter_per_minute),
             ip_limit: RateLimiter::new(config.limits.votes_per_ip_per_minute),
