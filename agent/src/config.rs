@@ -149,6 +149,25 @@ pub struct Credentials {
     pub password_file: Option<PathBuf>,
 }
 
+/// A secret file that other users can read (or write) is refused: the
+/// secret would not be one, and a writable one lets others choose it.
+fn check_secret_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|error| format!("{}: {error}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {mode:04o}: other users can read it; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print a password, even in debug output.
@@ -435,10 +454,16 @@ impl AgentConfig {
             credentials
                 .password()
                 .map_err(|error| invalid(key, format!("{error:#}")))?;
+            if let Some(path) = &credentials.password_file {
+                check_secret_mode(path)
+                    .map_err(|reason| invalid(&format!("{key}.password_file"), reason))?;
+            }
         }
         if let Some(grpc) = &self.grpc {
             grpc.token()
                 .map_err(|error| invalid("grpc.token_file", format!("{error:#}")))?;
+            check_secret_mode(&grpc.token_file)
+                .map_err(|reason| invalid("grpc.token_file", reason))?;
         }
         Ok(())
     }

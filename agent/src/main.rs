@@ -32,7 +32,13 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
-        println!("{}: configuration is valid", args.config.display());
+        // A closed pipe (`jai-agent --check | true`) is no reason to panic.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stdout(),
+            "{}: configuration is valid",
+            args.config.display()
+        );
         return ExitCode::SUCCESS;
     }
     jai_proto::logging::init(&config.log, "info,tokio_postgres=warn,h2=warn,tower=warn");

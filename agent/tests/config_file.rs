@@ -93,6 +93,48 @@ fn an_absurd_ttl_is_refused_with_the_reason() {
 }
 
 #[test]
+fn a_secret_file_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("replication.pw");
+    std::fs::write(&secret, "secret2\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = GOOD.replace(
+        "replication: {username: replicator, password: secret2}",
+        &format!(
+            "replication: {{username: replicator, password_file: {}}}",
+            secret.display()
+        ),
+    );
+    let (code, stderr) = check(Some(&text));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("postgresql.replication.password_file") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, stderr) = check(Some(&text));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn the_check_survives_a_closed_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.yaml");
+    std::fs::write(&file, GOOD).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jai-agent"))
+        .arg("--check")
+        .arg("--config")
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before the line is written
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exit 101 is a panic: {status:?}");
+}
+
+#[test]
 fn an_unreadable_password_file_is_named() {
     let text = GOOD.replace(
         "password: secret2",
