@@ -11,7 +11,7 @@ use crate::admin_store;
 use crate::db::DbError;
 use crate::forwarded::limit_key;
 use crate::http::{self, Caching, Fields};
-use crate::public::{error_page, no_such_poll};
+use crate::public::{error_page, method_not_allowed, no_such_poll, not_found};
 use crate::signing::{random_token, Purpose};
 use crate::state::App;
 use crate::store;
@@ -45,6 +45,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/polls/{id}", get(edit_page).post(update_poll))
         .route("/polls/{id}/open", post(open_poll))
         .route("/polls/{id}/options/{option}/remove", post(remove_option))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
 }
 

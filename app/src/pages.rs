@@ -8,7 +8,8 @@ use maud::{html, Markup, DOCTYPE};
 /// Shown on every page while the site is read-only.
 pub const DEGRADED_BANNER: &str = "The site is read-only for a moment: results may be a few seconds old, and voting resumes shortly.";
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;color:#222}\
+/// The stylesheet, inline in every page (allowed by its hash in the CSP).
+pub const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;color:#222}\
 a{color:#2456b8}.banner{background:#fff3c4;border:1px solid #e0c050;padding:.6rem 1rem;border-radius:4px}\
 .error{background:#fde2e2;border:1px solid #d88;padding:.6rem 1rem;border-radius:4px}\
 .notice{background:#e2f5e2;border:1px solid #8c8;padding:.6rem 1rem;border-radius:4px}\
@@ -16,6 +17,12 @@ label.option{display:block;padding:.3rem 0}button{padding:.4rem 1rem;font-size:1
 table{border-collapse:collapse}td,th{padding:.25rem .6rem;border-bottom:1px solid #ddd;text-align:left}\
 textarea,input[type=text],input[type=password]{width:100%;box-sizing:border-box;font-size:1rem}\
 form.inline{display:inline}";
+
+/// The results page's only script (allowed by its hash in the CSP): marks
+/// that it ran (`data-reload`, which the browser test checks), then reloads
+/// the page every 10 s.
+pub const RELOAD_SCRIPT: &str =
+    "document.documentElement.dataset.reload='on';setTimeout(function(){location.reload()},10000)";
 
 /// The frame of every page.
 pub fn layout(title: &str, degraded: bool, body: Markup) -> Markup {
@@ -136,6 +143,6 @@ pub fn results(results: &Results, voted: Option<&str>) -> Markup {
             a href={ "/polls/" (results.poll.id) "/results" } { "Refresh" }
         }
         // Progressive enhancement: without JavaScript the Refresh link does the same.
-        script { (maud::PreEscaped("setTimeout(function(){location.reload()},10000)")) }
+        script { (maud::PreEscaped(RELOAD_SCRIPT)) }
     }
 }

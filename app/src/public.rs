@@ -34,6 +34,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/polls/{id}/vote", post(vote))
         .route("/polls/{id}/results", get(results))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
 }
 
@@ -66,12 +67,25 @@ fn unavailable(app: &App) -> Response {
     response
 }
 
-async fn not_found(State(app): State<Arc<App>>) -> Response {
+/// The 404 page of an unknown path (both listeners).
+pub async fn not_found(State(app): State<Arc<App>>) -> Response {
     error_page(
         &app,
         StatusCode::NOT_FOUND,
         "Not found",
         "There is no such page.",
+        Some("/"),
+    )
+}
+
+/// The 405 page of a known path asked with another method (both
+/// listeners; axum adds `Allow`).
+pub async fn method_not_allowed(State(app): State<Arc<App>>) -> Response {
+    error_page(
+        &app,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Not allowed",
+        "This page cannot be used that way.",
         Some("/"),
     )
 }

@@ -44,6 +44,7 @@ fn layered(router: Router, app: &App, listener: &'static str) -> Router {
         .layer(axum::middleware::from_fn_with_state(reading, read_request))
         .layer(axum::middleware::from_fn_with_state(tracked, track))
         .layer(DefaultBodyLimit::max(app.config.limits.body_bytes))
+        .layer(axum::middleware::from_fn(crate::http::security_headers))
 }
 
 /// Serves `router` on `listener` (named `name` in metrics and logs) with

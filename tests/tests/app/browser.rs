@@ -120,6 +120,13 @@ impl Browser {
             .ok_or_else(|| anyhow!("no sessionId"))?
             .to_owned();
         browser.call("Page.enable", json!({}))?;
+        // Every page records what its Content-Security-Policy blocked (a
+        // script DevTools injects is not subject to the policy).
+        browser.call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": "window.__csp = []; document.addEventListener(\
+                'securitypolicyviolation', e => window.__csp.push(e.violatedDirective))"}),
+        )?;
         Ok(browser)
     }
 
@@ -200,6 +207,22 @@ impl Browser {
         self.wait_load()
     }
 
+    /// Fails if the page's Content-Security-Policy blocked anything, or if
+    /// its stylesheet did not apply (both are allowed by their hash only).
+    fn check_policy(&mut self, what: &str) -> Result<()> {
+        let blocked = self.eval("JSON.stringify(window.__csp)")?;
+        ensure!(
+            blocked.as_str() == Some("[]"),
+            "{what}: the Content-Security-Policy blocked {blocked}"
+        );
+        let font = self.eval("getComputedStyle(document.body).fontFamily")?;
+        ensure!(
+            font.as_str().unwrap_or_default().contains("system-ui"),
+            "{what}: the inline stylesheet did not apply (font {font})"
+        );
+        Ok(())
+    }
+
     fn text(&mut self) -> Result<String> {
         Ok(self
             .eval("document.body.innerText")?
@@ -274,6 +297,7 @@ fn browse(app: &AppInfo, shots: &Path) -> Result<()> {
         browser.text()?.contains("Dashboard"),
         "login did not reach the dashboard"
     );
+    browser.check_policy("the admin dashboard")?;
     browser.screenshot(shots, "01-admin-dashboard.png")?;
     browser.navigate(&format!("{}/polls/new", app.admin_url))?;
     browser.submit(
@@ -302,6 +326,7 @@ fn browse(app: &AppInfo, shots: &Path) -> Result<()> {
     browser.wait_for_text(&format!("{}/", app.url), "Browser poll: best season?")?;
     let poll_url = format!("{}/polls/{poll}", app.url);
     browser.navigate(&poll_url)?;
+    browser.check_policy("the poll page")?;
     browser.screenshot(shots, "03-poll.png")?;
     browser.submit(&vote_script(0))?;
     let text = browser.text()?;
@@ -311,6 +336,14 @@ fn browse(app: &AppInfo, shots: &Path) -> Result<()> {
     );
     let results = format!("{}/polls/{poll}/results", app.url);
     browser.wait_for_text(&results, "Spring\t1\t100.0%")?;
+    // The results page's inline script ran under the policy (it marks the
+    // page, then reloads it every 10 s).
+    let reload = browser.eval("document.documentElement.dataset.reload || 'blocked'")?;
+    ensure!(
+        reload.as_str() == Some("on"),
+        "the results page's script did not run: {reload}"
+    );
+    browser.check_policy("the results page")?;
     browser.screenshot(shots, "04-voted.png")?;
 
     // Re-vote: the vote moves from Spring to Autumn.
