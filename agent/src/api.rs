@@ -72,15 +72,14 @@ pub fn router(snapshot: watch::Receiver<NodeSnapshot>, lease: Arc<LeaseTracker>)
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `stop`.
+/// Serves the API on `listener` until `stop`, within the health API's
+/// bounds ([`crate::listener::Limits::HEALTH_API`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    crate::listener::serve(listener, router, crate::listener::Limits::HEALTH_API, stop).await
 }
 
 impl ApiState {

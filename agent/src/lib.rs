@@ -16,6 +16,8 @@
 //!   stop a primary before the agent can no longer vouch for it.
 //! - [`postgres`]: the PostgreSQL process, its files and its queries.
 //! - [`api`]: the HTTP health API HAProxy checks, and `/status`.
+//! - [`listener`]: serving HTTP within bounds (header deadline, lifetime,
+//!   connection cap).
 //! - [`haproxy`]: pushes role changes to HAProxy's runtime API (its settings
 //!   are [`config::HaproxyConfig`]).
 //! - [`persisted`]: the little the core must remember across agent restarts.
@@ -33,6 +35,7 @@ pub mod control;
 pub mod dcs;
 pub mod fence;
 pub mod haproxy;
+pub mod listener;
 pub mod persisted;
 pub mod postgres;
 pub mod shell;
