@@ -223,6 +223,7 @@ async fn login(
         return render_login(&app, &headers, StatusCode::TOO_MANY_REQUESTS, Some(text));
     }
     let username = fields.get("username").cloned().unwrap_or_default();
+    let attempted_user = username.clone();
     let password = fields.get("password").cloned().unwrap_or_default();
     let hash = app.admin_hash.clone();
     let expected_user = app.config.admin.username.clone();
@@ -234,6 +235,10 @@ async fn login(
     .await
     .unwrap_or(false);
     if !valid {
+        // Who tried, from where, as whom (never the password). One line per
+        // attempt is bounded by the login limit above.
+        let attempted: String = attempted_user.chars().take(64).collect();
+        tracing::warn!(client = %address, username = ?attempted, "admin login failed");
         return render_login(
             &app,
             &headers,
@@ -504,7 +509,7 @@ mod tests {
     use crate::testing::{self, loopback, request, Side, ADMIN_PASSWORD};
     use std::net::{IpAddr, SocketAddr};
 
-    /// A login attempt from `from` claiming to forward for `forwarded`.
+    /// A login attempt as `admin` from `from` claiming to forward for `forwarded`.
     async fn login(
         app: &App,
         to: SocketAddr,
@@ -512,10 +517,22 @@ mod tests {
         forwarded: &str,
         password: &str,
     ) -> u16 {
+        login_as(app, to, from, forwarded, "admin", password).await
+    }
+
+    /// A login attempt; `user` and `password` are form-encoded already.
+    async fn login_as(
+        app: &App,
+        to: SocketAddr,
+        from: IpAddr,
+        forwarded: &str,
+        user: &str,
+        password: &str,
+    ) -> u16 {
         let nonce = "a-login-cookie-nonce";
         let csrf = app.signer.sign(Purpose::LoginCsrf, nonce);
         let cookie = format!("jai_login={nonce}");
-        let body = format!("csrf={csrf}&username=admin&password={password}");
+        let body = format!("csrf={csrf}&username={user}&password={password}");
         let headers = [("cookie", cookie.as_str()), ("x-forwarded-for", forwarded)];
         request(to, from, "POST", "/login", &headers, &body)
             .await
@@ -537,6 +554,58 @@ mod tests {
         }
         let status = login(&app, admin, attacker, "203.0.113.99", ADMIN_PASSWORD).await;
         assert_eq!(status, 429, "the 11th attempt of one address got through");
+    }
+
+    /// Everything logged on this thread while `run` runs.
+    async fn logged<F: std::future::Future<Output = ()>>(run: F) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        run.await;
+        let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
+        text
+    }
+
+    #[tokio::test]
+    async fn a_failed_login_is_logged_with_address_and_user_never_the_password() {
+        let app = testing::app("");
+        let (admin, _stop) = testing::serve(&app, Side::Admin).await;
+        let log = logged(async {
+            let user = "mallory%0AFAKE+entry";
+            let status = login_as(&app, admin, loopback(51), "", user, "s3cret-guess").await;
+            assert_eq!(status, 401);
+        })
+        .await;
+        let line = log
+            .lines()
+            .find(|line| line.contains("admin login failed"))
+            .unwrap_or_else(|| panic!("no failed-login line in:\n{log}"));
+        assert!(line.contains("client=127.0.0.51"), "{line}");
+        assert!(line.contains(r#"username="mallory\nFAKE entry""#), "{line}");
+        assert!(
+            !log.contains("s3cret-guess"),
+            "the password was logged:\n{log}"
+        );
+        assert!(
+            !log.lines().any(|line| line.starts_with("FAKE")),
+            "a user name forged a log line:\n{log}"
+        );
     }
 
     #[tokio::test]
