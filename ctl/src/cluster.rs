@@ -33,6 +33,28 @@ pub struct ClusterState {
     pub history: Vec<HistoryEntry>,
     /// The standbys the leader's commits wait for (synchronous mode).
     pub sync: Option<SyncState>,
+    /// Keys that could not be read, and why: the rest is still shown.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A key whose value does not parse.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unreadable {
+    /// The etcd key.
+    pub key: String,
+    /// Why it does not parse.
+    pub error: String,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "etcd key {} is unreadable ({}); shown without it",
+            self.key, self.error
+        )
+    }
 }
 
 impl ClusterState {
@@ -112,7 +134,10 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
         last_leader: None,
         history: Vec::new(),
         sync: None,
+        unreadable: Vec::new(),
     };
+    // One unreadable key must not hide the rest of the cluster.
+    let mut unreadable = Vec::new();
     for kv in response.kvs() {
         let key = kv.key_str().unwrap_or_default();
         let value = kv.value_str().unwrap_or_default();
@@ -121,19 +146,22 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
         } else if key == keys.leader() {
             state.leader = Some(value.to_owned());
         } else if key == keys.config() {
-            state.config = parse(key, value)?;
+            if let Some(config) = parse(key, value, &mut unreadable) {
+                state.config = config;
+            }
         } else if key == keys.switchover() {
-            state.switchover = Some(parse(key, value)?);
+            state.switchover = parse(key, value, &mut unreadable);
         } else if key == keys.status() {
-            state.last_leader = Some(parse(key, value)?);
+            state.last_leader = parse(key, value, &mut unreadable);
         } else if key == keys.sync() {
-            state.sync = Some(parse(key, value)?);
+            state.sync = parse(key, value, &mut unreadable);
         } else if key == keys.history() {
-            state.history = parse(key, value)?;
+            state.history = parse(key, value, &mut unreadable).unwrap_or_default();
         } else if keys.member_name_of(key).is_some() {
-            state.members.push(parse(key, value)?);
+            state.members.extend(parse(key, value, &mut unreadable));
         }
     }
+    state.unreadable = unreadable;
     state.members.sort_by(|a, b| a.name.cmp(&b.name));
     if state.system_id.is_none() && state.members.is_empty() {
         return Err(CtlError::Refused(format!(
@@ -145,7 +173,34 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
     Ok(state)
 }
 
-fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &str) -> Result<T, CtlError> {
-    serde_json::from_str(value)
-        .map_err(|error| CtlError::Refused(format!("etcd key {key} is unreadable: {error}")))
+/// `value` of `key` parsed, or `None` with the key noted as unreadable.
+fn parse<T: serde::de::DeserializeOwned>(
+    key: &str,
+    value: &str,
+    unreadable: &mut Vec<Unreadable>,
+) -> Option<T> {
+    match serde_json::from_str(value) {
+        Ok(parsed) => Some(parsed),
+        Err(error) => {
+            unreadable.push(Unreadable {
+                key: key.to_owned(),
+                error: error.to_string(),
+            });
+            None
+        }
+    }
+}
+
+impl ClusterState {
+    /// The cluster config, unless its key is unreadable: changing or showing
+    /// a config that could not be read would show or change the defaults.
+    pub fn readable_config(&self) -> Result<&DynamicConfig, CtlError> {
+        match self.unreadable.iter().find(|key| key.key.ends_with("/config")) {
+            Some(bad) => Err(CtlError::Refused(format!(
+                "etcd key {} is unreadable ({}): fix or delete it with etcdctl before changing the config",
+                bad.key, bad.error
+            ))),
+            None => Ok(&self.config),
+        }
+    }
 }

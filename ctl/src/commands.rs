@@ -372,8 +372,8 @@ impl Session {
                     Format::Table => Format::Yaml,
                     other => other,
                 };
-                let text =
-                    render::structured(&self.state.config, format)?.expect("a structured format");
+                let config = self.state.readable_config()?;
+                let text = render::structured(config, format)?.expect("a structured format");
                 println!("{text}");
                 Ok(())
             }
@@ -387,8 +387,9 @@ impl Session {
                 self.apply_config_patch(patch, force).await
             }
             ConfigCommand::Edit { force } => {
-                let edited = edit_in_editor(&self.state.config)?;
-                let before = serde_json::to_value(&self.state.config).expect("serializes");
+                let config = self.state.readable_config()?;
+                let edited = edit_in_editor(config)?;
+                let before = serde_json::to_value(config).expect("serializes");
                 let patch = jai_proto::patch::difference(&before, &edited);
                 self.apply_config_patch(patch, force).await
             }
@@ -402,9 +403,10 @@ impl Session {
         patch: serde_json::Value,
         force: bool,
     ) -> Result<(), CtlError> {
-        let after = jai_proto::patch::patched(&self.state.config, &patch)
+        let config = self.state.readable_config()?;
+        let after = jai_proto::patch::patched(config, &patch)
             .map_err(|error| CtlError::Usage(format!("refused: {error}")))?;
-        let diff = jai_proto::patch::diff(&self.state.config, &after);
+        let diff = jai_proto::patch::diff(config, &after);
         if diff.is_empty() {
             println!("Nothing to change.");
             return Ok(());
@@ -463,6 +465,9 @@ impl Session {
 }
 
 fn print_status(state: &ClusterState, format: Format) -> Result<(), CtlError> {
+    for unreadable in &state.unreadable {
+        eprintln!("warning: {unreadable}");
+    }
     let view = render::status_view(state);
     match render::structured(&view, format)? {
         Some(text) => println!("{text}"),

@@ -140,6 +140,34 @@ async fn an_operator_drives_the_cluster_with_jaictl() -> Result<()> {
         "the refused change must not be written"
     );
 
+    // An unreadable key hides nothing else: status warns and shows the
+    // cluster; a config change is refused while `config` is unreadable.
+    let keys = jai_proto::ClusterKeys::new(&lab.desc.cluster);
+    let mut etcd = lab.etcd().await?;
+    let config_text = etcd
+        .get(keys.config(), None)
+        .await?
+        .kvs()
+        .first()
+        .map(|kv| kv.value().to_vec())
+        .context("the config key")?;
+    etcd.put(keys.sync(), "not json", None).await?;
+    let warned = jaictl_ok(&lab, &["status"])?;
+    assert!(
+        warned
+            .stderr
+            .contains(&format!("etcd key {} is unreadable", keys.sync()))
+            && warned.stdout.contains(&first),
+        "{warned}"
+    );
+    etcd.put(keys.config(), "{broken", None).await?;
+    let refused = jaictl(&lab, &["config", "set", "loop_wait=2s", "--force"])?;
+    assert_eq!(refused.code, 1, "{refused}");
+    assert!(refused.stderr.contains("is unreadable"), "{refused}");
+    jaictl_ok(&lab, &["status"])?;
+    etcd.put(keys.config(), config_text, None).await?;
+    etcd.delete(keys.sync(), None).await?;
+
     // Without --force and without a terminal, nothing is asked or done.
     let unconfirmed = jaictl(&lab, &["switchover"])?;
     assert_eq!(unconfirmed.code, 2, "{unconfirmed}");
