@@ -3,6 +3,8 @@
 //! part, in order, to keep `make test` lean:
 //!
 //! - [`http`]: the site over HTTP, every bad input the issue lists;
+//! - [`listeners`]: slow clients are cut at the header timeout, and the
+//!   connection cap keeps an instance healthy (and its descriptors few);
 //! - [`browser`]: headless Chromium votes, re-votes, meets a CSRF refusal,
 //!   logs in to the admin and creates a poll (screenshots as artefacts);
 //! - [`switchover`]: a switchover under a steady vote load: no failed vote,
@@ -15,6 +17,7 @@ mod common;
 
 mod browser;
 mod http;
+mod listeners;
 mod no_primary;
 mod switchover;
 
@@ -40,12 +43,15 @@ async fn voting_app_end_to_end() -> anyhow::Result<()> {
             votes_per_voter_per_minute: 30,
             results_ttl: Duration::from_secs(1),
             log_format: LogFormat::Json,
+            header_read_timeout: Some(listeners::HEADER_READ_TIMEOUT),
+            max_connections: Some(listeners::MAX_CONNECTIONS),
             ..AppSpec::default()
         }),
         ..common::spec(&dir, 2, 1)
     };
     let mut lab = Lab::up(spec).await?;
     http::run(&lab).await?;
+    listeners::run(&lab).await?;
     browser::run(&lab).await?;
     switchover::run(&lab).await?;
     no_primary::run(&mut lab).await?;
