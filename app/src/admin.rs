@@ -545,6 +545,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rotating_forwarded_for_does_not_reset_the_login_limit() {
+        let _serial = LOGINS.lock().await;
         let app = testing::app(TRUSTING);
         let (admin, _stop) = testing::serve(&app, Side::Admin).await;
         let attacker = loopback(21);
@@ -555,6 +556,12 @@ mod tests {
         let status = login(&app, admin, attacker, "203.0.113.99", ADMIN_PASSWORD).await;
         assert_eq!(status, 429, "the 11th attempt of one address got through");
     }
+
+    /// Held by each test that logs in: tracing caches whether a log line's
+    /// call site is wanted, and a test hitting the failed-login line on
+    /// another thread while the capturing test installs its subscriber can
+    /// cache "not wanted" and hide the line from it.
+    static LOGINS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     /// Everything logged on this thread while `run` runs.
     async fn logged<F: std::future::Future<Output = ()>>(run: F) -> String {
@@ -584,6 +591,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_login_is_logged_with_address_and_user_never_the_password() {
+        let _serial = LOGINS.lock().await;
         let app = testing::app("");
         let (admin, _stop) = testing::serve(&app, Side::Admin).await;
         let log = logged(async {
@@ -610,6 +618,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spoofed_forwarded_for_does_not_lock_the_admin_out() {
+        let _serial = LOGINS.lock().await;
         let app = testing::app(TRUSTING);
         let (admin, _stop) = testing::serve(&app, Side::Admin).await;
         let (attacker, real_admin) = (loopback(22), loopback(1));

@@ -112,15 +112,19 @@ impl Conn {
         self.state.lock().expect("connection state lock")
     }
 
-    /// Enters `phase`. The connection task is woken so that a read it
-    /// left pending in the previous phase is polled again and waits for
-    /// the new phase's deadline.
+    /// Enters `phase`. Entering the idle phase wakes the connection task,
+    /// so that a read it left pending in the handler phase (which has no
+    /// deadline) is polled again and waits for the idle deadline.
     fn set(&self, phase: Phase) {
         let waker = {
             let mut state = self.state();
             state.phase = phase;
             state.since = Instant::now();
-            state.waker.clone()
+            if phase == Phase::Idle {
+                state.waker.clone()
+            } else {
+                None
+            }
         };
         if let Some(waker) = waker {
             waker.wake();
