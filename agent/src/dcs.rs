@@ -29,9 +29,19 @@ use tokio_util::sync::CancellationToken;
 
 /// This agent's lease as last confirmed by etcd. Shared by the keepalive task
 /// (which writes it), the decision loop and the health API (which read it).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LeaseTracker {
     inner: Mutex<LeaseState>,
+    /// Called after every change (the fence keeper's update).
+    listener: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for LeaseTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseTracker")
+            .field("state", &*self.lock())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -57,28 +67,49 @@ impl LeaseTracker {
             .is_some_and(|until| Instant::now() + margin < until)
     }
 
+    /// Calls `listener` after every change of the lease or its deadline
+    /// (once set, for good).
+    pub fn on_change(&self, listener: impl Fn() + Send + Sync + 'static) {
+        let _ = self.listener.set(Box::new(listener));
+    }
+
+    fn changed(&self) {
+        if let Some(listener) = self.listener.get() {
+            listener();
+        }
+    }
+
     /// Tracks a lease granted or adopted by the decision loop.
     pub fn adopt(&self, id: i64, valid_until: Instant) {
         *self.lock() = LeaseState {
             id: Some(id),
             valid_until: Some(valid_until),
         };
+        self.changed();
     }
 
     fn confirm(&self, id: i64, valid_until: Instant) {
-        let mut state = self.lock();
-        if state.id == Some(id) {
+        {
+            let mut state = self.lock();
+            if state.id != Some(id) {
+                return;
+            }
             // Never move the deadline backwards: answers may arrive out of order.
             state.valid_until = state.valid_until.max(Some(valid_until));
         }
+        self.changed();
     }
 
     /// Forgets `id` (if it is still the one tracked): etcd says it is gone.
     pub fn forget(&self, id: i64) {
-        let mut state = self.lock();
-        if state.id == Some(id) {
+        {
+            let mut state = self.lock();
+            if state.id != Some(id) {
+                return;
+            }
             *state = LeaseState::default();
         }
+        self.changed();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LeaseState> {

@@ -14,6 +14,8 @@
 //!   guarded transactions on the leader and initialize keys.
 //! - [`fence`]: self-fencing: the lease watchdog and the panic hook that
 //!   stop a primary before the agent can no longer vouch for it.
+//! - [`keeper`]: the fence keeper, a process of its own that fences at the
+//!   same point when the agent is frozen or dead.
 //! - [`postgres`]: the PostgreSQL process, its files and its queries.
 //! - [`api`]: the HTTP health API HAProxy checks, and `/status`.
 //! - [`listener`]: serving HTTP within bounds (header deadline, lifetime,
@@ -35,6 +37,7 @@ pub mod control;
 pub mod dcs;
 pub mod fence;
 pub mod haproxy;
+pub mod keeper;
 pub mod listener;
 pub mod persisted;
 pub mod postgres;

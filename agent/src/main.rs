@@ -21,6 +21,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The fence keeper the agent spawns (`keeper.rs`): hidden, no config.
+    if std::env::args_os().nth(1).as_deref() == Some(jai_agent::keeper::COMMAND.as_ref()) {
+        let args = jai_agent::keeper::KeeperArgs::parse_from(std::env::args_os().skip(1));
+        return jai_agent::keeper::run(args);
+    }
     let args = Args::parse();
     let config = match AgentConfig::load(&args.config)
         .and_then(|config| config.check_environment(&args.config).map(|()| config))

@@ -6,8 +6,8 @@
 //! The order of a round's steps is not here: it is [`crate::ha::driver`]'s,
 //! which the simulator runs too. This module only carries out one effect at
 //! a time and reports its outcome, plus what runs beside the loop: the
-//! keepalive and watch tasks, the fencing watchdog, the APIs, operator
-//! requests and the graceful shutdown.
+//! keepalive and watch tasks, the fencing watchdog (and the fence keeper
+//! process), the APIs, operator requests and the graceful shutdown.
 
 use crate::api::{self, NodeSnapshot};
 use crate::clock::Clock;
@@ -20,6 +20,7 @@ use crate::ha::driver::{
     Setup, Upstream, PEER_TIMEOUT,
 };
 use crate::ha::{DataDir, Identity, LeaseView, MemberAddresses, PgProcess, PgRole};
+use crate::keeper::KeeperLink;
 use crate::persisted::UnrewoundMarker;
 use crate::postgres::Postgres;
 use anyhow::{anyhow, Context as _, Result};
@@ -95,6 +96,11 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
     tokio::spawn(dcs.clone().run_watch(wake.clone(), stop.clone()));
     let fence = Arc::new(FenceTarget::default());
     fence::install_panic_hook(fence.clone());
+    // Outside this process, so a frozen agent's primary is fenced too.
+    fence.attach_keeper(
+        dcs.lease(),
+        KeeperLink::start(&config.state_dir, config.log.format),
+    );
     tokio::spawn(fence::run_watchdog(
         dcs.lease(),
         fence.clone(),
@@ -362,7 +368,7 @@ impl Agent {
             PgOp::ConfirmSyncNames(names) => self.pg.confirm_sync_names(&names).await,
             PgOp::Start { primary } => {
                 // A primary is guarded by the watchdog from its first moment.
-                let fence = primary.then_some(&self.fence.primary_pid);
+                let fence = primary.then_some(&*self.fence);
                 self.pg.start(fence).await
             }
             PgOp::Stop { grace, .. } => self.pg.stop(grace).await,
@@ -545,9 +551,7 @@ impl Agent {
             );
         }
         self.write_pg_config(follow, !primary)?;
-        self.pg
-            .start(primary.then_some(&self.fence.primary_pid))
-            .await?;
+        self.pg.start(primary.then_some(&*self.fence)).await?;
         if primary {
             self.perform_haproxy(HaproxyOp::RouteWritesHere).await;
         }

@@ -43,9 +43,10 @@ pub enum FaultKind {
     KillPrimary,
     /// The same to a replica.
     KillReplica,
-    /// SIGKILL of one agent only; its PostgreSQL keeps running.
+    /// SIGKILL of one agent only; its PostgreSQL keeps running (a primary:
+    /// until its fence keeper stops it at the lease's fencing point).
     KillAgent,
-    /// SIGSTOP of one agent (a hung agent or VM); SIGCONT heals.
+    /// SIGSTOP of one agent (a hung agent; not its fence keeper); SIGCONT heals.
     FreezeAgent,
     /// SIGKILL of one postmaster (a PostgreSQL crash); its agent restarts it.
     KillPostgres,

@@ -210,6 +210,15 @@ pub struct NodeInfo {
     pub disk: Option<PathBuf>,
 }
 
+impl NodeInfo {
+    /// The agent's `state_dir` (next to its configuration file).
+    pub fn state_dir(&self) -> PathBuf {
+        self.config
+            .parent()
+            .map_or_else(|| PathBuf::from("state"), |dir| dir.join("state"))
+    }
+}
+
 /// How `stop-node` stops a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopSignal {
@@ -217,8 +226,15 @@ pub enum StopSignal {
     Kill,
     /// The agent shuts down gracefully (stops PostgreSQL, releases its keys).
     Term,
-    /// The agent is frozen; PostgreSQL keeps running. `start-node` thaws it.
+    /// The agent is frozen (SIGSTOP of its process: every thread), not its
+    /// fence keeper; PostgreSQL keeps running until the keeper stops it at
+    /// the lease's fencing point. `start-node` thaws the agent.
     Stop,
+    /// The agent frozen as with `Stop`, and its fence keeper killed: its
+    /// PostgreSQL keeps running with nothing to fence it. Two faults at once,
+    /// for tests that need a former primary with writes the new leader never
+    /// had. `start-node` thaws the agent, which starts a new keeper.
+    StopUnfenced,
     /// Only the agent dies (SIGKILL); PostgreSQL keeps running.
     KillAgent,
     /// Only the postmaster dies (SIGKILL): a PostgreSQL crash under a live agent.
@@ -232,10 +248,11 @@ impl std::str::FromStr for StopSignal {
             "KILL" => Ok(Self::Kill),
             "TERM" => Ok(Self::Term),
             "STOP" => Ok(Self::Stop),
+            "STOP-UNFENCED" => Ok(Self::StopUnfenced),
             "KILL-AGENT" => Ok(Self::KillAgent),
             "KILL-PG" => Ok(Self::KillPostgres),
             _ => Err(format!(
-                "{text:?}: expected KILL, TERM, STOP, KILL-AGENT or KILL-PG"
+                "{text:?}: expected KILL, TERM, STOP, STOP-UNFENCED, KILL-AGENT or KILL-PG"
             )),
         }
     }
@@ -716,6 +733,11 @@ impl Lab {
             match signal {
                 StopSignal::Kill | StopSignal::Term | StopSignal::KillAgent => {
                     if signal == StopSignal::Kill {
+                        // The machine dies: the agent's fence keeper too.
+                        if let Some(keeper) = process::fence_keeper_pid(&node.state_dir()) {
+                            process::signal(keeper, Signal::SIGKILL);
+                            to_wait.push(keeper);
+                        }
                         if let Some(pid) = process::postmaster_pid(&node.data_dir) {
                             // PostgreSQL's children leave the postmaster's
                             // group (setsid): each is killed by PID too, so no
@@ -747,11 +769,20 @@ impl Lab {
                     process::signal_group(pid, Signal::SIGKILL);
                     to_wait.push(pid);
                 }
-                StopSignal::Stop => {
+                StopSignal::Stop | StopSignal::StopUnfenced => {
                     let pid =
                         agent.ok_or_else(|| anyhow!("node {}: agent is not running", node.name))?;
+                    // The agent's process only: its fence keeper runs in a
+                    // process group of its own and is not frozen with it.
                     process::signal(pid, Signal::SIGSTOP);
                     node.frozen = true;
+                    if signal == StopSignal::StopUnfenced {
+                        // Frozen first, so the agent cannot start a new one.
+                        let keeper = process::fence_keeper_pid(&node.state_dir())
+                            .ok_or_else(|| anyhow!("node {}: no fence keeper runs", node.name))?;
+                        process::signal(keeper, Signal::SIGKILL);
+                        to_wait.push(keeper);
+                    }
                 }
             }
         }
@@ -887,8 +918,13 @@ impl Lab {
         }
         self.thaw_all_postgres();
         for node in &mut self.desc.nodes {
+            let keeper = process::fence_keeper_pid(&node.state_dir());
             if let Some(pid) = node.agent_pid.take() {
                 process::signal(pid, Signal::SIGCONT);
+                process::signal(pid, Signal::SIGKILL);
+                process::wait_gone(pid, Duration::from_secs(5));
+            }
+            if let Some(pid) = keeper {
                 process::signal(pid, Signal::SIGKILL);
                 process::wait_gone(pid, Duration::from_secs(5));
             }
@@ -1462,7 +1498,6 @@ fn agent_yaml(
 ) -> String {
     let tags = spec.tags.get(&node.name);
     let dcs = spec.dcs.as_ref();
-    let node_dir = node.config.parent().expect("config lives in the node dir");
     let api_listen = node.api.trim_start_matches("http://");
     let mut yaml = format!(
         "# Written by jai-lab.\n\
@@ -1474,7 +1509,7 @@ fn agent_yaml(
          postgresql:\n  data_dir: {data}\n  listen: {pg}\n",
         name = node.name,
         cluster = desc.cluster,
-        state = node_dir.join("state").display(),
+        state = node.state_dir().display(),
         endpoints = node.etcd.join(", "),
         data = node.data_dir.display(),
         pg = node.pg,

@@ -71,7 +71,7 @@ enum Verb {
         /// Lab directory.
         #[arg(long)]
         dir: PathBuf,
-        /// KILL, TERM, STOP, KILL-AGENT or KILL-PG.
+        /// KILL, TERM, STOP, STOP-UNFENCED, KILL-AGENT or KILL-PG.
         #[arg(long, default_value = "TERM")]
         signal: StopSignal,
     },

@@ -120,6 +120,19 @@ pub fn descendants(roots: &[i32]) -> Vec<i32> {
     found
 }
 
+/// The fence keeper of the agent whose state directory is `state_dir`, if it
+/// runs: from the PID the agent records there (`fence-keeper.pid`), since a
+/// keeper outlives a killed agent for up to a lease.
+pub fn fence_keeper_pid(state_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(state_dir.join("fence-keeper.pid")).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let keeper = cmdline
+        .split(|byte| *byte == 0)
+        .any(|arg| arg == b"fence-keeper");
+    (keeper && is_alive(pid)).then_some(pid)
+}
+
 /// The postmaster PID recorded in a data directory, if that process lives.
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;

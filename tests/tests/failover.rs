@@ -133,11 +133,40 @@ async fn sigkill_of_the_primary_fails_over_and_the_old_primary_rejoins() -> Resu
 }
 
 /// Probes every member directly every 40 ms with a write and records which
-/// accepted it, so that two writers at one moment cannot go unnoticed.
+/// accepted it, so that two writers at one moment cannot go unnoticed. Each
+/// write is a numbered row: the acknowledged ones must all survive.
 struct OneWriterChecker {
-    rounds: Arc<Mutex<Vec<Vec<String>>>>,
+    seen: Arc<Mutex<Seen>>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the checker saw.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    /// One per round: when it started and who accepted its write.
+    rounds: Vec<(Instant, Vec<String>)>,
+    /// Every acknowledged row: `n`, and the member that acknowledged it.
+    acked: Vec<(i64, String)>,
+}
+
+impl Seen {
+    /// The writers of each round.
+    fn writers(&self) -> Vec<Vec<String>> {
+        self.rounds
+            .iter()
+            .map(|(_, writers)| writers.clone())
+            .collect()
+    }
+
+    /// When the last round that `member` accepted began.
+    fn last_accepted_by(&self, member: &str) -> Option<Instant> {
+        self.rounds
+            .iter()
+            .rev()
+            .find(|(_, writers)| writers.iter().any(|name| name == member))
+            .map(|(at, _)| *at)
+    }
 }
 
 impl OneWriterChecker {
@@ -147,7 +176,8 @@ impl OneWriterChecker {
             .await?;
         admin
             .batch_execute(
-                "CREATE TABLE IF NOT EXISTS one_writer (node text, at timestamptz DEFAULT now())",
+                "CREATE TABLE IF NOT EXISTS one_writer \
+                 (n bigint, node text, at timestamptz DEFAULT now())",
             )
             .await?;
         let password = lab.superuser_password()?;
@@ -158,64 +188,66 @@ impl OneWriterChecker {
             .iter()
             .map(|node| (node.name.clone(), node.pg.clone()))
             .collect();
-        let rounds = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Seen::default()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let (record, halt) = (rounds.clone(), stop.clone());
+        let (record, halt) = (seen.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let mut clients: BTreeMap<String, tokio_postgres::Client> = BTreeMap::new();
+            let mut n = 0;
             // Bounded: at most 10 minutes of rounds.
             for _ in 0..15_000 {
                 if halt.is_cancelled() {
                     return;
                 }
+                let at = Instant::now();
                 let mut writers = Vec::new();
                 for (name, address) in &nodes {
-                    if probe_write(&mut clients, name, address, &user, &password).await {
+                    n += 1;
+                    if probe_write(&mut clients, name, address, &user, &password, n).await {
                         writers.push(name.clone());
+                        record.lock().unwrap().acked.push((n, name.clone()));
                     }
                 }
-                record.lock().unwrap().push(writers);
+                record.lock().unwrap().rounds.push((at, writers));
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
         });
-        Ok(Self { rounds, stop, task })
+        Ok(Self { seen, stop, task })
     }
 
     /// Waits until a round saw `writer` accept a write: on a loaded machine a
     /// probe can time out, so the test waits for evidence instead of
     /// assuming the checker saw what happened.
     async fn wait_seen(&self, writer: &str) -> Result<()> {
-        let rounds = self.rounds.clone();
+        let seen = self.seen.clone();
         wait::until(
             &format!("the checker to see {writer} accept a write"),
             WITHIN,
             || {
-                let seen = rounds
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .any(|writers| writers.iter().any(|name| name == writer));
-                async move { Ok(seen.then_some(())) }
+                let found = seen.lock().unwrap().last_accepted_by(writer).is_some();
+                async move { Ok(found.then_some(())) }
             },
         )
         .await
     }
 
-    /// Stops probing; returns the sequence of writers seen, one per round.
-    async fn finish(self) -> Result<Vec<Vec<String>>> {
+    /// Stops probing; returns what it saw.
+    async fn finish(self) -> Result<Seen> {
         self.stop.cancel();
         self.task.await?;
-        let rounds = self.rounds.lock().unwrap().clone();
-        Ok(rounds)
+        let seen = self.seen.lock().unwrap().clone();
+        Ok(seen)
     }
 }
 
+/// Writes row `n` on `name`'s PostgreSQL directly; whether it was acknowledged.
 async fn probe_write(
     clients: &mut BTreeMap<String, tokio_postgres::Client>,
     name: &str,
     address: &str,
     user: &str,
     password: &str,
+    n: i64,
 ) -> bool {
     if clients.get(name).is_none_or(|client| client.is_closed()) {
         let connected = tokio::time::timeout(
@@ -234,12 +266,68 @@ async fn probe_write(
         }
     }
     let client = &clients[name];
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
-    let write = client.execute("INSERT INTO one_writer (node) VALUES ($1)", &params);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&n, &name];
+    let write = client.execute("INSERT INTO one_writer (n, node) VALUES ($1, $2)", &params);
     matches!(
         tokio::time::timeout(Duration::from_millis(400), write).await,
         Ok(Ok(1))
     )
+}
+
+/// Checks what a one-writer checker saw across a failover from `old` to
+/// `new`: never two writers, nothing from `old` once `new` took writes, and
+/// every acknowledged row on `new` now (nothing was discarded).
+async fn assert_one_writer_and_nothing_lost(
+    lab: &Lab,
+    seen: &Seen,
+    old: &str,
+    new: &str,
+) -> Result<()> {
+    let rounds = seen.writers();
+    let two_writers: Vec<_> = rounds.iter().filter(|writers| writers.len() > 1).collect();
+    assert!(
+        two_writers.is_empty(),
+        "two members accepted writes at once: {two_writers:?}"
+    );
+    let writers: Vec<&str> = rounds
+        .iter()
+        .filter_map(|w| w.first().map(String::as_str))
+        .collect();
+    assert!(
+        writers.contains(&old) && writers.contains(&new),
+        "checker saw no switch"
+    );
+    let first_new = writers.iter().position(|w| *w == new).unwrap();
+    assert!(
+        writers[first_new..].iter().all(|w| *w == new),
+        "the old primary accepted writes after the new one: {writers:?}"
+    );
+    let client = lab
+        .connect_superuser(&lab.node(new)?.pg, "postgres")
+        .await?;
+    let kept: std::collections::BTreeSet<i64> = client
+        .query("SELECT n FROM one_writer", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let lost: Vec<_> = seen
+        .acked
+        .iter()
+        .filter(|(n, _)| !kept.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged rows are not on the new leader {new} (row, acknowledged by): {lost:?}",
+        lost.len()
+    );
+    let gap = rounds.iter().filter(|writers| writers.is_empty()).count();
+    println!(
+        "one-writer checker: {} rounds, {gap} without any writer, {} rows acknowledged, all on {new}",
+        rounds.len(),
+        seen.acked.len()
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,59 +347,86 @@ async fn a_primary_cut_off_from_etcd_demotes_before_a_replica_promotes() -> Resu
         new,
         "the old primary rejoins as a replica"
     );
-    let rounds = checker.finish().await?;
-
-    let two_writers: Vec<_> = rounds.iter().filter(|writers| writers.len() > 1).collect();
-    assert!(
-        two_writers.is_empty(),
-        "two members accepted writes at once: {two_writers:?}"
-    );
-    let writers: Vec<&str> = rounds
-        .iter()
-        .filter_map(|w| w.first().map(String::as_str))
-        .collect();
-    assert!(
-        writers.contains(&old.as_str()) && writers.contains(&new.as_str()),
-        "checker saw no switch"
-    );
-    let first_new = writers.iter().position(|w| *w == new).unwrap();
-    assert!(
-        writers[first_new..].iter().all(|w| *w == new),
-        "the old primary accepted writes after the new one: {writers:?}"
-    );
-    let gap = rounds.iter().filter(|writers| writers.is_empty()).count();
-    println!(
-        "one-writer checker: {} rounds, {gap} without any writer",
-        rounds.len()
-    );
-    Ok(())
+    let seen = checker.finish().await?;
+    assert_one_writer_and_nothing_lost(&lab, &seen, &old, &new).await
 }
 
+/// SIGSTOP of the primary's agent (its process, every thread; not its fence
+/// keeper, which runs in a process group of its own): the keeper stops the
+/// frozen node's PostgreSQL at the lease's fencing point, so a direct write
+/// to it fails within `ttl + 1 s`, before another member is promoted, and
+/// after the thaw every write any member acknowledged is on the new leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_primary_agent_is_replaced_and_cannot_keep_the_writes() -> Result<()> {
     let dir = lab_dir()?;
     let mut lab = Lab::up(spec(&dir, 3)).await?;
     let old = lab.wait_healthy(WITHIN).await?;
+    let old_pg = lab.node(&old)?.pg.clone();
+    let checker = OneWriterChecker::start(&lab).await?;
+    checker.wait_seen(&old).await?;
 
+    let frozen_at = Instant::now();
     lab.stop_node(&old, StopSignal::Stop)?;
-    let new = wait_new_primary(&lab, &old).await?;
-    // The frozen agent cannot answer HAProxy's checks: writes go to the new primary.
-    let client = lab
-        .connect_superuser(&lab.desc.haproxy.write, "postgres")
-        .await?;
-    let reached: String = client
-        .query_one("SELECT current_setting('cluster_name')", &[])
-        .await?
-        .get(0);
-    assert_eq!(reached, new);
+    tokio::time::sleep_until((frozen_at + TTL + Duration::from_secs(1)).into()).await;
+    // Directly, not through HAProxy: a refused connection or a failed INSERT.
+    let stray = async {
+        let client = lab.connect_app(&old_pg).await?;
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS probe (id serial PRIMARY KEY, note text NOT NULL); \
+                 INSERT INTO probe (note) VALUES ('written past the lease')",
+            )
+            .await?;
+        anyhow::Ok(())
+    };
+    let refused = match tokio::time::timeout(Duration::from_secs(3), stray).await {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(format!("{error:#}")),
+        Err(_) => Some("no answer within 3 s".to_owned()),
+    };
+    let agent = lab
+        .node(&old)?
+        .agent_pid
+        .context("the frozen agent's PID")?;
+    let state = std::fs::read_to_string(format!("/proc/{agent}/stat"))?;
+    assert!(
+        state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T')),
+        "{old}'s agent must still be stopped while its primary is checked: {state}"
+    );
+    let refused = refused.unwrap_or_else(|| {
+        panic!(
+            "{old}'s PostgreSQL took a write ttl + 1 s ({:?}) after its agent froze",
+            TTL + Duration::from_secs(1)
+        )
+    });
+    println!("{old} ttl + 1 s after the freeze: {refused}");
 
+    let new = wait_new_primary(&lab, &old).await?;
+    checker.wait_seen(&new).await?;
     lab.start_node(&old)?;
     assert_eq!(
         lab.wait_healthy(WITHIN).await?,
         new,
-        "the thawed agent fences and follows"
+        "the thawed agent follows the new leader"
     );
-    Ok(())
+    let seen = checker.finish().await?;
+    let log = std::fs::read_to_string(&lab.node(&old)?.log)?;
+    assert!(
+        log.contains("fence keeper: the agent did not confirm the leader lease in time"),
+        "{old}'s fence keeper did not fence it:\n{log}"
+    );
+    let last_old = seen
+        .last_accepted_by(&old)
+        .expect("the checker saw the old primary write");
+    let fenced_after = last_old.saturating_duration_since(frozen_at);
+    println!("{old} took its last write {fenced_after:?} after its agent froze");
+    assert!(
+        fenced_after <= TTL + Duration::from_secs(1),
+        "{old} accepted writes {fenced_after:?} after its agent froze"
+    );
+    assert_one_writer_and_nothing_lost(&lab, &seen, &old, &new).await
 }
 
 /// `reclone_on_rewind_failure: true`, end to end: a former primary whose
@@ -329,10 +444,10 @@ async fn a_failed_rewind_re_clones_the_former_primary_once() -> Result<()> {
     insert(&lab, "before the freeze").await?;
     wait_replicated(&lab, "before the freeze").await?;
 
-    // A frozen agent leaves its primary running (the known gap): a client
-    // connected to it directly writes past the failover, so its WAL
-    // diverges from the new leader's and a rewind is needed.
-    lab.stop_node(&old, StopSignal::Stop)?;
+    // A frozen agent whose fence keeper was killed too leaves its primary
+    // running: a client connected to it directly writes past the failover,
+    // so its WAL diverges from the new leader's and a rewind is needed.
+    lab.stop_node(&old, StopSignal::StopUnfenced)?;
     let new = wait_new_primary(&lab, &old).await?;
     let old_pg = lab.node(&old)?.pg.clone();
     insert(&lab, "on the new leader").await?;
@@ -438,11 +553,19 @@ async fn restarting_a_healthy_primary_agent_causes_no_failover() -> Result<()> {
     lab.stop_node(&primary, StopSignal::KillAgent)?;
     lab.start_node(&primary)?;
     assert_eq!(lab.wait_healthy(WITHIN).await?, primary);
+    // The killed agent's fence keeper guards the primary until the old
+    // lease's fencing point; the new agent's keeper takes over from it.
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
     assert_eq!(lab.leader_key().await?, term, "same leader, same term");
     assert_eq!(
         jai_lab::process::postmaster_pid(&lab.node(&primary)?.data_dir),
         postmaster,
         "PostgreSQL kept running"
+    );
+    let log = std::fs::read_to_string(&lab.node(&primary)?.log)?;
+    assert!(
+        log.contains("took over from the previous agent's keeper"),
+        "the new agent's fence keeper did not replace the old one:\n{log}"
     );
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Lease arithmetic shared by the agent's keepalive task, its fencing
-//! watchdog and the simulator's models of them: how often to renew, how long
-//! one renewal may take, what an answered renewal proves, and when the
-//! watchdog must fence. One place, so the simulator checks the numbers the
+//! watchdog and fence keeper, and the simulator's models of them: how often
+//! to renew, how long one renewal may take, what an answered renewal
+//! proves, and when to fence. One place, so the simulator checks the numbers the
 //! agent uses (docs/architecture.md, "Lease timings").
 
 use super::model::Millis;
@@ -42,15 +42,22 @@ pub fn confirmed_until(sent: Millis, ttl_secs: i64) -> Millis {
     sent + ttl_secs.max(0) as Millis * 1000
 }
 
+/// The fencing point: from then on a primary guarded with `margin` must be
+/// stopped, its lease being no longer confirmed beyond the margin
+/// (`valid_until − margin`; at once without a lease). The fence keeper
+/// waits for exactly this point; the watchdog sees it at its next tick.
+pub fn fence_point(valid_until: Option<Millis>, margin: Duration) -> Millis {
+    valid_until.map_or(0, |until| {
+        until.saturating_sub(margin.as_millis() as Millis)
+    })
+}
+
 /// The first watchdog tick (a multiple of [`FENCE_CHECK_EVERY`] on the
 /// agent's clock) at or after `now` at which a primary guarded with `margin`
-/// must be fenced: the lease is no longer valid beyond the margin.
+/// must be fenced: the [`fence_point`] has come.
 pub fn fence_tick(valid_until: Option<Millis>, margin: Duration, now: Millis) -> Millis {
     let every = FENCE_CHECK_EVERY.as_millis() as Millis;
-    let runs_out = valid_until.map_or(0, |until| {
-        until.saturating_sub(margin.as_millis() as Millis)
-    });
-    runs_out.max(now).div_ceil(every) * every
+    fence_point(valid_until, margin).max(now).div_ceil(every) * every
 }
 
 #[cfg(test)]
@@ -68,5 +75,7 @@ mod tests {
             4_500
         );
         assert_eq!(fence_tick(None, Duration::from_millis(500), 1_234), 1_250);
+        assert_eq!(fence_point(Some(5_000), Duration::from_millis(500)), 4_500);
+        assert_eq!(fence_point(None, Duration::from_millis(500)), 0);
     }
 }

@@ -680,7 +680,7 @@ impl Postgres {
     ///
     /// `fence`, when given, receives the postmaster's PID as soon as it exists,
     /// so the fencing watchdog guards a starting primary at once.
-    pub async fn start(&mut self, fence: Option<&std::sync::atomic::AtomicI32>) -> Result<()> {
+    pub async fn start(&mut self, fence: Option<&crate::fence::FenceTarget>) -> Result<()> {
         if self.is_running() {
             return Ok(());
         }
@@ -718,7 +718,7 @@ impl Postgres {
         });
         self.postmaster = Some(Postmaster::Child { pid, exited });
         if let Some(fence) = fence {
-            fence.store(pid.as_raw(), Ordering::SeqCst);
+            fence.guard_new_primary(pid.as_raw());
         }
         tracing::info!(pid = pid.as_raw(), "started PostgreSQL");
         self.wait_until_ready().await

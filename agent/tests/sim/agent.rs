@@ -15,7 +15,11 @@
 //!   `lease::attempt_timeout`), on this member's own (drifting) clock;
 //! - the fencing watchdog checks every `FENCE_CHECK_EVERY` whether the armed
 //!   primary's lease is still valid beyond the demotion margin, and sends it
-//!   SIGINT if not.
+//!   SIGINT if not;
+//! - the fence keeper, a process of its own ([`Keeper`], kept in the world:
+//!   not stopped with the agent), is told every change of what the watchdog
+//!   guards and of the lease, and sends SIGINT at the fencing point itself
+//!   (`lease::fence_point`), unless told otherwise first.
 //!
 //! HAProxy is not simulated: its effects succeed at once.
 
@@ -53,6 +57,26 @@ impl Clock {
         let rate = (1_000_000 + self.ppm) as u128;
         (local as u128 * 1_000_000).div_ceil(rate) as u64
     }
+
+    /// A local duration in real milliseconds, rounded down (never late).
+    pub fn real_duration_floor(&self, local: Millis) -> u64 {
+        let rate = (1_000_000 + self.ppm) as u128;
+        (local as u128 * 1_000_000 / rate) as u64
+    }
+}
+
+/// A member's fence keeper (`keeper.rs`): what its agent last told it, and
+/// what it still guards. It runs on the member's clock, beside the agent
+/// process: a stopped agent does not stop it; it dies with the node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keeper {
+    /// The agent's last line: the guarded postmaster (its generation) and
+    /// the fencing point in real time.
+    pub told: Option<(u64, u64)>,
+    /// What it guards: `told` until it fenced.
+    pub guard: Option<(u64, u64)>,
+    /// The pending fencing event.
+    pub token: u64,
 }
 
 /// Which of the agent's timers fired.
@@ -695,7 +719,7 @@ impl Agent {
         self.schedule_keepalive(env);
     }
 
-    // ---- the fencing watchdog (shell.rs `run_fence_watchdog`) ---------------
+    // ---- the fencing watchdog and keeper (fence.rs, keeper.rs) --------------
 
     /// `fence.primary_pid.store(..)`: the watchdog guards the current
     /// postmaster iff it is (about to be) a primary.
@@ -710,8 +734,9 @@ impl Agent {
     }
 
     /// Schedules the first watchdog tick at which the lease is no longer
-    /// valid beyond the margin (`lease::fence_tick`).
+    /// valid beyond the margin (`lease::fence_tick`), and tells the keeper.
     fn reschedule_fence(&mut self, env: &mut Env) {
+        self.sync_keeper(env);
         let Some(mut fence) = self.fence else {
             return;
         };
@@ -753,7 +778,24 @@ impl Agent {
         );
         env.signal_stop(self.member, fence.generation);
         self.fence = None;
+        self.sync_keeper(env);
         self.on_wake(env);
+    }
+
+    /// `FenceTarget::sync_keeper`: the keeper learns what the watchdog
+    /// guards and its fencing point (with the planted bugs' deadline, as the
+    /// watchdog's), at once.
+    fn sync_keeper(&mut self, env: &mut Env) {
+        let guard = self.fence.map(|fence| {
+            let point = lease::fence_point(
+                self.fence_deadline(),
+                Duration::from_millis(fence.margin_ms),
+            );
+            let now = self.now(env);
+            let at = env.now + self.clock.real_duration_floor(point.saturating_sub(now));
+            (fence.generation, at)
+        });
+        env.tell_keeper(self.member, guard);
     }
 
     /// The planted bug `late-demote`: a writable primary's stop waits until

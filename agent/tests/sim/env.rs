@@ -1,7 +1,7 @@
 //! The world's plumbing: the event queue, the network between members and
 //! etcd, and the glue that turns etcd changes into watch wake-ups.
 
-use super::agent::{AgentEvent, TimerKind};
+use super::agent::{AgentEvent, Keeper, TimerKind};
 use super::etcd::{self, Change, Etcd, Key, Request, StoreError};
 use super::faults::{Fault, LinkMode, MAX_BASE_LATENCY_MS};
 use super::postgres::PgSim;
@@ -59,6 +59,11 @@ pub(super) enum Event {
     Fault(Fault),
     Restart {
         member: usize,
+    },
+    /// The member's fence keeper reaches the fencing point it was told.
+    KeeperFence {
+        member: usize,
+        token: u64,
     },
     Resume {
         member: usize,
@@ -157,6 +162,8 @@ pub struct Env {
     pub(super) snapshots: Vec<Option<MemberStatus>>,
     /// The agent is stopped (SIGSTOP): its API does not answer either.
     pub(super) paused: Vec<bool>,
+    /// Each member's fence keeper: not stopped with its agent.
+    pub(super) keepers: Vec<Keeper>,
     pub(super) trace: Trace,
     pub(super) violation: Option<Violation>,
     pub(super) strict_divergence: bool,
@@ -202,6 +209,7 @@ impl Env {
             unrewound_markers: vec![false; members],
             snapshots: vec![None; members],
             paused: vec![false; members],
+            keepers: vec![Keeper::default(); members],
             trace: Trace::new(config.trace_lines, config.echo),
             violation: None,
             strict_divergence: config.strict_divergence,
@@ -341,6 +349,47 @@ impl Env {
                 event,
             },
         );
+    }
+
+    /// The agent's line to its fence keeper (`KeeperLink::send`): guard the
+    /// postmaster of this generation until this real time, or nothing.
+    /// Unchanged news is not sent again.
+    pub fn tell_keeper(&mut self, member: usize, guard: Option<(u64, u64)>) {
+        let keeper = &mut self.keepers[member];
+        if keeper.told == guard {
+            return;
+        }
+        keeper.told = guard;
+        keeper.guard = guard;
+        if let Some((_, at)) = guard {
+            let token = self.id();
+            self.keepers[member].token = token;
+            let at = at.max(self.now);
+            self.schedule(at, Event::KeeperFence { member, token });
+        }
+    }
+
+    /// The keeper's fencing point passed without newer news: SIGINT.
+    pub(super) fn keeper_fence(&mut self, member: usize, token: u64) {
+        let keeper = self.keepers[member];
+        let Some((generation, _)) = keeper.guard.filter(|_| keeper.token == token) else {
+            return;
+        };
+        self.keepers[member].guard = None;
+        let pg = &self.pgs[member];
+        if pg.generation != generation || !pg.has_postmaster() || pg.shutting_down {
+            return;
+        }
+        let agent = if self.paused[member] {
+            "its agent is stopped"
+        } else {
+            "its agent did not confirm the lease in time"
+        };
+        self.log(format!(
+            "{}: fence keeper: {agent}: SIGINT to PostgreSQL",
+            self.names[member]
+        ));
+        self.signal_stop(member, generation);
     }
 
     /// Records what the agent's API answers now.

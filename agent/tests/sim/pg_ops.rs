@@ -377,11 +377,12 @@ impl Env {
         Ok(())
     }
 
-    /// The fencing watchdog's SIGINT: a fast shutdown ends every session at
-    /// once; the postmaster exits a little later.
+    /// The fencing watchdog's or the fence keeper's SIGINT: a fast shutdown
+    /// ends every session at once; the postmaster exits a little later.
     pub fn signal_stop(&mut self, member: usize, generation: u64) {
         let pg = &mut self.pgs[member];
-        if pg.generation != generation || !pg.has_postmaster() {
+        // A second SIGINT during a fast shutdown changes nothing.
+        if pg.generation != generation || !pg.has_postmaster() || pg.shutting_down {
             return;
         }
         if let Process::Running { accepting, .. } = &mut pg.process {

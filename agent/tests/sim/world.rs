@@ -118,6 +118,7 @@ impl World {
             }
             Event::Fault(fault) => self.inject(fault),
             Event::Restart { member } => self.start_agent(member),
+            Event::KeeperFence { member, token } => self.env.keeper_fence(member, token),
             Event::Resume { member } => self.resume(member),
         }
         self.env.check_one_writer();
@@ -208,6 +209,8 @@ impl World {
         self.agents[member] = None;
         self.paused[member] = None;
         self.env.paused[member] = false;
+        // The fence keeper dies with the node.
+        self.env.keepers[member] = Default::default();
         self.env.snapshots[member] = None;
         self.env.incarnations[member] += 1;
         if self.env.pgs[member].has_postmaster() {
