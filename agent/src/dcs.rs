@@ -123,6 +123,10 @@ impl LeaseTracker {
 #[derive(Clone)]
 pub struct Dcs {
     client: Client,
+    /// One client per etcd member, for the keepalive task: it moves to the
+    /// next member after a failed renewal, instead of letting the balanced
+    /// client pick a dead member again and again while the lease runs out.
+    keepalive_clients: Arc<Vec<Client>>,
     keys: ClusterKeys,
     name: String,
     lease: Arc<LeaseTracker>,
@@ -154,11 +158,20 @@ impl Dcs {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout);
-        let client = Client::connect(endpoints, Some(options))
+        let client = Client::connect(endpoints, Some(options.clone()))
             .await
             .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+        let mut keepalive_clients = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            keepalive_clients.push(
+                Client::connect([endpoint.as_str()], Some(options.clone()))
+                    .await
+                    .with_context(|| format!("connecting to etcd at {endpoint}"))?,
+            );
+        }
         Ok(Self {
             client,
+            keepalive_clients: Arc::new(keepalive_clients),
             keys: ClusterKeys::new(cluster),
             name: name.to_owned(),
             lease: Arc::new(LeaseTracker::default()),
@@ -382,11 +395,18 @@ impl Dcs {
             etcd_client::LeaseKeeper,
             etcd_client::LeaseKeepAliveStream,
         )> = None;
+        // The member renewals go to; the next one after a failure.
+        let members = self.keepalive_clients.len().max(1);
+        let mut member = 0;
         loop {
             let mut next_in = self.keepalive_every();
             if let Some(id) = self.lease.id() {
                 if stream_for.as_ref().map(|(stream_id, ..)| *stream_id) != Some(id) {
-                    let mut client = self.client.clone();
+                    let mut client = self
+                        .keepalive_clients
+                        .get(member)
+                        .unwrap_or(&self.client)
+                        .clone();
                     stream_for = match self
                         .bounded("lease keepalive", client.lease_keep_alive(id))
                         .await
@@ -395,6 +415,7 @@ impl Dcs {
                         Err(error) => {
                             tracing::debug!("{error}");
                             next_in = lease::KEEPALIVE_RETRY;
+                            member = (member + 1) % members;
                             None
                         }
                     };
@@ -424,7 +445,12 @@ impl Dcs {
                         }
                         Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                             next_in = lease::KEEPALIVE_RETRY;
-                            tracing::debug!(lease = id, "lease keepalive failed; retrying");
+                            member = (member + 1) % members;
+                            tracing::debug!(
+                                lease = id,
+                                member,
+                                "lease keepalive failed; retrying on the next etcd member"
+                            );
                             stream_for = None;
                         }
                     }
