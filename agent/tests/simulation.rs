@@ -338,18 +338,33 @@ struct KnownBug {
 /// stopped while its PostgreSQL is primary, past its fencing point; another
 /// member promoted; first at seed 29 with `long-pause`), no `TwoWriters`
 /// since in seeds 0–19,999 with `long-pause`.
-const KNOWN_BUGS: &[KnownBug] = &[KnownBug {
-    name: "standby-ahead-not-rewound",
-    what: "a standby that received WAL the new leader never had (the best candidate was \
+const KNOWN_BUGS: &[KnownBug] = &[
+    KnownBug {
+        name: "standby-ahead-not-rewound",
+        what: "a standby that received WAL the new leader never had (the best candidate was \
                cut off, crashed, slow to report or tagged nofailover) follows it without \
                pg_rewind: only former primaries are rewound",
-    faults: "default",
-    strict_divergence: true,
-    strict_switchover: false,
-    kind: ViolationKind::DivergedStream,
-    first_seed: 129,
-    budget: 300,
-}];
+        faults: "default",
+        strict_divergence: true,
+        strict_switchover: false,
+        kind: ViolationKind::DivergedStream,
+        first_seed: 129,
+        budget: 300,
+    },
+    KnownBug {
+        name: "stalled-paused-switchover",
+        what: "in maintenance mode, a switchover whose old leader released the key is taken \
+           over by nobody for 12 s, although no fault struck since the intent was \
+           written (seen only with agent stalls of up to 12 s and latency spikes beyond \
+           retry_timeout; not yet analysed)",
+        faults: "long-pause,slow-timeout",
+        strict_divergence: false,
+        strict_switchover: false,
+        kind: ViolationKind::StalledSwitchover,
+        first_seed: 1444,
+        budget: 1,
+    },
+];
 
 /// The first history from `bug.first_seed` within its budget that breaks the
 /// bug's invariant (other failures are skipped: they belong to other bugs).
