@@ -55,18 +55,18 @@ pub struct WriterConfig {
 impl WriterConfig {
     /// Writes through the lab's HAProxy write port as the application role,
     /// every 20 ms, with a 500 ms connect timeout and a 1 s statement timeout.
-    pub fn for_lab(lab: &Lab, max_duration: Duration) -> Self {
+    pub fn for_lab(lab: &Lab, max_duration: Duration) -> Result<Self> {
         let access = &lab.desc.postgres;
-        Self {
+        Ok(Self {
             address: lab.desc.haproxy.write.clone(),
             user: access.user.clone(),
-            password: access.password.clone(),
+            password: access.password()?,
             database: access.database.clone(),
             interval: TICK,
             connect_timeout: Duration::from_millis(500),
             statement_timeout: Duration::from_secs(1),
             max_duration,
-        }
+        })
     }
 }
 
@@ -477,7 +477,7 @@ pub async fn run_bench(lab: &mut Lab, fault: Fault, options: &BenchOptions) -> R
     ));
 
     let max_duration = options.run_timeout * (options.runs as u32 + 1);
-    let writer = Writer::start(WriterConfig::for_lab(lab, max_duration));
+    let writer = Writer::start(WriterConfig::for_lab(lab, max_duration)?);
     let mut runs = Vec::new();
     let mut windows = Vec::new();
     for index in 1..=options.runs {

@@ -708,7 +708,7 @@ pub async fn run_chaos(lab: &mut Lab, options: &ChaosOptions) -> Result<ChaosRep
         + options.hold_max
         + 3 * options.recovery_timeout
         + Duration::from_secs(120);
-    let writer = Writer::start(WriterConfig::for_lab(lab, max));
+    let writer = Writer::start(WriterConfig::for_lab(lab, max)?);
     let sampler = Sampler::start(lab, max)?;
     let origin = Instant::now();
     say(&format!(

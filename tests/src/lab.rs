@@ -144,14 +144,22 @@ pub struct EtcdMember {
 pub struct PostgresAccess {
     /// Application role.
     pub user: String,
-    /// Its password.
-    pub password: String,
+    /// File holding its password (0600 in the 0700 secrets directory):
+    /// lab.json itself holds no secret.
+    pub password_file: PathBuf,
     /// Application database.
     pub database: String,
     /// The superuser role the agents use.
     pub superuser: String,
     /// File holding the superuser's password.
     pub superuser_password_file: PathBuf,
+}
+
+impl PostgresAccess {
+    /// The application role's password, read from its file.
+    pub fn password(&self) -> Result<String> {
+        read_secret(&self.password_file)
+    }
 }
 
 /// HAProxy's listeners and admin socket.
@@ -379,7 +387,8 @@ impl Lab {
             };
             write_secret(file, &secret)?;
         }
-        let app_password = random_password();
+        let app_password_file = dir.join("secrets/app-role-password");
+        write_secret(&app_password_file, &random_password())?;
         let control_token_file = dir.join("secrets/control-token");
         write_secret(&control_token_file, &random_password())?;
 
@@ -470,7 +479,7 @@ impl Lab {
                 etcd_members,
                 postgres: PostgresAccess {
                     user: APP_USER.into(),
-                    password: app_password,
+                    password_file: app_password_file,
                     database: APP_DATABASE.into(),
                     superuser: SUPERUSER.into(),
                     superuser_password_file: superuser_file.clone(),
@@ -1062,7 +1071,8 @@ impl Lab {
     /// Connects as the application role to `address`.
     pub async fn connect_app(&self, address: &str) -> Result<tokio_postgres::Client> {
         let access = &self.desc.postgres;
-        connect(address, &access.user, &access.password, &access.database).await
+        let password = access.password()?;
+        connect(address, &access.user, &password, &access.database).await
     }
 
     async fn create_app_database(&self) -> Result<()> {
@@ -1079,7 +1089,7 @@ impl Lab {
                 .batch_execute(&format!(
                     "CREATE ROLE {} LOGIN PASSWORD '{}'",
                     access.user,
-                    access.password.replace('\'', "''")
+                    access.password()?.replace('\'', "''")
                 ))
                 .await?;
         }
@@ -1134,7 +1144,7 @@ impl Lab {
                 "*:*:{}:{}:{}",
                 access.database,
                 access.user,
-                access.password.replace(':', "\\:")
+                access.password()?.replace(':', "\\:")
             ),
         )?;
         let (write_host, write_port) = self.desc.haproxy.write.rsplit_once(':').unwrap_or_default();
@@ -1172,14 +1182,13 @@ impl Lab {
         Ok(format!(
             "\nThe voting app (jai-app x{count} behind HAProxy):\n\
              \x20 site:   {url}\n\
-             \x20 admin:  {admin}   user {user}, password {password}   (also in {file})\n\
+             \x20 admin:  {admin}   user {user}, password in {file} (0600)\n\
              \x20 metrics: curl -H \"Authorization: Bearer $(cat {token})\" {admin}/metrics\n\
              \x20 logs:   {dir}/app/*/app.log\n",
             count = app.instances.len(),
             url = app.url,
             admin = app.admin_url,
             user = app.admin_user,
-            password = crate::lab_app::admin_password(app)?,
             file = app.admin_password_file.display(),
             token = app.metrics_token_file.display(),
             dir = self.desc.dir.display(),
@@ -1190,11 +1199,12 @@ impl Lab {
     fn start_app(&mut self, spec: &AppSpec, bin_dir: Option<&Path>) -> Result<()> {
         let binary = crate::lab_app::find_binary(bin_dir)?;
         let access = &self.desc.postgres;
+        let password = access.password()?;
         let db = crate::lab_app::Database {
             write: &self.desc.haproxy.write,
             read: &self.desc.haproxy.read,
             user: &access.user,
-            password: &access.password,
+            password: &password,
             database: &access.database,
         };
         let mut app = self.desc.app.clone().expect("planned with the spec");

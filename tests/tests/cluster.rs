@@ -15,6 +15,28 @@ async fn three_nodes_boot_replicate_and_route() -> Result<()> {
     let lab = Lab::up(spec(&dir, 3, 3)).await?;
     let primary = lab.wait_healthy(WITHIN).await?;
 
+    // lab.json (world-readable) and what `jai-lab up` prints hold no secret:
+    // they point to the 0600 files.
+    let described = std::fs::read_to_string(lab.desc.dir.join("lab.json"))?;
+    let printed = lab.instructions()?;
+    for entry in std::fs::read_dir(lab.desc.dir.join("secrets"))? {
+        let path = entry?.path();
+        let secret = std::fs::read_to_string(&path)?;
+        let secret = secret.trim();
+        if secret.len() >= 8 {
+            assert!(
+                !described.contains(secret),
+                "lab.json holds {}",
+                path.display()
+            );
+            assert!(
+                !printed.contains(secret),
+                "jai-lab up prints {}",
+                path.display()
+            );
+        }
+    }
+
     // Exactly one primary, and it holds the leader key.
     assert_eq!(lab.etcd_value("leader").await?, Some(primary.clone()));
     let replicas: Vec<_> = lab

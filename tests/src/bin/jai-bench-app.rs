@@ -393,7 +393,7 @@ fn pgbench(lab: &Lab, primary: &str, args: &Args, seconds: u32, script: &Path) -
         .arg(script)
         .args(["-h", host, "-p", port, "-U", &access.user, &access.database])
         // The password goes through the environment, never the command line.
-        .env("PGPASSWORD", &access.password)
+        .env("PGPASSWORD", access.password()?)
         .output()
         .context("running pgbench")?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();

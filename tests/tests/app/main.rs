@@ -50,6 +50,12 @@ async fn voting_app_end_to_end() -> anyhow::Result<()> {
         ..common::spec(&dir, 2, 1)
     };
     let mut lab = Lab::up(spec).await?;
+    // What `jai-lab up` prints points to the admin password's file only.
+    let app = lab.desc.app.as_ref().expect("the lab runs the app");
+    assert!(
+        !lab.instructions()?.contains(&admin_password(app)?),
+        "jai-lab up prints the admin password"
+    );
     http::run(&lab).await?;
     listeners::run(&lab).await?;
     browser::run(&lab).await?;
