@@ -382,7 +382,12 @@ enum Phase {
     /// Asking the peers for fresh positions (no leader, running standby).
     AskingPeers { pg: PgSeen, view: ClusterView },
     /// Writing the former-primary marker.
-    Persisting { actions: Vec<Action>, wanted: bool },
+    Persisting {
+        actions: Vec<Action>,
+        wanted: bool,
+        /// The status to publish once the marker is on disk.
+        member: Option<Box<MemberStatus>>,
+    },
     /// Publishing the member status.
     Reporting { actions: Vec<Action> },
     /// Carrying out the actions.
@@ -405,6 +410,8 @@ struct Execution {
 struct Scratch {
     term: i64,
     before: Option<RunningPostgres>,
+    /// A stopped primary's final timeline and position, being published.
+    final_position: Option<(u32, Lsn)>,
 }
 
 /// Where an action is after a step.
@@ -438,8 +445,6 @@ pub struct Driver {
     problems: BTreeMap<Problem, String>,
     /// What the health API said last, kept while etcd does not answer.
     last_report: Option<Report>,
-    /// The status to publish once the marker is on disk.
-    pending_member: Option<Box<MemberStatus>>,
     immediate: u32,
     phase: Phase,
     commands: Vec<Command>,
@@ -476,7 +481,6 @@ impl Driver {
             last_reason: None,
             problems: BTreeMap::new(),
             last_report: None,
-            pending_member: None,
             immediate: 0,
             phase: Phase::NotStarted,
             commands: Vec::new(),
@@ -571,9 +575,14 @@ impl Driver {
                 }
                 self.decide(cx, pg, Some(view))
             }
-            (Phase::Persisting { actions, wanted }, Outcome::Done(result)) => {
-                self.on_persisted(cx, actions, wanted, result)
-            }
+            (
+                Phase::Persisting {
+                    actions,
+                    wanted,
+                    member,
+                },
+                Outcome::Done(result),
+            ) => self.on_persisted(cx, actions, wanted, member, result),
             (Phase::Reporting { actions }, Outcome::Store(result)) => {
                 if let Err(error) = result {
                     self.note_store_error(cx, Problem::PublishMember, error);
@@ -835,8 +844,8 @@ impl Driver {
         self.phase = Phase::Persisting {
             actions: decision.actions,
             wanted,
+            member: publish.then(|| Box::new(report.member)),
         };
-        self.pending_member = publish.then(|| Box::new(report.member));
         Effect::PersistMarker(wanted)
     }
 
@@ -845,6 +854,7 @@ impl Driver {
         cx: &Context,
         actions: Vec<Action>,
         wanted: bool,
+        member: Option<Box<MemberStatus>>,
         result: Result<(), String>,
     ) -> Effect {
         match result {
@@ -856,12 +866,11 @@ impl Driver {
                 // without a rewind: this round does nothing. Failing to clear
                 // it only costs a rewind after a restart.
                 if wanted {
-                    self.pending_member = None;
                     return self.finish_round(false);
                 }
             }
         }
-        match (self.pending_member.take(), cx.lease.id) {
+        match (member, cx.lease.id) {
             (Some(status), Some(lease)) => {
                 self.phase = Phase::Reporting { actions };
                 Effect::Store(Request::PutMember { status, lease })
@@ -1120,10 +1129,7 @@ impl Driver {
                         sync_names: None,
                     }))
                 }
-                1 => match done(outcome) {
-                    Ok(()) => Wait(Effect::Postgres(PgOp::Reload)),
-                    Err(error) => Done(Err(error)),
-                },
+                1 => then(outcome, Effect::Postgres(PgOp::Reload)),
                 _ => Done(done(outcome).map(|()| {
                     let leader = leader.as_deref().unwrap_or("nobody");
                     self.log(Level::Info, format!("now following {leader}"));
@@ -1163,14 +1169,11 @@ impl Driver {
                 })),
             },
             Action::PublishLeaderStatus(status) => match stage {
-                0 => match self.leader_term() {
-                    Ok(term) => Wait(Effect::Store(Request::PutAsLeader {
-                        term,
-                        key: Key::Status,
-                        value: Value::Status(status.clone()),
-                    })),
-                    Err(error) => Done(Err(error)),
-                },
+                0 => self.as_leader(|term| Request::PutAsLeader {
+                    term,
+                    key: Key::Status,
+                    value: Value::Status(status.clone()),
+                }),
                 _ => Done(txn(outcome).map(drop)),
             },
             Action::Checkpoint => match stage {
@@ -1178,13 +1181,10 @@ impl Driver {
                 _ => Done(done(outcome).map_err(|error| format!("CHECKPOINT: {error}"))),
             },
             Action::ClearSwitchover { reason } => match stage {
-                0 => match self.leader_term() {
-                    Ok(term) => Wait(Effect::Store(Request::DeleteAsLeader {
-                        term,
-                        key: Key::Switchover,
-                    })),
-                    Err(error) => Done(Err(error)),
-                },
+                0 => self.as_leader(|term| Request::DeleteAsLeader {
+                    term,
+                    key: Key::Switchover,
+                }),
                 _ => Done(txn(outcome).map(|removed| {
                     if removed {
                         self.log(Level::Warn, format!("switchover intent removed: {reason}"));
@@ -1192,14 +1192,11 @@ impl Driver {
                 })),
             },
             Action::WriteSync(sync) => match stage {
-                0 => match self.leader_term() {
-                    Ok(term) => Wait(Effect::Store(Request::PutAsLeader {
-                        term,
-                        key: Key::Sync,
-                        value: Value::Sync(sync.clone()),
-                    })),
-                    Err(error) => Done(Err(error)),
-                },
+                0 => self.as_leader(|term| Request::PutAsLeader {
+                    term,
+                    key: Key::Sync,
+                    value: Value::Sync(sync.clone()),
+                }),
                 _ => Done(txn(outcome).and_then(|written| {
                     if !written {
                         return Err("the leader key changed: sync key not written".into());
@@ -1218,14 +1215,11 @@ impl Driver {
                     standby: false,
                     sync_names: Some(names.clone()),
                 })),
-                1 => match done(outcome) {
-                    Ok(()) => Wait(Effect::Postgres(PgOp::Reload)),
-                    Err(error) => Done(Err(error)),
-                },
-                2 => match done(outcome) {
-                    Ok(()) => Wait(Effect::Postgres(PgOp::ConfirmSyncNames(names.clone()))),
-                    Err(error) => Done(Err(error)),
-                },
+                1 => then(outcome, Effect::Postgres(PgOp::Reload)),
+                2 => then(
+                    outcome,
+                    Effect::Postgres(PgOp::ConfirmSyncNames(names.clone())),
+                ),
                 _ => Done(done(outcome).map(|()| {
                     self.log(
                         Level::Info,
@@ -1234,13 +1228,10 @@ impl Driver {
                 })),
             },
             Action::ClearSync => match stage {
-                0 => match self.leader_term() {
-                    Ok(term) => Wait(Effect::Store(Request::DeleteAsLeader {
-                        term,
-                        key: Key::Sync,
-                    })),
-                    Err(error) => Done(Err(error)),
-                },
+                0 => self.as_leader(|term| Request::DeleteAsLeader {
+                    term,
+                    key: Key::Sync,
+                }),
                 _ => Done(txn(outcome).map(|removed| {
                     if removed {
                         self.log(Level::Info, "synchronous mode off: sync key removed");
@@ -1361,20 +1352,12 @@ impl Driver {
                     sync_names: Some(sync_names),
                 }))
             }
-            2 => match done(outcome) {
-                Ok(()) => Wait(Effect::Postgres(PgOp::Reload)),
-                Err(error) => Done(Err(error)),
-            },
-            3 => match done(outcome) {
-                Ok(()) => Wait(Effect::Postgres(PgOp::ConfirmSyncNames(
-                    self.sync_names_as_new_primary(),
-                ))),
-                Err(error) => Done(Err(error)),
-            },
-            4 => match done(outcome) {
-                Ok(()) => Wait(Self::cut_writes_effect()),
-                Err(error) => Done(Err(error)),
-            },
+            2 => then(outcome, Effect::Postgres(PgOp::Reload)),
+            3 => then(
+                outcome,
+                Effect::Postgres(PgOp::ConfirmSyncNames(self.sync_names_as_new_primary())),
+            ),
+            4 => then(outcome, Self::cut_writes_effect()),
             5 => {
                 // Writes were routed away from every other member before this
                 // one can take any (a former primary whose agent hangs keeps
@@ -1502,80 +1485,78 @@ impl Driver {
     /// by the simulator, seed 10796).
     fn release(&mut self, stage: u8, outcome: Outcome, scratch: &mut Scratch) -> Progress {
         use Progress::{Done, Wait};
-        let final_position_first = self.handing_over.is_some()
-            && self.planted != Some(PlantedBug::FinalPositionAfterRelease);
-        let final_position_after = self.handing_over.is_some()
-            && self.planted == Some(PlantedBug::FinalPositionAfterRelease);
-        let release = |term: i64, name: &str| {
-            Wait(Effect::Store(Request::ReleaseLeader {
-                term,
-                name: name.to_owned(),
-            }))
-        };
+        let handing_over = self.handing_over.is_some();
+        let planted_late = self.planted == Some(PlantedBug::FinalPositionAfterRelease);
+        let release =
+            |term: i64, name: String| Wait(Effect::Store(Request::ReleaseLeader { term, name }));
         let name = self.setup.identity.name.clone();
-        match stage {
-            0 => match self.leader_term() {
+        match (stage, handing_over, planted_late) {
+            (0, _, _) => match self.leader_term() {
                 Ok(term) => {
                     scratch.term = term;
-                    if final_position_first {
+                    if handing_over && !planted_late {
                         Wait(Effect::Postgres(PgOp::FinalPosition))
                     } else {
-                        release(term, &name)
+                        release(term, name)
                     }
                 }
                 Err(error) => Done(Err(error)),
             },
-            1 if final_position_first => match outcome {
-                Outcome::FinalPosition(Ok((timeline, optime))) => {
-                    self.log(
-                        Level::Info,
-                        format!("switchover: final WAL position {optime} (timeline {timeline}) published"),
-                    );
-                    Wait(Effect::Store(Request::PutAsLeader {
-                        term: scratch.term,
-                        key: Key::Status,
-                        value: Value::Status(LeaderStatus {
-                            leader: name,
-                            timeline,
-                            optime,
-                            clean_stop: true,
-                        }),
-                    }))
-                }
-                Outcome::FinalPosition(Err(error)) => Done(Err(error)),
-                other => panic!("interpreter bug: FinalPosition answered {other:?}"),
+            // The order that keeps writes: final position, then release.
+            (1, true, false) => match self.final_status(scratch, outcome) {
+                Ok(publish) => Wait(publish),
+                Err(error) => Done(Err(error)),
             },
-            2 if final_position_first => match txn(outcome) {
-                Ok(true) => release(scratch.term, &name),
+            (2, true, false) => match txn(outcome) {
+                Ok(true) => {
+                    if let Some((timeline, optime)) = scratch.final_position {
+                        self.log(
+                            Level::Info,
+                            format!("switchover: final WAL position {optime} (timeline {timeline}) published"),
+                        );
+                    }
+                    release(scratch.term, name)
+                }
                 Ok(false) => Done(Err(
                     "the leader key changed before the final position was published".into(),
                 )),
                 Err(error) => Done(Err(error)),
             },
-            1 if final_position_after => match txn(outcome) {
+            // The planted bug: release, then the final position.
+            (1, true, true) => match txn(outcome) {
                 Ok(_) => Wait(Effect::Postgres(PgOp::FinalPosition)),
                 Err(error) => Done(Err(error)),
             },
-            2 if final_position_after => match outcome {
-                Outcome::FinalPosition(Ok((timeline, optime))) => {
-                    Wait(Effect::Store(Request::PutAsLeader {
-                        term: scratch.term,
-                        key: Key::Status,
-                        value: Value::Status(LeaderStatus {
-                            leader: name,
-                            timeline,
-                            optime,
-                            clean_stop: true,
-                        }),
-                    }))
-                }
-                _ => Done(Ok(())),
+            (2, true, true) => match self.final_status(scratch, outcome) {
+                Ok(publish) => Wait(publish),
+                Err(_) => Done(Ok(())),
             },
-            3 if final_position_after => Done(Ok(())),
+            (3, true, true) => Done(Ok(())),
             _ => Done(txn(outcome).map(|_| {
                 self.log(Level::Warn, "released the leader key");
             })),
         }
+    }
+
+    /// The stopped primary's final position (the outcome of
+    /// `PgOp::FinalPosition`) as the `status` to publish in its term: a
+    /// clean stop, which no member short of it may take over from.
+    fn final_status(&self, scratch: &mut Scratch, outcome: Outcome) -> Result<Effect, String> {
+        let Outcome::FinalPosition(position) = outcome else {
+            panic!("interpreter bug: FinalPosition answered {outcome:?}");
+        };
+        let (timeline, optime) = position?;
+        scratch.final_position = Some((timeline, optime));
+        Ok(Effect::Store(Request::PutAsLeader {
+            term: scratch.term,
+            key: Key::Status,
+            value: Value::Status(LeaderStatus {
+                leader: self.setup.identity.name.clone(),
+                timeline,
+                optime,
+                clean_stop: true,
+            }),
+        }))
     }
 
     // ---- helpers ----------------------------------------------------------
@@ -1591,6 +1572,15 @@ impl Driver {
             Ok(())
         } else {
             Err("leader lease no longer confirmed beyond the demotion margin: not becoming writable".into())
+        }
+    }
+
+    /// A guarded write of this leader's term, or the error that this member
+    /// does not lead.
+    fn as_leader(&self, request: impl FnOnce(i64) -> Request) -> Progress {
+        match self.leader_term() {
+            Ok(term) => Progress::Wait(Effect::Store(request(term))),
+            Err(error) => Progress::Done(Err(error)),
         }
     }
 
@@ -1669,6 +1659,14 @@ fn done(outcome: Outcome) -> Result<(), String> {
     match outcome {
         Outcome::Done(result) => result,
         other => panic!("interpreter bug: expected Done, got {other:?}"),
+    }
+}
+
+/// After a step answered with [`Outcome::Done`]: `next`, or the step's error.
+fn then(outcome: Outcome, next: Effect) -> Progress {
+    match done(outcome) {
+        Ok(()) => Progress::Wait(next),
+        Err(error) => Progress::Done(Err(error)),
     }
 }
 
