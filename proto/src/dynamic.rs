@@ -127,29 +127,45 @@ pub const MAX_DEMOTE_MARGIN: Duration = Duration::from_millis(500);
 /// etcd 3.4 grants no lease shorter than this.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 
-/// The longest accepted timings, with the reason each bound exists: a typo
+/// An upper bound on one timing, with the reason it exists: a typo
 /// (`1000000h`) must be refused, not applied to a running cluster.
-pub const MAX_TIMINGS: &[(&str, Duration, &str)] = &[
-    (
-        "ttl",
-        Duration::from_secs(600),
-        "a dead leader is replaced only after its lease runs out, so writes would stop that long",
-    ),
-    (
-        "loop_wait",
-        Duration::from_secs(300),
-        "the agent would notice a change only that late",
-    ),
-    (
-        "retry_timeout",
-        Duration::from_secs(300),
-        "a hung etcd request would block the agent's round that long",
-    ),
-    (
-        "primary_start_timeout",
-        Duration::from_secs(3600),
-        "a primary that cannot start would block any failover that long",
-    ),
+pub struct TimingBound {
+    /// The setting's key.
+    pub field: &'static str,
+    /// Its value in a config.
+    pub value: fn(&DynamicConfig) -> Duration,
+    /// The longest accepted value.
+    pub max: Duration,
+    /// Why a longer one is refused.
+    pub why: &'static str,
+}
+
+/// The longest accepted timings.
+pub const MAX_TIMINGS: &[TimingBound] = &[
+    TimingBound {
+        field: "ttl",
+        value: |config| config.ttl,
+        max: Duration::from_secs(600),
+        why: "a dead leader is replaced only after its lease runs out, so writes would stop that long",
+    },
+    TimingBound {
+        field: "loop_wait",
+        value: |config| config.loop_wait,
+        max: Duration::from_secs(300),
+        why: "the agent would notice a change only that late",
+    },
+    TimingBound {
+        field: "retry_timeout",
+        value: |config| config.retry_timeout,
+        max: Duration::from_secs(300),
+        why: "a hung etcd request would block the agent's round that long",
+    },
+    TimingBound {
+        field: "primary_start_timeout",
+        value: |config| config.primary_start_timeout,
+        max: Duration::from_secs(3600),
+        why: "a primary that cannot start would block any failover that long",
+    },
 ];
 
 /// The most synchronous standbys a commit may wait for.
@@ -179,20 +195,16 @@ impl DynamicConfig {
                 ),
             );
         }
-        for (field, max, why) in MAX_TIMINGS {
-            let value = match *field {
-                "ttl" => self.ttl,
-                "loop_wait" => self.loop_wait,
-                "retry_timeout" => self.retry_timeout,
-                _ => self.primary_start_timeout,
-            };
-            if value > *max {
+        for bound in MAX_TIMINGS {
+            let value = (bound.value)(self);
+            if value > bound.max {
                 return error(
-                    field,
+                    bound.field,
                     format!(
-                        "{} is above the maximum of {}: {why}",
+                        "{} is above the maximum of {}: {}",
                         show(value),
-                        show(*max)
+                        show(bound.max),
+                        bound.why
                     ),
                 );
             }
@@ -293,19 +305,17 @@ mod bounds {
             "{}",
             error.reason
         );
-        for (field, max, _) in MAX_TIMINGS {
-            let mut config = DynamicConfig {
+        for bound in MAX_TIMINGS {
+            // Set through the config's own key, so the table names real keys.
+            let mut json = serde_json::to_value(DynamicConfig {
                 ttl: Duration::from_secs(600),
                 ..DynamicConfig::default()
-            };
-            let over = *max + Duration::from_secs(1);
-            match *field {
-                "ttl" => config.ttl = over,
-                "loop_wait" => config.loop_wait = over,
-                "retry_timeout" => config.retry_timeout = over,
-                _ => config.primary_start_timeout = over,
-            }
-            assert_eq!(config.validate().unwrap_err().field, *field);
+            })
+            .unwrap();
+            json[bound.field] = serde_json::Value::String(show(bound.max + Duration::from_secs(1)));
+            let config: DynamicConfig = serde_json::from_value(json).unwrap();
+            assert!((bound.value)(&config) > bound.max, "{}", bound.field);
+            assert_eq!(config.validate().unwrap_err().field, bound.field);
         }
     }
 
