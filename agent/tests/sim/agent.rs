@@ -23,7 +23,7 @@
 //!
 //! HAProxy is not simulated: its effects succeed at once.
 
-use super::etcd::{Key, LeaseId, Reply, Request as EtcdRequest, StoreError, Value};
+use super::etcd::{Key, LeaseId, Reply, Request as EtcdRequest, StoreError};
 use super::postgres::OpKind;
 use super::{Env, Plant, ViolationKind};
 use jai_agent::ha::driver::{
@@ -420,8 +420,7 @@ impl Agent {
                         );
                     }
                 }
-                let request = self.etcd_request(request);
-                Performed::Later(Waiting::Reply(self.send(env, request)))
+                Performed::Later(Waiting::Reply(self.send(env, EtcdRequest::Agent(request))))
             }
             Effect::AskPeers(peers) => {
                 let asked: Vec<usize> = peers
@@ -445,33 +444,6 @@ impl Agent {
                 let token = self.timer(env, TimerKind::Loop, duration.as_millis() as u64);
                 Performed::Later(Waiting::Sleeping(token))
             }
-        }
-    }
-
-    /// The simulated etcd's form of a round's request.
-    fn etcd_request(&self, request: Request) -> EtcdRequest {
-        match request {
-            Request::ReadCluster => EtcdRequest::GetAll,
-            Request::GetLeader => EtcdRequest::GetLeader,
-            Request::KeepAliveOnce(lease) => EtcdRequest::KeepAlive(lease),
-            Request::Grant { ttl_secs } => EtcdRequest::Grant { ttl_secs },
-            Request::PutMember { status, lease } => EtcdRequest::Put {
-                key: Key::Member(self.name.clone()),
-                value: Value::Member(status),
-                lease: Some(lease),
-            },
-            Request::CreateIfAbsent { key, value, lease } => {
-                EtcdRequest::CreateIfAbsent { key, value, lease }
-            }
-            Request::PublishSystemId { lease, system_id } => {
-                EtcdRequest::PublishSystemId { lease, system_id }
-            }
-            Request::ReleaseLeader { term, name } => EtcdRequest::ReleaseLeader { term, name },
-            Request::PutAsLeader { term, key, value } => {
-                EtcdRequest::PutAsLeader { term, key, value }
-            }
-            Request::DeleteAsLeader { term, key } => EtcdRequest::DeleteAsLeader { term, key },
-            Request::AppendHistory { term, entry } => EtcdRequest::AppendHistory { term, entry },
         }
     }
 
@@ -681,7 +653,7 @@ impl Agent {
         let id = env.send(
             self.member,
             self.incarnation,
-            EtcdRequest::KeepAlive(lease),
+            EtcdRequest::Agent(Request::KeepAliveOnce(lease)),
             timeout,
         );
         self.keepalive = Keepalive::InFlight { id, lease, sent };

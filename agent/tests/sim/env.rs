@@ -8,6 +8,7 @@ use super::postgres::PgSim;
 use super::rng::Rng;
 use super::trace::Trace;
 use super::{RunStats, SimConfig, Violation, ViolationKind};
+use jai_agent::ha::store::Request as AgentRequest;
 use jai_proto::MemberStatus;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -520,12 +521,12 @@ impl Env {
         }
         let acquires = matches!(
             &request,
-            Request::CreateIfAbsent {
+            Request::Agent(AgentRequest::CreateIfAbsent {
                 key: Key::Leader,
                 ..
-            }
+            })
         );
-        let releases = matches!(&request, Request::ReleaseLeader { .. });
+        let releases = matches!(&request, Request::Agent(AgentRequest::ReleaseLeader { .. }));
         let (result, changes) = self.etcd.apply(self.now, request);
         if matches!(result, Ok(etcd::Reply::Txn(true))) {
             if acquires {

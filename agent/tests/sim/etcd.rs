@@ -8,83 +8,22 @@
 //! - while etcd elects a new leader it answers nothing, and the new leader
 //!   extends every lease to its full TTL (and a little more).
 
-use jai_proto::{DynamicConfig, HistoryEntry, SwitchoverIntent};
+use jai_proto::{DynamicConfig, SwitchoverIntent};
 use std::collections::BTreeMap;
 
+use jai_agent::ha::store::Request as AgentRequest;
 pub use jai_agent::ha::store::{Key, Kv, LeaseId, Reply, StoreError, Value};
 
 /// How often etcd's lessor revokes expired leases.
 pub const SWEEP_EVERY_MS: u64 = 500;
 
-/// A request as one of `jai_agent::dcs`'s methods sends it.
+/// A request: one of the agent's own (`jai_agent::ha::store::Request`,
+/// what its round and keepalive task send), or one of the operator's calls
+/// as the control API makes them.
 #[derive(Debug, Clone)]
 pub enum Request {
-    /// `read_cluster`: get the whole prefix.
-    GetAll,
-    /// `Request::GetLeader`: get `leader` (to adopt its lease after a restart).
-    GetLeader,
-    /// One keepalive of a lease.
-    KeepAlive(LeaseId),
-    /// `lease_grant`.
-    Grant {
-        /// Requested TTL in seconds.
-        ttl_secs: i64,
-    },
-    /// `Request::PutMember`: a plain put on a lease.
-    Put {
-        /// Key.
-        key: Key,
-        /// Value.
-        value: Value,
-        /// Lease to attach.
-        lease: Option<LeaseId>,
-    },
-    /// `create_if_absent`: txn `create_revision(key) == 0` then put.
-    CreateIfAbsent {
-        /// Key.
-        key: Key,
-        /// Value.
-        value: Value,
-        /// Lease to attach.
-        lease: Option<LeaseId>,
-    },
-    /// `publish_system_id`: txn `value(initialize) == "" && lease(initialize) == lease`.
-    PublishSystemId {
-        /// The publisher's lease.
-        lease: LeaseId,
-        /// The new system id.
-        system_id: String,
-    },
-    /// `release_leader`: txn `create_revision(leader) == term && value == name`, delete.
-    ReleaseLeader {
-        /// The term.
-        term: i64,
-        /// The member name.
-        name: String,
-    },
-    /// `put_as_leader`: txn `create_revision(leader) == term`, put.
-    PutAsLeader {
-        /// The term.
-        term: i64,
-        /// Key.
-        key: Key,
-        /// Value.
-        value: Value,
-    },
-    /// `append_history`: read then txn guarded by the term (one request here).
-    AppendHistory {
-        /// The term.
-        term: i64,
-        /// The new entry.
-        entry: HistoryEntry,
-    },
-    /// `DeleteAsLeader`: txn `create_revision(leader) == term`, delete `key`.
-    DeleteAsLeader {
-        /// The term.
-        term: i64,
-        /// The key.
-        key: Key,
-    },
+    /// What an agent sends.
+    Agent(AgentRequest),
     /// `record_switchover` (the control API): txn `create_revision(switchover) == 0
     /// && create_revision(leader) == term` (0: no leader), put.
     RecordSwitchover {
@@ -172,17 +111,19 @@ impl Etcd {
     ) -> (Result<Reply, StoreError>, Vec<Change>) {
         let mut changes = Vec::new();
         let reply = match request {
-            Request::GetAll => Ok(Reply::Kvs(
+            Request::Agent(AgentRequest::ReadCluster) => Ok(Reply::Kvs(
                 self.kvs
                     .iter()
                     .map(|(key, kv)| (key.clone(), kv.clone()))
                     .collect(),
             )),
-            Request::GetLeader => Ok(Reply::Leader(self.kvs.get(&Key::Leader).cloned())),
-            Request::KeepAlive(id) => Ok(Reply::KeepAlive {
+            Request::Agent(AgentRequest::GetLeader) => {
+                Ok(Reply::Leader(self.kvs.get(&Key::Leader).cloned()))
+            }
+            Request::Agent(AgentRequest::KeepAliveOnce(id)) => Ok(Reply::KeepAlive {
                 ttl_secs: self.keep_alive(id, now),
             }),
-            Request::Grant { ttl_secs } => {
+            Request::Agent(AgentRequest::Grant { ttl_secs }) => {
                 self.next_lease += 1;
                 let id = self.next_lease;
                 let expires_at = now + self.ttl_real(ttl_secs);
@@ -195,10 +136,15 @@ impl Etcd {
                 );
                 Ok(Reply::Granted { id, ttl_secs })
             }
-            Request::Put { key, value, lease } => self
-                .put(key, value, lease, &mut changes)
+            Request::Agent(AgentRequest::PutMember { status, lease }) => self
+                .put(
+                    Key::Member(status.name.clone()),
+                    Value::Member(status),
+                    Some(lease),
+                    &mut changes,
+                )
                 .map(|()| Reply::Done),
-            Request::CreateIfAbsent { key, value, lease } => {
+            Request::Agent(AgentRequest::CreateIfAbsent { key, value, lease }) => {
                 if self.kvs.contains_key(&key) {
                     Ok(Reply::Txn(false))
                 } else {
@@ -206,7 +152,7 @@ impl Etcd {
                         .map(|()| Reply::Txn(true))
                 }
             }
-            Request::PublishSystemId { lease, system_id } => {
+            Request::Agent(AgentRequest::PublishSystemId { lease, system_id }) => {
                 let ok = self.kvs.get(&Key::Initialize).is_some_and(|kv| {
                     kv.value == Value::Text(String::new()) && kv.lease == Some(lease)
                 });
@@ -217,7 +163,7 @@ impl Etcd {
                     Ok(Reply::Txn(false))
                 }
             }
-            Request::ReleaseLeader { term, name } => {
+            Request::Agent(AgentRequest::ReleaseLeader { term, name }) => {
                 let ok = self.kvs.get(&Key::Leader).is_some_and(|kv| {
                     kv.create_revision == term && kv.value == Value::Text(name.clone())
                 });
@@ -227,7 +173,7 @@ impl Etcd {
                 }
                 Ok(Reply::Txn(ok))
             }
-            Request::PutAsLeader { term, key, value } => {
+            Request::Agent(AgentRequest::PutAsLeader { term, key, value }) => {
                 if self.term() == Some(term) {
                     self.put(key, value, None, &mut changes)
                         .map(|()| Reply::Txn(true))
@@ -235,7 +181,7 @@ impl Etcd {
                     Ok(Reply::Txn(false))
                 }
             }
-            Request::AppendHistory { term, entry } => {
+            Request::Agent(AgentRequest::AppendHistory { term, entry }) => {
                 if self.term() == Some(term) {
                     let mut history = match self.kvs.get(&Key::History) {
                         Some(Kv {
@@ -251,7 +197,7 @@ impl Etcd {
                     Ok(Reply::Txn(false))
                 }
             }
-            Request::DeleteAsLeader { term, key } => {
+            Request::Agent(AgentRequest::DeleteAsLeader { term, key }) => {
                 let ok = self.term() == Some(term);
                 if ok && self.kvs.contains_key(&key) {
                     self.revision += 1;

@@ -12,6 +12,7 @@
 use super::env::{Env, Event};
 use super::etcd::{Key, Reply, Request, Value};
 use jai_agent::control::running_primary;
+use jai_agent::ha::store::Request as AgentRequest;
 use jai_agent::ha::{self, election, ClusterView};
 use jai_proto::{DynamicConfig, SwitchoverIntent};
 
@@ -104,7 +105,10 @@ impl Env {
         if !self.etcd.available(self.now) {
             return None;
         }
-        let (Ok(Reply::Kvs(kvs)), _) = self.etcd.apply(self.now, Request::GetAll) else {
+        let (Ok(Reply::Kvs(kvs)), _) = self
+            .etcd
+            .apply(self.now, Request::Agent(AgentRequest::ReadCluster))
+        else {
             unreachable!("a read answers the keys");
         };
         Some(ClusterView::from_kvs(
