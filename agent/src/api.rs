@@ -8,6 +8,7 @@
 
 use crate::bytes::parse_bytes;
 use crate::dcs::LeaseTracker;
+use crate::ha::driver::Report;
 use axum::extract::{Query, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,35 +18,19 @@ use jai_proto::{MemberRole, MemberState, MemberStatus};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::watch;
 
-/// What the decision loop last knew, for the API to answer from.
+/// What the decision loop last knew, for the API to answer from: the
+/// driver's last [`Report`], plus what only the shell knows.
 #[derive(Debug, Clone)]
 pub struct NodeSnapshot {
-    /// The member status last published (or about to be).
-    pub member: MemberStatus,
-    /// Who holds the leader key, as last read.
-    pub leader: Option<String>,
-    /// The leader key is on this agent's lease.
-    pub holds_leader_key: bool,
-    /// A stop or demotion is under way: no longer a primary for routing.
-    pub demoting: bool,
-    /// Bytes this replica is behind the leader's last published position.
-    pub lag_bytes: Option<u64>,
-    /// etcd answered the last read.
-    pub dcs_reachable: bool,
-    /// How long before its lease deadline a primary stops counting as one.
-    pub demote_margin: Duration,
+    /// The facts of the last decision (member status, leader, lag, margin…).
+    pub report: Report,
     /// When the decision loop last completed.
     pub heartbeat: Instant,
-    /// The loop counts as alive while its last heartbeat is younger than this.
-    pub liveness_window: Duration,
     /// PID of the postmaster, if one runs.
     pub postgres_pid: Option<i32>,
-    /// Another member holds the leader key and says it runs a primary, as
-    /// last read: a standby should be streaming from it.
-    pub leader_runs_primary: bool,
 }
 
 #[derive(Clone)]
@@ -90,11 +75,11 @@ impl ApiState {
     /// Invariant §3.4 (docs/architecture.md, "Safety invariants"): primary,
     /// holding the key, lease confirmed beyond the margin now.
     fn is_writable_primary(&self, node: &NodeSnapshot) -> bool {
-        node.member.role == MemberRole::Primary
-            && node.member.state == MemberState::Running
-            && node.holds_leader_key
-            && !node.demoting
-            && self.lease.is_valid_beyond(node.demote_margin)
+        node.report.member.role == MemberRole::Primary
+            && node.report.member.state == MemberState::Running
+            && node.report.holds_leader_key
+            && !node.report.demoting
+            && self.lease.is_valid_beyond(node.report.demote_margin)
     }
 }
 
@@ -125,7 +110,7 @@ impl ApiState {
 }
 
 fn running(node: &NodeSnapshot) -> bool {
-    node.member.state == MemberState::Running && !node.demoting
+    node.report.member.state == MemberState::Running && !node.report.demoting
 }
 
 async fn primary(State(state): State<ApiState>, method: Method) -> Response {
@@ -153,15 +138,16 @@ async fn replica(
 /// against the leader's last published position — may not show it. With no
 /// primary running, standbys stay in: stale reads beat none.
 pub fn replica_healthy(node: &NodeSnapshot, max_lag: Option<u64>) -> bool {
-    let within_lag = match (max_lag, node.lag_bytes) {
+    let within_lag = match (max_lag, node.report.lag_bytes) {
         (Some(max), Some(lag)) => lag <= max,
         (Some(_), None) => false,
         (None, _) => true,
     };
-    let streams_if_it_can = node.member.streaming != Some(false) || !node.leader_runs_primary;
+    let streams_if_it_can =
+        node.report.member.streaming != Some(false) || !node.report.leader_runs_primary;
     running(node)
-        && node.member.role == MemberRole::Replica
-        && !node.member.tags.noloadbalance
+        && node.report.member.role == MemberRole::Replica
+        && !node.report.member.tags.noloadbalance
         && within_lag
         && streams_if_it_can
 }
@@ -169,7 +155,7 @@ pub fn replica_healthy(node: &NodeSnapshot, max_lag: Option<u64>) -> bool {
 async fn read_only(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
     let healthy = state.is_writable_primary(&node)
-        || (running(&node) && node.member.role == MemberRole::Replica);
+        || (running(&node) && node.report.member.role == MemberRole::Replica);
     state.answer(&method, healthy, &node)
 }
 
@@ -182,7 +168,7 @@ async fn liveness(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
     state.answer(
         &method,
-        node.heartbeat.elapsed() < node.liveness_window,
+        node.heartbeat.elapsed() < node.report.liveness_window,
         &node,
     )
 }
@@ -190,7 +176,9 @@ async fn liveness(State(state): State<ApiState>, method: Method) -> Response {
 async fn readiness(State(state): State<ApiState>, method: Method) -> Response {
     let node = state.snapshot();
     let healthy = state.is_writable_primary(&node)
-        || (running(&node) && node.member.role == MemberRole::Replica && node.leader.is_some());
+        || (running(&node)
+            && node.report.member.role == MemberRole::Replica
+            && node.report.leader.is_some());
     state.answer(&method, healthy, &node)
 }
 
@@ -224,12 +212,12 @@ pub struct StatusBody {
 impl From<&NodeSnapshot> for StatusBody {
     fn from(node: &NodeSnapshot) -> Self {
         Self {
-            member: node.member.clone(),
-            leader: node.leader.clone(),
-            holds_leader_key: node.holds_leader_key,
+            member: node.report.member.clone(),
+            leader: node.report.leader.clone(),
+            holds_leader_key: node.report.holds_leader_key,
             accepts_writes: false,
-            lag_bytes: node.lag_bytes,
-            dcs_reachable: node.dcs_reachable,
+            lag_bytes: node.report.lag_bytes,
+            dcs_reachable: node.report.dcs_reachable,
             lease_valid_for_ms: None,
             postgres_pid: node.postgres_pid,
         }
@@ -239,38 +227,41 @@ impl From<&NodeSnapshot> for StatusBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn standby(streaming: Option<bool>, leader_runs_primary: bool) -> NodeSnapshot {
         NodeSnapshot {
-            member: MemberStatus {
-                name: "pg2".into(),
-                role: MemberRole::Replica,
-                state: MemberState::Running,
-                reason: None,
-                api_url: String::new(),
-                pg_address: String::new(),
-                grpc_url: None,
-                system_id: None,
-                timeline: Some(1),
-                write_lsn: None,
-                receive_lsn: None,
-                replay_lsn: None,
-                tags: Default::default(),
-                standing_down: false,
-                streaming,
-                standbys: Vec::new(),
-                version: String::new(),
+            report: Report {
+                member: MemberStatus {
+                    name: "pg2".into(),
+                    role: MemberRole::Replica,
+                    state: MemberState::Running,
+                    reason: None,
+                    api_url: String::new(),
+                    pg_address: String::new(),
+                    grpc_url: None,
+                    system_id: None,
+                    timeline: Some(1),
+                    write_lsn: None,
+                    receive_lsn: None,
+                    replay_lsn: None,
+                    tags: Default::default(),
+                    standing_down: false,
+                    streaming,
+                    standbys: Vec::new(),
+                    version: String::new(),
+                },
+                leader: Some("pg1".into()),
+                holds_leader_key: false,
+                demoting: false,
+                lag_bytes: Some(0),
+                dcs_reachable: true,
+                demote_margin: Duration::from_secs(1),
+                liveness_window: Duration::from_secs(10),
+                leader_runs_primary,
             },
-            leader: Some("pg1".into()),
-            holds_leader_key: false,
-            demoting: false,
-            lag_bytes: Some(0),
-            dcs_reachable: true,
-            demote_margin: Duration::from_secs(1),
             heartbeat: Instant::now(),
-            liveness_window: Duration::from_secs(10),
             postgres_pid: Some(42),
-            leader_runs_primary,
         }
     }
 
@@ -287,11 +278,11 @@ mod tests {
             "no primary to stream from: stale reads beat none"
         );
         let mut lagging = standby(Some(true), true);
-        lagging.lag_bytes = Some(2048);
+        lagging.report.lag_bytes = Some(2048);
         assert!(!replica_healthy(&lagging, Some(1024)));
         assert!(replica_healthy(&lagging, None));
         let mut primary = standby(None, false);
-        primary.member.role = MemberRole::Primary;
+        primary.report.member.role = MemberRole::Primary;
         assert!(!replica_healthy(&primary, None));
     }
 }

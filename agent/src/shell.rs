@@ -24,7 +24,7 @@ use crate::keeper::KeeperLink;
 use crate::persisted::UnrewoundMarker;
 use crate::postgres::Postgres;
 use anyhow::{anyhow, Context as _, Result};
-use jai_proto::{DynamicConfig, MemberRole, MemberState, MemberStatus};
+use jai_proto::{DynamicConfig, MemberRole, MemberStatus};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio::sync::{mpsc, watch, Notify};
@@ -66,7 +66,24 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
     .await?;
     let mut pg = Postgres::new(&config, wake.clone())?;
     pg.prepare()?;
-    let (snapshot, snapshot_rx) = watch::channel(initial_snapshot(&config, &dynamic));
+    let setup = Setup {
+        identity: Identity {
+            name: config.name.clone(),
+            cluster: config.cluster.clone(),
+            tags: config.tags.clone(),
+            fallback_demote_margin: dynamic.demote_margin(),
+            reclone_on_rewind_failure: config.postgresql.reclone_on_rewind_failure,
+        },
+        bootstrap: dynamic.clone(),
+        addresses: MemberAddresses {
+            api_url: config.api_url(),
+            pg_address: config.pg_address(),
+            grpc_url: config.grpc_url(),
+        },
+        version: env!("CARGO_PKG_VERSION").into(),
+        handover_stop_grace: config.postgresql.start_timeout,
+    };
+    let (snapshot, snapshot_rx) = watch::channel(initial_snapshot(&setup));
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("api.listen: cannot listen on {}", config.api.listen))?;
@@ -120,23 +137,6 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
             unrewound_marker.path().display()
         );
     }
-    let setup = Setup {
-        identity: Identity {
-            name: config.name.clone(),
-            cluster: config.cluster.clone(),
-            tags: config.tags.clone(),
-            fallback_demote_margin: dynamic.demote_margin(),
-            reclone_on_rewind_failure: config.postgresql.reclone_on_rewind_failure,
-        },
-        bootstrap: dynamic.clone(),
-        addresses: MemberAddresses {
-            api_url: config.api_url(),
-            pg_address: config.pg_address(),
-            grpc_url: config.grpc_url(),
-        },
-        version: env!("CARGO_PKG_VERSION").into(),
-        handover_stop_grace: config.postgresql.start_timeout,
-    };
     let mut agent = Agent {
         driver: Driver::new(setup, unrewound_marker.present()),
         unrewound_marker,
@@ -159,37 +159,11 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
     agent.shutdown().await
 }
 
-fn initial_snapshot(config: &AgentConfig, dynamic: &DynamicConfig) -> NodeSnapshot {
+fn initial_snapshot(setup: &Setup) -> NodeSnapshot {
     NodeSnapshot {
-        member: MemberStatus {
-            name: config.name.clone(),
-            role: MemberRole::Unknown,
-            state: MemberState::Stopped,
-            reason: Some("starting up".into()),
-            api_url: config.api_url(),
-            pg_address: config.pg_address(),
-            grpc_url: config.grpc_url(),
-            system_id: None,
-            timeline: None,
-            write_lsn: None,
-            receive_lsn: None,
-            replay_lsn: None,
-            tags: config.tags.clone(),
-            standing_down: false,
-            streaming: None,
-            standbys: Vec::new(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-        leader: None,
-        holds_leader_key: false,
-        demoting: false,
-        lag_bytes: None,
-        dcs_reachable: false,
-        demote_margin: dynamic.demote_margin(),
+        report: Driver::starting_report(setup),
         heartbeat: Instant::now(),
-        liveness_window: dynamic.ttl,
         postgres_pid: None,
-        leader_runs_primary: false,
     }
 }
 
@@ -427,17 +401,9 @@ impl Agent {
     /// What the health API answers from now on.
     fn publish(&mut self, report: Report) {
         let snapshot = NodeSnapshot {
-            member: report.member,
-            leader: report.leader,
-            holds_leader_key: report.holds_leader_key,
-            demoting: report.demoting,
-            lag_bytes: report.lag_bytes,
-            dcs_reachable: report.dcs_reachable,
-            demote_margin: report.demote_margin,
+            report,
             heartbeat: Instant::now(),
-            liveness_window: report.liveness_window,
             postgres_pid: self.pg.pid(),
-            leader_runs_primary: report.leader_runs_primary,
         };
         self.snapshot.send_replace(snapshot);
     }
@@ -478,7 +444,7 @@ impl Agent {
 
     /// Whether the running PostgreSQL is a standby, as last published.
     fn pg_is_standby(&self) -> bool {
-        self.snapshot.borrow().member.role != MemberRole::Primary
+        self.snapshot.borrow().report.member.role != MemberRole::Primary
     }
 
     /// The routing this member, as leader, wants from every HAProxy.
@@ -591,7 +557,8 @@ impl Agent {
     /// replica promotes while this primary could still accept a write.
     async fn shutdown(mut self) -> Result<()> {
         tracing::info!("shutting down");
-        self.snapshot.send_modify(|node| node.demoting = true);
+        self.snapshot
+            .send_modify(|node| node.report.demoting = true);
         let term = self.leader_term();
         self.pg
             .stop(self.config.postgresql.start_timeout)

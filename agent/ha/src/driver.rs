@@ -488,10 +488,49 @@ impl Driver {
         }
     }
 
+    /// What a member reports before its first round: stopped, role
+    /// unknown, "starting up", nothing known of the cluster.
+    pub fn starting_report(setup: &Setup) -> Report {
+        Report {
+            member: MemberStatus {
+                name: setup.identity.name.clone(),
+                role: MemberRole::Unknown,
+                state: jai_proto::MemberState::Stopped,
+                reason: Some("starting up".into()),
+                api_url: setup.addresses.api_url.clone(),
+                pg_address: setup.addresses.pg_address.clone(),
+                grpc_url: setup.addresses.grpc_url.clone(),
+                system_id: None,
+                timeline: None,
+                write_lsn: None,
+                receive_lsn: None,
+                replay_lsn: None,
+                tags: setup.identity.tags.clone(),
+                standing_down: false,
+                streaming: None,
+                standbys: Vec::new(),
+                version: setup.version.clone(),
+            },
+            leader: None,
+            holds_leader_key: false,
+            demoting: false,
+            lag_bytes: None,
+            dcs_reachable: false,
+            leader_runs_primary: false,
+            demote_margin: setup.bootstrap.demote_margin(),
+            liveness_window: setup.bootstrap.ttl,
+        }
+    }
+
     /// Plants an ordering bug (tests only: shows the simulator catches it).
     #[doc(hidden)]
     pub fn plant(&mut self, bug: PlantedBug) {
         self.planted = Some(bug);
+    }
+
+    /// What this driver was built with.
+    pub fn setup(&self) -> &Setup {
+        &self.setup
     }
 
     /// The cluster config in force.

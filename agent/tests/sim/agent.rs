@@ -31,7 +31,7 @@ use jai_agent::ha::driver::{
 };
 use jai_agent::ha::store::Request;
 use jai_agent::ha::{lease, Action, Identity, LeaseView, MemberAddresses, Millis, StartAs};
-use jai_proto::{DynamicConfig, Lsn, MemberRole, MemberState, MemberStatus, Tags};
+use jai_proto::{DynamicConfig, Lsn, MemberStatus};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
@@ -167,7 +167,6 @@ pub struct Agent {
     /// Which start of the agent on this member this is.
     pub incarnation: u32,
     name: String,
-    tags: Tags,
     clock: Clock,
     driver: Driver,
     /// The lease this agent holds (`LeaseTracker::id`).
@@ -196,7 +195,6 @@ impl Agent {
         plant: Option<Plant>,
     ) -> Self {
         let name = identity.name.clone();
-        let tags = identity.tags.clone();
         let setup = Setup {
             identity,
             addresses: MemberAddresses {
@@ -216,7 +214,6 @@ impl Agent {
             member,
             incarnation,
             name,
-            tags,
             clock,
             driver,
             lease_id: None,
@@ -230,27 +227,9 @@ impl Agent {
         }
     }
 
-    /// `initial_snapshot`: what the API reports before the first round.
+    /// What the API reports before the first round (the agent's own).
     pub fn initial_status(&self) -> MemberStatus {
-        MemberStatus {
-            name: self.name.clone(),
-            role: MemberRole::Unknown,
-            state: MemberState::Stopped,
-            reason: Some("starting up".into()),
-            api_url: String::new(),
-            pg_address: pg_address(&self.name),
-            grpc_url: None,
-            system_id: None,
-            timeline: None,
-            write_lsn: None,
-            receive_lsn: None,
-            replay_lsn: None,
-            tags: self.tags.clone(),
-            standing_down: false,
-            streaming: None,
-            standbys: Vec::new(),
-            version: "sim".into(),
-        }
+        Driver::starting_report(self.driver.setup()).member
     }
 
     /// `run`: spawns the keepalive task (the watch is the world's) and enters the loop.
