@@ -239,6 +239,7 @@ mod tests {
                     reason: None,
                     api_url: String::new(),
                     pg_address: String::new(),
+                    pg_paths: None,
                     grpc_url: None,
                     system_id: None,
                     timeline: Some(1),

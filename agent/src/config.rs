@@ -133,6 +133,14 @@ pub struct PostgresConfig {
     /// How long PostgreSQL may take to start or stop before the agent gives up on it.
     #[serde(default = "default_pg_timeout", with = "humantime_serde")]
     pub start_timeout: std::time::Duration,
+    /// The `pgbackrest` program, used when the cluster config has a `backup`
+    /// section (WAL archive, backups, clones from the repository).
+    #[serde(default = "default_pgbackrest")]
+    pub pgbackrest: PathBuf,
+}
+
+fn default_pgbackrest() -> PathBuf {
+    PathBuf::from("/usr/bin/pgbackrest")
 }
 
 /// A role name and its password, given inline or, better, in a file.
@@ -483,6 +491,20 @@ impl AgentConfig {
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", grpc.listen))
         })
+    }
+
+    /// Where this member's PostgreSQL keeps its files (the socket directory
+    /// is the agent's: `<state_dir>/run`).
+    pub fn pg_paths(&self) -> jai_proto::PgPaths {
+        jai_proto::PgPaths {
+            data_dir: self.postgresql.data_dir.to_string_lossy().into_owned(),
+            socket_dir: self.socket_dir().to_string_lossy().into_owned(),
+        }
+    }
+
+    /// The directory of PostgreSQL's Unix socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.state_dir.join("run")
     }
 
     /// `host:port` of this member's PostgreSQL as other members see it.

@@ -13,7 +13,8 @@ use crate::dcs::Dcs;
 use crate::ha::{self, ClusterView, Initialize, LeaderKey, PgRole, RunningPostgres};
 use jai_grpc::control_server::{Control, ControlServer};
 use jai_grpc::{
-    CancelSwitchoverRequest, ConfigReply, FailoverRequest, GetConfigRequest, HistoryReply,
+    BackupJobReply, BackupRequest, CancelSwitchoverRequest, ConfigReply, ListBackupsReply,
+    ListBackupsRequest, FailoverRequest, GetConfigRequest, HistoryReply,
     HistoryRequest, Member, OperationReply, PatchConfigRequest, ReinitializeRequest, ReloadRequest,
     RestartRequest, SetPauseRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
@@ -66,6 +67,8 @@ pub struct ControlService {
     /// The config to report and patch before etcd holds one.
     seed: DynamicConfig,
     requests: mpsc::Sender<OperatorRequest>,
+    /// How this member calls pgBackRest (`ListBackups`).
+    backup: crate::backup::Local,
 }
 
 impl ControlService {
@@ -77,6 +80,7 @@ impl ControlService {
         token: String,
         seed: DynamicConfig,
         requests: mpsc::Sender<OperatorRequest>,
+        backup: crate::backup::Local,
     ) -> Self {
         Self {
             dcs,
@@ -85,6 +89,7 @@ impl ControlService {
             token,
             seed,
             requests,
+            backup,
         }
     }
 
@@ -543,6 +548,31 @@ impl Control for ControlService {
             config_json: to_pretty_json(&after),
             diff,
         }))
+    }
+
+    async fn request_backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<BackupJobReply>, Status> {
+        self.authorize(&request)?;
+        let kind = crate::backup::requests::parse_kind(&request.into_inner().kind)?;
+        crate::backup::requests::settings(&self.view().await?.config)?;
+        let job = crate::backup::requests::request(&self.dcs, kind, unix_now()).await?;
+        tracing::info!(id = %job.id, %kind, "backup job requested by an operator");
+        Ok(Response::new(BackupJobReply {
+            message: format!("{kind} job {} recorded; the leader assigns it", job.id),
+            job_id: job.id,
+        }))
+    }
+
+    async fn list_backups(
+        &self,
+        _request: Request<ListBackupsRequest>,
+    ) -> Result<Response<ListBackupsReply>, Status> {
+        let config = self.view().await?.config;
+        let settings = crate::backup::requests::settings(&config)?;
+        let info_json = crate::backup::requests::list(&self.backup, settings).await?;
+        Ok(Response::new(ListBackupsReply { info_json }))
     }
 }
 

@@ -221,8 +221,14 @@ impl Dcs {
         Duration::from_millis(self.timing.keepalive_every_ms.load(Ordering::Relaxed))
     }
 
+    /// A client of the cluster's etcd, for the modules that keep their own
+    /// keys (backups).
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// Runs one etcd request bounded by `retry_timeout`, its failure typed.
-    async fn bounded<T>(
+    pub(crate) async fn bounded<T>(
         &self,
         what: &str,
         request: impl Future<Output = Result<T, etcd_client::Error>>,

@@ -487,6 +487,7 @@ mod tests {
             reason: None,
             api_url: format!("http://127.0.0.1:80{}", &name[2..]),
             pg_address: format!("127.0.0.1:54{}", &name[2..]),
+            pg_paths: None,
             grpc_url: None,
             system_id: None,
             timeline: Some(1),

@@ -23,6 +23,8 @@
 //! - [`haproxy`]: pushes role changes to HAProxy's runtime API (its settings
 //!   are [`config::HaproxyConfig`]).
 //! - [`persisted`]: the little the core must remember across agent restarts.
+//! - [`backup`]: pgBackRest: the WAL archive's settings, the backup
+//!   schedule and its jobs, restore drills (a worker beside the HA loop).
 //! - [`control`]: the gRPC control API `jaictl` drives (token-checked).
 //! - [`shell`]: the loop that observes, calls the core and executes actions.
 //!
@@ -30,6 +32,7 @@
 //! model types.
 
 pub mod api;
+pub mod backup;
 pub mod bytes;
 pub mod clock;
 pub mod config;

@@ -79,6 +79,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
             api_url: config.api_url(),
             pg_address: config.pg_address(),
             grpc_url: config.grpc_url(),
+            pg_paths: Some(config.pg_paths()),
         },
         version: env!("CARGO_PKG_VERSION").into(),
         handover_stop_grace: config.postgresql.start_timeout,
@@ -105,12 +106,22 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<()> {
             token,
             dynamic.clone(),
             operator_sender,
+            crate::backup::Local::from_config(&config)?,
         );
         tokio::spawn(control::serve(listener, service, stop.clone()));
     }
     dcs.apply_config(&dynamic);
     tokio::spawn(dcs.clone().run_keepalive(clock, wake.clone(), stop.clone()));
     tokio::spawn(dcs.clone().run_watch(wake.clone(), stop.clone()));
+    // Backups run beside the loop: a backup takes minutes, a round must not.
+    tokio::spawn(
+        crate::backup::Worker::new(
+            dcs.clone(),
+            crate::backup::Local::from_config(&config)?,
+            dynamic.clone(),
+        )
+        .run(stop.clone()),
+    );
     let fence = Arc::new(FenceTarget::default());
     fence::install_panic_hook(fence.clone());
     // Outside this process, so a frozen agent's primary is fenced too.
@@ -327,7 +338,10 @@ impl Agent {
         let result = match op {
             PgOp::InitDb => self.pg.initdb().await,
             PgOp::CreateReplicationRole => self.pg.create_replication_role().await,
-            PgOp::Clone { from } => self.pg.clone_from(&from).await,
+            PgOp::Clone { from } => {
+                let backup = self.dynamic.backup.clone();
+                self.pg.clone_from(&from, backup.as_ref()).await
+            }
             PgOp::Configure {
                 follow,
                 standby,

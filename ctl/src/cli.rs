@@ -57,6 +57,9 @@ pub enum Command {
     Dsn(DsnArgs),
     /// Print a complete haproxy.cfg for the cluster's registered members.
     HaproxyConfig(HaproxyConfigArgs),
+    /// Backups with pgBackRest: take one, list them, verify them.
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -199,6 +202,53 @@ pub enum ConfigCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `jaictl backup …`.
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take a backup now (the leader picks the member) and wait for it.
+    Create {
+        /// What to copy: everything, changes since the last full backup,
+        /// or since the last backup of any type (a full one when none exists).
+        #[arg(long = "type", value_enum, default_value_t = BackupType::Incr)]
+        kind: BackupType,
+        /// How long to wait for the result.
+        #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// The backups in the repository, with their WAL range and whether the
+    /// last restore drill verified them.
+    List(OutputArgs),
+    /// `pgbackrest verify` and a restore drill of the latest backup: restored
+    /// into a scratch directory, recovered, checked, counted, removed.
+    Verify {
+        /// How long to wait for the result.
+        #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+}
+
+/// `jaictl backup create --type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackupType {
+    /// Everything.
+    Full,
+    /// Changes since the last full backup.
+    Diff,
+    /// Changes since the last backup.
+    Incr,
+}
+
+impl BackupType {
+    /// The name the control API takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackupType::Full => "full",
+            BackupType::Diff => "diff",
+            BackupType::Incr => "incr",
+        }
+    }
 }
 
 /// `jaictl dsn`.

@@ -33,6 +33,12 @@ pub struct ClusterState {
     pub history: Vec<HistoryEntry>,
     /// The standbys the leader's commits wait for (synchronous mode).
     pub sync: Option<SyncState>,
+    /// The backup job requested or running (`backup/job`).
+    pub backup_job: Option<jai_proto::BackupJob>,
+    /// How the last backup job ended.
+    pub last_backup: Option<jai_proto::JobResult>,
+    /// How the last restore drill ended.
+    pub last_verify: Option<jai_proto::JobResult>,
     /// Keys that could not be read, and why: the rest is still shown.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<Unreadable>,
@@ -134,6 +140,9 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
         last_leader: None,
         history: Vec::new(),
         sync: None,
+        backup_job: None,
+        last_backup: None,
+        last_verify: None,
         unreadable: Vec::new(),
     };
     // One unreadable key must not hide the rest of the cluster.
@@ -157,6 +166,12 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
             state.sync = parse(key, value, &mut unreadable);
         } else if key == keys.history() {
             state.history = parse(key, value, &mut unreadable).unwrap_or_default();
+        } else if key == keys.backup_job() {
+            state.backup_job = parse(key, value, &mut unreadable);
+        } else if key == keys.backup_last() {
+            state.last_backup = parse(key, value, &mut unreadable);
+        } else if key == keys.backup_last_verify() {
+            state.last_verify = parse(key, value, &mut unreadable);
         } else if keys.member_name_of(key).is_some() {
             state.members.extend(parse(key, value, &mut unreadable));
         }

@@ -65,27 +65,28 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             print!("{}", crate::haproxy::render(&session.state, &args)?);
             Ok(())
         }
+        Command::Backup(command) => crate::backup::run(&mut session, command).await,
         Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     }
 }
 
 /// The config, an etcd connection, and the cluster as last read.
-struct Session {
-    config: CtlConfig,
-    etcd: etcd_client::Client,
-    state: ClusterState,
+pub struct Session {
+    pub(crate) config: CtlConfig,
+    pub(crate) etcd: etcd_client::Client,
+    pub(crate) state: ClusterState,
 }
 
 /// How often a waiting command re-reads etcd.
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
 impl Session {
-    async fn refresh(&mut self) -> Result<(), CtlError> {
+    pub(crate) async fn refresh(&mut self) -> Result<(), CtlError> {
         self.state = cluster::read(&mut self.etcd, &self.config).await?;
         Ok(())
     }
 
-    async fn any_agent(&self) -> Result<Agent, CtlError> {
+    pub(crate) async fn any_agent(&self) -> Result<Agent, CtlError> {
         let token = self.config.token()?;
         Agent::any(&self.config, &self.state, &token).await
     }

@@ -3,10 +3,12 @@
 //! Layout: [`cli`] holds the clap definitions (and so the man page and
 //! completions), [`config`] the `jaictl.yaml` file, [`cluster`] reads the
 //! cluster from etcd, [`agents`] calls the agents' control API, [`render`]
-//! prints, [`haproxy`] renders `haproxy.cfg`, and [`commands`] has one function per subcommand. Errors carry
+//! prints, [`haproxy`] renders `haproxy.cfg`, [`backup`] runs `jaictl backup …`,
+//! and [`commands`] has one function per subcommand. Errors carry
 //! their exit code ([`error::CtlError`]).
 
 mod agents;
+mod backup;
 mod cli;
 mod cluster;
 mod commands;

@@ -55,6 +55,21 @@ pub struct StatusView {
     pub sync_standbys: Vec<String>,
     /// One row per member.
     pub members: Vec<MemberRow>,
+    /// Backups in a line each (absent: the cluster has no `backup` section).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupLines>,
+}
+
+/// The backup lines of `jaictl status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupLines {
+    /// The last backup job, in words.
+    pub last_backup: String,
+    /// The last restore drill, in words.
+    pub last_verify: String,
+    /// The job running now, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
 }
 
 /// Builds the status rows from the cluster state.
@@ -80,7 +95,52 @@ pub fn status_view(state: &ClusterState) -> StatusView {
             .iter()
             .map(|member| member_row(state, member))
             .collect(),
+        backup: state.config.backup.as_ref().map(|_| BackupLines {
+            last_backup: state
+                .last_backup
+                .as_ref()
+                .map_or_else(|| "none yet".to_owned(), describe_result),
+            last_verify: state
+                .last_verify
+                .as_ref()
+                .map_or_else(|| "never".to_owned(), describe_result),
+            running: state.backup_job.as_ref().map(|job| {
+                format!(
+                    "{} job {} {} on {}",
+                    job.kind,
+                    job.id,
+                    if job.started_at.is_some() { "running" } else { "waiting" },
+                    job.member.as_deref().unwrap_or("(unassigned)")
+                )
+            }),
+        }),
     }
+}
+
+/// One job result in a line: what, where, when, how it went.
+pub fn describe_result(result: &jai_proto::JobResult) -> String {
+    let took = result.finished_at.saturating_sub(result.started_at);
+    let what = match (&result.label, result.kind) {
+        (Some(label), jai_proto::JobKind::Verify) => format!("verify of {label}"),
+        (Some(label), kind) => format!("{kind} {label}"),
+        (None, kind) => kind.to_string(),
+    };
+    let outcome = if result.ok {
+        let rpo = result
+            .drill
+            .as_ref()
+            .and_then(|drill| drill.rpo_seconds)
+            .map(|rpo| format!(", RPO {rpo:.1} s"))
+            .unwrap_or_default();
+        format!("ok in {took} s{rpo}")
+    } else {
+        format!("FAILED: {}", result.problem.as_deref().unwrap_or("unknown"))
+    };
+    format!(
+        "{what} on {} at {}: {outcome}",
+        result.member,
+        format_unix(result.finished_at)
+    )
 }
 
 fn member_row(state: &ClusterState, member: &MemberStatus) -> MemberRow {
@@ -222,6 +282,13 @@ pub fn status_table(view: &StatusView) -> String {
     if let Some(pending) = &view.pending_switchover {
         out.push_str(&format!("Pending switchover: {pending}\n"));
     }
+    if let Some(backup) = &view.backup {
+        out.push_str(&format!("Last backup: {}\n", backup.last_backup));
+        out.push_str(&format!("Last verify: {}\n", backup.last_verify));
+        if let Some(running) = &backup.running {
+            out.push_str(&format!("Backup job: {running}\n"));
+        }
+    }
     out.trim_end().to_owned()
 }
 
@@ -304,7 +371,8 @@ pub fn bytes(count: u64) -> String {
     match count {
         0..1024 => format!("{count} B"),
         1024..1_048_576 => format!("{:.1} KiB", count as f64 / 1024.0),
-        _ => format!("{:.1} MiB", count as f64 / 1_048_576.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", count as f64 / 1_048_576.0),
+        _ => format!("{:.2} GiB", count as f64 / 1_073_741_824.0),
     }
 }
 

@@ -43,6 +43,10 @@ pub struct DynamicConfig {
     pub maximum_lag_on_syncnode: u64,
     /// PostgreSQL settings every member runs with.
     pub postgresql: PostgresqlSettings,
+    /// WAL archive and scheduled backups with pgBackRest (docs/backups.md);
+    /// absent: neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::backup::BackupSettings>,
 }
 
 /// Whether a commit is acknowledged only once standbys have it.
@@ -88,6 +92,7 @@ impl Default for DynamicConfig {
             synchronous_node_count: 1,
             maximum_lag_on_syncnode: 16 * 1024 * 1024,
             postgresql: PostgresqlSettings::default(),
+            backup: None,
         }
     }
 }
@@ -119,6 +124,10 @@ const AGENT_OWNED_PARAMETERS: &[&str] = &[
     "wal_level",
     "hot_standby",
     "synchronous_standby_names",
+    "archive_mode",
+    "archive_command",
+    "restore_command",
+    "archive_timeout",
 ];
 
 /// The demotion margin never exceeds this (see [`DynamicConfig::demote_margin`]).
@@ -248,6 +257,11 @@ impl DynamicConfig {
                     self.synchronous_node_count
                 ),
             );
+        }
+        if let Some(backup) = &self.backup {
+            if let Err((field, reason)) = backup.validate() {
+                return error(&format!("backup.{field}"), reason);
+            }
         }
         for name in self.postgresql.parameters.keys() {
             if name.is_empty()

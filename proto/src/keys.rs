@@ -71,6 +71,21 @@ impl ClusterKeys {
         format!("{}sync", self.prefix)
     }
 
+    /// `backup/job`: the one [`crate::BackupJob`] requested or running.
+    pub fn backup_job(&self) -> String {
+        format!("{}backup/job", self.prefix)
+    }
+
+    /// `backup/last`: the [`crate::JobResult`] of the last backup job.
+    pub fn backup_last(&self) -> String {
+        format!("{}backup/last", self.prefix)
+    }
+
+    /// `backup/last_verify`: the [`crate::JobResult`] of the last restore drill.
+    pub fn backup_last_verify(&self) -> String {
+        format!("{}backup/last_verify", self.prefix)
+    }
+
     /// The member name of a `members/<name>` key, or `None` for any other key.
     pub fn member_name_of<'a>(&self, key: &'a str) -> Option<&'a str> {
         key.strip_prefix(&self.prefix)?

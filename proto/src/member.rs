@@ -98,8 +98,22 @@ pub struct MemberStatus {
     /// should stream and does not leaves `/replica` and the read backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streaming: Option<bool>,
+    /// Where its PostgreSQL keeps its files on its host: a backup taken on
+    /// a standby of the same host reads the primary's through them
+    /// (pgBackRest's backup from a standby needs both servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg_paths: Option<PgPaths>,
     /// Version of the agent that wrote this value.
     pub version: String,
+}
+
+/// A member's PostgreSQL files on its own host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgPaths {
+    /// The data directory.
+    pub data_dir: String,
+    /// The directory of its Unix socket.
+    pub socket_dir: String,
 }
 
 /// One standby streaming from a primary, as the primary sees it.
@@ -153,6 +167,7 @@ mod tests {
             reason: None,
             api_url: "http://127.0.0.1:8009".into(),
             pg_address: "127.0.0.1:5433".into(),
+            pg_paths: None,
             grpc_url: None,
             system_id: Some("7310".into()),
             timeline: Some(1),

@@ -57,6 +57,9 @@ pub struct LabSpec {
     pub agent_log_format: jai_proto::logging::LogFormat,
     /// `postgresql.reclone_on_rewind_failure` of every agent.
     pub reclone_on_rewind_failure: bool,
+    /// Backups with pgBackRest: a repository under `DIR/backup/repo` and the
+    /// cluster config's `backup` section (unless `dcs` has its own).
+    pub backup: bool,
 }
 
 impl LabSpec {
@@ -80,8 +83,37 @@ impl LabSpec {
             chaos: false,
             agent_log_format: jai_proto::logging::LogFormat::Text,
             reclone_on_rewind_failure: false,
+            backup: true,
         }
     }
+
+    /// The cluster config the bootstrapping member seeds: `dcs`, with a
+    /// `backup` section for the lab's repository when backups are on.
+    fn bootstrap_dcs(&self, repo: &Path) -> Option<jai_proto::DynamicConfig> {
+        if !self.backup {
+            return self.dcs.clone();
+        }
+        let mut dcs = self.dcs.clone().unwrap_or_default();
+        dcs.backup.get_or_insert_with(|| jai_proto::BackupSettings {
+            stanza: self.cluster.clone(),
+            repo_path: repo.to_owned(),
+            process_max: 1,
+            ..Default::default()
+        });
+        Some(dcs)
+    }
+}
+
+/// Where the lab's backups are (`lab.json`'s `backup`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupInfo {
+    /// pgBackRest's stanza.
+    pub stanza: String,
+    /// The repository's directory.
+    pub repo: PathBuf,
+    /// A pgBackRest config file that reaches the repository
+    /// (`pgbackrest --config=THIS --stanza=STANZA info`): the first node's.
+    pub config: PathBuf,
 }
 
 /// `DIR/lab.json`: the description scripts and tests rely on (docs/lab.md).
@@ -118,6 +150,9 @@ pub struct LabDescription {
     /// What a chaos lab (`LabSpec::chaos`) set up and `down` removes.
     #[serde(default)]
     pub chaos: crate::faults::ChaosState,
+    /// The backup repository, when the lab has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupInfo>,
 }
 
 /// One etcd member started by the lab.
@@ -276,7 +311,9 @@ pub struct Lab {
 }
 
 /// The directories a lab writes under DIR, and the only ones `up` removes.
-const LAB_SUBDIRS: &[&str] = &["secrets", "etcd", "nodes", "haproxy", "logs", "app"];
+const LAB_SUBDIRS: &[&str] = &[
+    "secrets", "etcd", "nodes", "haproxy", "logs", "app", "backup", "backup/repo",
+];
 
 const SUPERUSER: &str = "postgres";
 /// The role standbys stream as.
@@ -491,6 +528,7 @@ impl Lab {
                 jaictl_config: dir.join("jaictl.yaml"),
                 control_token_file: control_token_file.clone(),
                 chaos: Default::default(),
+                backup: None,
             },
             owned: true,
             http: http_client(),
@@ -498,6 +536,20 @@ impl Lab {
         // From here on, a failure kills what was started (Drop) and lab.json
         // lets `down` find it too.
         lab.start_etcd()?;
+        if spec.backup {
+            let repo = dir.join("backup/repo");
+            if let Some(user) = run_as {
+                let account = nix::unistd::User::from_name(user)?
+                    .ok_or_else(|| anyhow!("no OS user {user}"))?;
+                nix::unistd::chown(&repo, Some(account.uid), Some(account.gid))?;
+            }
+            std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o750))?;
+            lab.desc.backup = Some(BackupInfo {
+                stanza: spec.cluster.clone(),
+                config: lab.desc.nodes[0].state_dir().join("pgbackrest.conf"),
+                repo,
+            });
+        }
         if spec.chaos {
             lab.prepare_chaos()?;
         }
@@ -1507,7 +1559,8 @@ fn agent_yaml(
     spec: &LabSpec,
 ) -> String {
     let tags = spec.tags.get(&node.name);
-    let dcs = spec.dcs.as_ref();
+    let dcs = spec.bootstrap_dcs(&desc.dir.join("backup/repo"));
+    let dcs = dcs.as_ref();
     let api_listen = node.api.trim_start_matches("http://");
     let mut yaml = format!(
         "# Written by jai-lab.\n\

@@ -500,6 +500,7 @@ impl Driver {
                 api_url: setup.addresses.api_url.clone(),
                 pg_address: setup.addresses.pg_address.clone(),
                 grpc_url: setup.addresses.grpc_url.clone(),
+                pg_paths: setup.addresses.pg_paths.clone(),
                 system_id: None,
                 timeline: None,
                 write_lsn: None,
@@ -1106,7 +1107,7 @@ impl Driver {
                     Some(from) => {
                         self.log(
                             Level::Info,
-                            format!("cloning from {leader} ({from}) with pg_basebackup"),
+                            format!("cloning from {leader} ({from})"),
                         );
                         Wait(Effect::Postgres(PgOp::Clone { from }))
                     }

@@ -143,6 +143,7 @@ impl Core {
             api_url: reach.api_url,
             pg_address: reach.pg_address,
             grpc_url: reach.grpc_url,
+            pg_paths: reach.pg_paths,
             system_id,
             timeline: running.map(|pg| pg.timeline),
             write_lsn: running.and_then(|pg| pg.write_lsn),

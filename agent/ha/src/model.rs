@@ -34,6 +34,8 @@ pub struct MemberAddresses {
     pub pg_address: String,
     /// Base URL of its gRPC control API, if it serves one.
     pub grpc_url: Option<String>,
+    /// Its PostgreSQL's files on its host.
+    pub pg_paths: Option<jai_proto::PgPaths>,
 }
 
 /// Everything the shell saw, at one instant.

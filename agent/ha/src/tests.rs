@@ -82,6 +82,7 @@ fn member(name: &str, role: MemberRole, lsn: u64) -> MemberStatus {
         reason: None,
         api_url: String::new(),
         pg_address: String::new(),
+        pg_paths: None,
         grpc_url: None,
         system_id: Some("42".into()),
         timeline: Some(1),

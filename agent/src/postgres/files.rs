@@ -24,6 +24,19 @@ pub struct ServerSettings<'a> {
     /// `synchronous_standby_names`, owned by the leader's sync rounds
     /// (a standby ignores it until it is promoted).
     pub sync_standby_names: String,
+    /// WAL archive settings, when the cluster config has a `backup` section.
+    pub archive: Option<ArchiveSettings>,
+}
+
+/// How PostgreSQL archives and fetches WAL (pgBackRest).
+pub struct ArchiveSettings {
+    /// `archive_command`; only a primary runs it (`archive_mode = on`).
+    pub archive_command: String,
+    /// `restore_command`: a standby that fell behind its upstream's WAL
+    /// catches up from the archive.
+    pub restore_command: String,
+    /// `archive_timeout`.
+    pub archive_timeout: std::time::Duration,
 }
 
 /// Renders `postgresql.conf`. The parameters the agent owns come last so that
@@ -77,6 +90,16 @@ pub fn postgresql_conf(settings: &ServerSettings) -> String {
     ];
     for (name, value) in owned {
         let _ = writeln!(text, "{name} = {}", quote(&value));
+    }
+    if let Some(archive) = &settings.archive {
+        let _ = writeln!(text, "archive_mode = 'on'");
+        let _ = writeln!(text, "archive_command = {}", quote(&archive.archive_command));
+        let _ = writeln!(text, "restore_command = {}", quote(&archive.restore_command));
+        let _ = writeln!(
+            text,
+            "archive_timeout = '{}s'",
+            archive.archive_timeout.as_secs().max(1)
+        );
     }
     text
 }
@@ -140,7 +163,15 @@ mod tests {
             primary_slot: Some("jai_pg1".into()),
             parameters: &parameters,
             sync_standby_names: "FIRST 1 (\"pg2\")".into(),
+            archive: Some(ArchiveSettings {
+                archive_command: "pgbackrest archive-push %p".into(),
+                restore_command: "pgbackrest archive-get %f \"%p\"".into(),
+                archive_timeout: std::time::Duration::from_secs(60),
+            }),
         });
+        assert!(text.contains("archive_mode = 'on'"));
+        assert!(text.contains("archive_timeout = '60s'"));
+        assert!(text.contains("restore_command = 'pgbackrest archive-get %f \"%p\"'"));
         assert!(text.contains("synchronous_standby_names = 'FIRST 1 (\"pg2\")'"));
         assert!(text.contains("work_mem = '8MB'"));
         assert!(text.contains("wal_keep_size = '1GB'"));

@@ -15,7 +15,7 @@ pub mod files;
 use crate::config::AgentConfig;
 use crate::ha::{DataDir, PgProcess, PgRole, RunningPostgres, SyncNames};
 use anyhow::{anyhow, bail, Context, Result};
-use jai_proto::{DynamicConfig, Lsn, StandbyLink};
+use jai_proto::{BackupSettings, DynamicConfig, Lsn, StandbyLink};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::unix::fs::PermissionsExt;
@@ -27,11 +27,40 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 use tokio::sync::Notify;
 
-/// The OS account PostgreSQL runs as.
+/// The OS account PostgreSQL runs as (`postgresql.run_as`), for every
+/// program that touches its files.
 #[derive(Debug, Clone, Copy)]
-struct RunAs {
+pub struct RunAs {
     uid: nix::unistd::Uid,
     gid: nix::unistd::Gid,
+}
+
+impl RunAs {
+    /// The configured account, looked up; `None` when the agent runs as
+    /// PostgreSQL's own user.
+    pub fn from_config(config: &AgentConfig) -> Result<Option<Self>> {
+        let Some(user) = &config.postgresql.run_as else {
+            return Ok(None);
+        };
+        let account = nix::unistd::User::from_name(user)
+            .with_context(|| format!("looking up postgresql.run_as user {user:?}"))?
+            .ok_or_else(|| anyhow!("postgresql.run_as: no such OS user {user:?}"))?;
+        Ok(Some(Self {
+            uid: account.uid,
+            gid: account.gid,
+        }))
+    }
+
+    /// Makes `command` run as this account.
+    pub fn apply(self, command: &mut Command) {
+        command.uid(self.uid.as_raw()).gid(self.gid.as_raw());
+    }
+
+    /// Gives `path` to this account.
+    pub fn chown(self, path: &Path) -> Result<()> {
+        nix::unistd::chown(path, Some(self.uid), Some(self.gid))
+            .with_context(|| format!("chown {}", path.display()))
+    }
 }
 
 /// The postmaster the agent knows about.
@@ -80,6 +109,9 @@ pub struct Postgres {
     sync_names: SyncNames,
     /// Wakes the decision loop when the postmaster exits.
     exited: Arc<Notify>,
+    /// How this member calls pgBackRest (archive commands, clones from the
+    /// repository).
+    backup: crate::backup::Local,
 }
 
 /// Marker file: a clone or initdb into the data directory is under way; if the
@@ -90,18 +122,7 @@ impl Postgres {
     /// Prepares supervision from the configuration; starts nothing.
     pub fn new(config: &AgentConfig, exited: Arc<Notify>) -> Result<Self> {
         let pg = &config.postgresql;
-        let run_as = match &pg.run_as {
-            Some(user) => {
-                let account = nix::unistd::User::from_name(user)
-                    .with_context(|| format!("looking up postgresql.run_as user {user:?}"))?
-                    .ok_or_else(|| anyhow!("postgresql.run_as: no such OS user {user:?}"))?;
-                Some(RunAs {
-                    uid: account.uid,
-                    gid: account.gid,
-                })
-            }
-            None => None,
-        };
+        let run_as = RunAs::from_config(config)?;
         Ok(Self {
             member: config.name.clone(),
             bin_dir: pg.bin_dir.clone(),
@@ -120,6 +141,7 @@ impl Postgres {
             following: None,
             sync_names: SyncNames::Off,
             exited,
+            backup: crate::backup::Local::from_config(config)?,
         })
     }
 
@@ -159,11 +181,10 @@ impl Postgres {
     }
 
     fn chown(&self, path: &Path) -> Result<()> {
-        if let Some(run_as) = self.run_as {
-            nix::unistd::chown(path, Some(run_as.uid), Some(run_as.gid))
-                .with_context(|| format!("chown {}", path.display()))?;
+        match self.run_as {
+            Some(run_as) => run_as.chown(path),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn write_private_file(&self, path: &Path, contents: &str) -> Result<()> {
@@ -434,8 +455,75 @@ impl Postgres {
         self.end_incomplete()
     }
 
+    /// Fills the empty data directory for a new replica: from the backup
+    /// repository when the cluster has one with a backup in it (the leader
+    /// then only streams what came after), else with `pg_basebackup` from
+    /// the leader at `host:port`.
+    pub async fn clone_from(&mut self, address: &str, backup: Option<&BackupSettings>) -> Result<()> {
+        if let Some(settings) = backup.filter(|settings| settings.clone_from_backup) {
+            match self.restore_from_repository(settings).await {
+                Ok(label) => {
+                    tracing::info!(
+                        backup = %label,
+                        "replica restored from the backup repository; it catches up from the archive, then streams"
+                    );
+                    return Ok(());
+                }
+                Err(error) => tracing::warn!(
+                    "cannot restore from the backup repository, cloning with pg_basebackup instead: {error:#}"
+                ),
+            }
+        }
+        self.basebackup_from(address).await
+    }
+
+    /// Restores the latest backup as a standby (`pgbackrest restore
+    /// --type=standby`); returns its label.
+    async fn restore_from_repository(&mut self, settings: &BackupSettings) -> Result<String> {
+        self.backup.write_conf(settings, None)?;
+        let pgbackrest = self.backup.pgbackrest(settings);
+        let latest = pgbackrest
+            .info()
+            .await?
+            .latest()
+            .map(|backup| backup.label.clone())
+            .ok_or_else(|| anyhow!("the repository holds no backup yet"))?;
+        self.begin_incomplete()?;
+        pgbackrest
+            .restore(
+                &self.data_dir,
+                Some(&latest),
+                &["--type=standby"],
+                Duration::from_secs(24 * 3600),
+            )
+            .await?;
+        self.drop_restore_settings()?;
+        self.end_incomplete()?;
+        Ok(latest)
+    }
+
+    /// pgBackRest writes its own `restore_command` into
+    /// `postgresql.auto.conf`, which would override the agent's (it names
+    /// no config file); the agent's `postgresql.conf` sets it instead.
+    fn drop_restore_settings(&self) -> Result<()> {
+        let path = self.data_dir.join("postgresql.auto.conf");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                let line = line.trim_start();
+                !line.starts_with("restore_command") && !line.starts_with("recovery_target")
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        self.write_private_file(&path, &kept)
+    }
+
     /// Clones the data directory from `host:port` with `pg_basebackup`.
-    pub async fn clone_from(&mut self, address: &str) -> Result<()> {
+    async fn basebackup_from(&mut self, address: &str) -> Result<()> {
+        tracing::info!("cloning from {address} with pg_basebackup");
         let (host, port) = address
             .rsplit_once(':')
             .ok_or_else(|| anyhow!("leader address {address:?} is not host:port"))?;
@@ -612,7 +700,7 @@ impl Postgres {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if let Some(run_as) = self.run_as {
-            command.uid(run_as.uid.as_raw()).gid(run_as.gid.as_raw());
+            run_as.apply(&mut command);
         }
         let output = command
             .output()
@@ -648,6 +736,14 @@ impl Postgres {
             primary_slot: follow.map(|_| crate::ha::slot_name(&self.member)),
             parameters: &dynamic.postgresql.parameters,
             sync_standby_names: self.sync_names.render(),
+            archive: dynamic.backup.as_ref().map(|settings| {
+                let invocation = self.backup.pgbackrest(settings).invocation;
+                files::ArchiveSettings {
+                    archive_command: invocation.archive_command(),
+                    restore_command: invocation.restore_command(),
+                    archive_timeout: settings.archive_timeout,
+                }
+            }),
         };
         let conf = files::postgresql_conf(&settings);
         self.write_private_file(&self.data_dir.join("postgresql.conf"), &conf)?;
@@ -700,7 +796,7 @@ impl Postgres {
             .stderr(log)
             .process_group(0);
         if let Some(run_as) = self.run_as {
-            command.uid(run_as.uid.as_raw()).gid(run_as.gid.as_raw());
+            run_as.apply(&mut command);
         }
         let mut child = command.spawn().context("spawning postgres")?;
         let pid = Pid::from_raw(

@@ -201,6 +201,7 @@ impl Agent {
                 api_url: String::new(),
                 pg_address: pg_address(&name),
                 grpc_url: None,
+                pg_paths: None,
             },
             version: "sim".into(),
             handover_stop_grace: Duration::from_secs(60),

@@ -1,0 +1,312 @@
+//! Runs pgBackRest as PostgreSQL's user and reads what it prints.
+//!
+//! Every call is bounded in time and killed when it runs over; its error is
+//! the last line pgBackRest wrote to stderr (`ERROR: [055]: …`), which names
+//! the problem better than anything the agent could add.
+
+use super::conf::Invocation;
+use crate::postgres::RunAs;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::Command;
+
+/// pgBackRest for one member.
+#[derive(Debug, Clone)]
+pub struct PgBackRest {
+    /// Program, config file and stanza.
+    pub invocation: Invocation,
+    /// PostgreSQL's account, when the agent runs as root.
+    pub run_as: Option<RunAs>,
+    /// The passfile with the superuser's password (pgBackRest connects with libpq).
+    pub passfile: PathBuf,
+    /// Where it runs (the agent's state directory).
+    pub work_dir: PathBuf,
+}
+
+/// How long a command that only reads or checks may run.
+const QUICK: Duration = Duration::from_secs(120);
+
+impl PgBackRest {
+    /// Runs `pgbackrest <args>`; returns stdout.
+    pub async fn run(&self, args: &[&str], within: Duration) -> Result<String> {
+        let mut command = Command::new(&self.invocation.program);
+        command
+            .arg(format!("--config={}", self.invocation.config.display()))
+            .arg(format!("--stanza={}", self.invocation.stanza))
+            .args(args)
+            .env("PGPASSFILE", &self.passfile)
+            .env("LC_ALL", "C")
+            .current_dir(&self.work_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(run_as) = self.run_as {
+            run_as.apply(&mut command);
+        }
+        let what = args.first().copied().unwrap_or("pgbackrest");
+        let output = tokio::time::timeout(within, command.output())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "pgbackrest {what} did not finish within {}",
+                    humantime::format_duration(within)
+                )
+            })?
+            .with_context(|| format!("running {}", self.invocation.program.display()))?;
+        if !output.status.success() {
+            bail!(
+                "pgbackrest {what} failed: {}",
+                last_error(&String::from_utf8_lossy(&output.stderr))
+                    .or_else(|| last_error(&String::from_utf8_lossy(&output.stdout)))
+                    .unwrap_or_else(|| output.status.to_string())
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Creates the stanza, or checks that the existing one belongs to this
+    /// database (pgBackRest refuses a repository of another system).
+    pub async fn stanza_create(&self) -> Result<()> {
+        self.run(&["stanza-create"], QUICK).await.map(drop)
+    }
+
+    /// Takes a backup of `kind` (`full`, `diff`, `incr`); retention is
+    /// applied by pgBackRest right after it.
+    pub async fn backup(&self, kind: &str, within: Duration) -> Result<()> {
+        self.run(&["backup", &format!("--type={kind}")], within)
+            .await
+            .map(drop)
+    }
+
+    /// What the repository holds for the stanza.
+    pub async fn info(&self) -> Result<StanzaInfo> {
+        let text = self.run(&["info", "--output=json"], QUICK).await?;
+        parse_info(&text)
+    }
+
+    /// `pgbackrest verify`: every file of the repository against its checksum.
+    pub async fn verify(&self, within: Duration) -> Result<()> {
+        let printed = self.run(&["verify", "--log-level-console=info"], within).await?;
+        // 2.45 exits 0 and reports bad files only in its log lines.
+        let problems: Vec<&str> = printed
+            .lines()
+            .filter(|line| {
+                line.contains("invalid") || line.contains("missing") || line.contains("ERROR")
+            })
+            .filter(|line| !line.contains("invalid: 0") && !line.contains("missing: 0"))
+            .collect();
+        if let Some(problem) = problems.first() {
+            bail!("pgbackrest verify found a problem: {}", problem.trim());
+        }
+        Ok(())
+    }
+
+    /// Restores the backup `set` (or the latest) into the empty `data_dir`,
+    /// with `extra` options (`--type=…`, `--target=…`).
+    pub async fn restore(
+        &self,
+        data_dir: &Path,
+        set: Option<&str>,
+        extra: &[&str],
+        within: Duration,
+    ) -> Result<()> {
+        let path = format!("--pg1-path={}", data_dir.display());
+        let set = set.map(|label| format!("--set={label}"));
+        let mut args = vec!["restore", path.as_str()];
+        args.extend(set.as_deref());
+        args.extend(extra);
+        self.run(&args, within).await.map(drop)
+    }
+}
+
+/// The last `ERROR:` line pgBackRest printed, without its timestamp prefix.
+fn last_error(text: &str) -> Option<String> {
+    text.lines()
+        .rev()
+        .find_map(|line| line.find("ERROR:").map(|at| line[at..].trim().to_owned()))
+}
+
+/// One stanza of `pgbackrest info --output=json`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct StanzaInfo {
+    /// The stanza.
+    #[serde(default)]
+    pub name: String,
+    /// Its backups, oldest first.
+    #[serde(default)]
+    pub backup: Vec<BackupInfo>,
+    /// Its WAL archive, per database version.
+    #[serde(default)]
+    pub archive: Vec<ArchiveInfo>,
+    /// pgBackRest's verdict on the stanza.
+    #[serde(default)]
+    pub status: StatusInfo,
+}
+
+/// `status` of a stanza.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct StatusInfo {
+    /// 0 is ok.
+    #[serde(default)]
+    pub code: i64,
+    /// What pgBackRest says.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// One backup of a stanza.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct BackupInfo {
+    /// Its label, e.g. `20261203-201501F`.
+    pub label: String,
+    /// `full`, `diff` or `incr`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Start and stop time.
+    pub timestamp: Timestamps,
+    /// The WAL it needs.
+    #[serde(default)]
+    pub archive: WalRange,
+    /// Sizes.
+    #[serde(default)]
+    pub info: SizeInfo,
+    /// The backup it depends on.
+    #[serde(default)]
+    pub prior: Option<String>,
+    /// pgBackRest found page checksum errors while copying.
+    #[serde(default)]
+    pub error: Option<bool>,
+}
+
+/// Unix seconds.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+pub struct Timestamps {
+    /// Start.
+    pub start: u64,
+    /// Stop.
+    pub stop: u64,
+}
+
+/// First and last WAL segment.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct WalRange {
+    /// First segment.
+    #[serde(default)]
+    pub start: Option<String>,
+    /// Last segment.
+    #[serde(default)]
+    pub stop: Option<String>,
+}
+
+/// Sizes of a backup.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct SizeInfo {
+    /// The database's size.
+    #[serde(default)]
+    pub size: u64,
+    /// In the repository (compressed).
+    #[serde(default)]
+    pub repository: RepoSize,
+}
+
+/// Size in the repository.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct RepoSize {
+    /// Bytes stored for this backup.
+    #[serde(default)]
+    pub delta: u64,
+}
+
+/// The WAL archive of one database version.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ArchiveInfo {
+    /// e.g. `15-1`.
+    pub id: String,
+    /// Oldest segment.
+    #[serde(default)]
+    pub min: Option<String>,
+    /// Newest segment.
+    #[serde(default)]
+    pub max: Option<String>,
+}
+
+impl StanzaInfo {
+    /// The newest backup.
+    pub fn latest(&self) -> Option<&BackupInfo> {
+        self.backup.iter().max_by_key(|backup| backup.timestamp.stop)
+    }
+
+    /// When the newest full backup ended.
+    pub fn last_full_stop(&self) -> Option<u64> {
+        self.backup
+            .iter()
+            .filter(|backup| backup.kind == "full")
+            .map(|backup| backup.timestamp.stop)
+            .max()
+    }
+
+    /// When the oldest backup started: no restore can reach earlier.
+    pub fn oldest_start(&self) -> Option<u64> {
+        self.backup.iter().map(|backup| backup.timestamp.start).min()
+    }
+
+    /// The newest archived WAL segment.
+    pub fn newest_wal(&self) -> Option<&str> {
+        self.archive
+            .iter()
+            .filter_map(|archive| archive.max.as_deref())
+            .max()
+    }
+}
+
+/// Reads `info --output=json` (an array with our one stanza).
+pub fn parse_info(text: &str) -> Result<StanzaInfo> {
+    let mut stanzas: Vec<StanzaInfo> =
+        serde_json::from_str(text).context("pgbackrest info printed no JSON list")?;
+    stanzas
+        .pop()
+        .ok_or_else(|| anyhow!("pgbackrest info listed no stanza"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = r#"[{"archive":[{"database":{"id":1,"repo-key":1},"id":"15-1",
+      "max":"000000020000000000000009","min":"000000010000000000000003"}],
+      "backup":[
+       {"archive":{"start":"000000010000000000000003","stop":"000000010000000000000003"},
+        "backrest":{"format":5,"version":"2.45"},"database":{"id":1,"repo-key":1},
+        "error":false,"info":{"delta":30000000,"repository":{"delta":4000000,"size":4000000},"size":30000000},
+        "label":"20261203-201501F","lsn":{"start":"0/3000028","stop":"0/3000100"},
+        "prior":null,"reference":null,"timestamp":{"start":1796328901,"stop":1796328905},"type":"full"},
+       {"archive":{"start":"000000020000000000000008","stop":"000000020000000000000008"},
+        "info":{"delta":1000,"repository":{"delta":200,"size":200},"size":30000000},
+        "label":"20261203-201501F_20261203-202000I","prior":"20261203-201501F",
+        "timestamp":{"start":1796329200,"stop":1796329203},"type":"incr"}],
+      "cipher":"none","name":"votes","status":{"code":0,"message":"ok"}}]"#;
+
+    #[test]
+    fn info_is_read_with_the_facts_the_schedule_needs() {
+        let info = parse_info(INFO).unwrap();
+        assert_eq!(info.name, "votes");
+        assert_eq!(info.latest().unwrap().kind, "incr");
+        assert_eq!(info.last_full_stop(), Some(1796328905));
+        assert_eq!(info.oldest_start(), Some(1796328901));
+        assert_eq!(info.newest_wal(), Some("000000020000000000000009"));
+        assert_eq!(info.backup[0].info.repository.delta, 4000000);
+    }
+
+    #[test]
+    fn the_error_line_is_what_the_operator_sees() {
+        let stderr = "2026-12-03 20:00:00.000 P00  ERROR: [055]: unable to load info file '/x/backup.info'\n";
+        assert_eq!(
+            last_error(stderr).unwrap(),
+            "ERROR: [055]: unable to load info file '/x/backup.info'"
+        );
+    }
+}
