@@ -14,7 +14,7 @@ use crate::ha::{self, ClusterView, Initialize, LeaderKey, PgRole, RunningPostgre
 use jai_grpc::control_server::{Control, ControlServer};
 use jai_grpc::{
     BackupJobReply, BackupRequest, CancelSwitchoverRequest, ConfigReply, ListBackupsReply,
-    ListBackupsRequest, FailoverRequest, GetConfigRequest, HistoryReply,
+    ListBackupsRequest, RestoreRequest, FailoverRequest, GetConfigRequest, HistoryReply,
     HistoryRequest, Member, OperationReply, PatchConfigRequest, ReinitializeRequest, ReloadRequest,
     RestartRequest, SetPauseRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
@@ -144,6 +144,7 @@ impl ControlService {
         at_unix: Option<u64>,
         force: bool,
     ) -> Result<OperationReply, Status> {
+        refuse_during_restore(&self.view().await?)?;
         // What the leader last published may lag the replicas by a loop (a
         // replica that just started streaming): a refusal that may clear is
         // checked again against fresh state for up to two loops.
@@ -359,6 +360,7 @@ impl Control for ControlService {
             return Err(Status::invalid_argument("to: name the member to promote"));
         }
         let view = self.view().await?;
+        refuse_during_restore(&view)?;
         let leader_runs = view.leader.as_ref().is_some_and(|leader| {
             view.member(&leader.name)
                 .and_then(running_primary)
@@ -565,6 +567,40 @@ impl Control for ControlService {
         }))
     }
 
+    async fn restore(
+        &self,
+        request: Request<RestoreRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let view = self.view().await?;
+        if request.abort {
+            let message = crate::backup::requests::abort(&self.dcs, &view).await?;
+            tracing::warn!("{message}");
+            return Ok(Response::new(OperationReply {
+                message,
+                warnings: vec![],
+            }));
+        }
+        let intent = crate::backup::requests::restore(
+            &self.dcs,
+            &self.backup,
+            &view,
+            &self.name,
+            request.target_unix,
+            unix_now(),
+        )
+        .await?;
+        tracing::warn!(target = %intent.target, restorer = %intent.restorer, "cluster restore requested");
+        Ok(Response::new(OperationReply {
+            message: format!(
+                "restore to {} recorded: every member stops, {} restores and leads, the others re-clone",
+                intent.target, intent.restorer
+            ),
+            warnings: vec![],
+        }))
+    }
+
     async fn list_backups(
         &self,
         _request: Request<ListBackupsRequest>,
@@ -573,6 +609,17 @@ impl Control for ControlService {
         let settings = crate::backup::requests::settings(&config)?;
         let info_json = crate::backup::requests::list(&self.backup, settings).await?;
         Ok(Response::new(ListBackupsReply { info_json }))
+    }
+}
+
+/// Switchovers and failovers wait until a whole-cluster restore is over.
+fn refuse_during_restore(view: &ClusterView) -> Result<(), Status> {
+    match &view.restore {
+        Some(intent) => Err(Status::failed_precondition(format!(
+            "{}: no switchover or failover until it is done",
+            intent.describe()
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -353,6 +353,7 @@ impl Dcs {
             Key::Status => self.keys.status(),
             Key::Switchover => self.keys.switchover(),
             Key::Sync => self.keys.sync(),
+            Key::Restore => self.keys.restore(),
         }
     }
 
@@ -373,6 +374,8 @@ impl Dcs {
             Key::Switchover
         } else if key == keys.sync() {
             Key::Sync
+        } else if key == keys.restore() {
+            Key::Restore
         } else {
             Key::Member(keys.member_name_of(key)?.to_owned())
         })
@@ -768,6 +771,7 @@ fn encode_value(value: &Value) -> Result<String, StoreError> {
         Value::History(history) => encode(history),
         Value::Switchover(intent) => encode(&**intent),
         Value::Sync(sync) => encode(sync),
+        Value::Restore(intent) => encode(&**intent),
     }
 }
 
@@ -787,6 +791,7 @@ fn decode_value(key: &Key, text: &str) -> Result<Value, String> {
         Key::Status => Value::Status(serde_json::from_str(text).map_err(error)?),
         Key::Switchover => Value::Switchover(serde_json::from_str(text).map_err(error)?),
         Key::Sync => Value::Sync(serde_json::from_str(text).map_err(error)?),
+        Key::Restore => Value::Restore(serde_json::from_str(text).map_err(error)?),
     })
 }
 

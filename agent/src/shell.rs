@@ -340,7 +340,13 @@ impl Agent {
             PgOp::CreateReplicationRole => self.pg.create_replication_role().await,
             PgOp::Clone { from } => {
                 let backup = self.dynamic.backup.clone();
-                self.pg.clone_from(&from, backup.as_ref()).await
+                let timeline = self.driver.view().and_then(|view| {
+                    view.members
+                        .iter()
+                        .find(|member| member.pg_address == from)
+                        .and_then(|member| member.timeline)
+                });
+                self.pg.clone_from(&from, timeline, backup.as_ref()).await
             }
             PgOp::Configure {
                 follow,
@@ -382,6 +388,12 @@ impl Agent {
                         .map_err(|error| format!("{error:#}")),
                 )
             }
+            PgOp::RestoreToTime { target } => match self.dynamic.backup.clone() {
+                Some(settings) => self.pg.restore_to_time(&settings, &target).await,
+                None => Err(anyhow::anyhow!(
+                    "the cluster config has no backup section: nothing to restore from"
+                )),
+            },
             PgOp::CheckpointInBackground => {
                 self.pg.spawn_checkpoint();
                 Ok(())

@@ -1,16 +1,16 @@
 //! `jaictl backup …`: ask the agents for a backup or a verification, wait for
 //! its result in etcd, and list what the repository holds.
 
-use crate::cli::{BackupCommand, Format};
+use crate::cli::{BackupCommand, Format, RestoreArgs};
 use crate::commands::Session;
 use crate::error::CtlError;
 use crate::render;
 use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{Cell, ContentArrangement, Table};
-use jai_grpc::{BackupRequest, ListBackupsRequest};
+use jai_grpc::{BackupRequest, ListBackupsRequest, RestoreRequest};
 use jai_proto::JobResult;
 use serde::Serialize;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How often a waiting command re-reads etcd.
 const POLL_EVERY: Duration = Duration::from_millis(250);
@@ -278,4 +278,143 @@ async fn list(session: &mut Session, format: Format) -> Result<(), CtlError> {
         println!("Last verify: {}", render::describe_result(result));
     }
     Ok(())
+}
+
+/// `jaictl restore`: checked by an agent against the repository, recorded,
+/// then followed until the cluster leads again on the restored data.
+pub async fn restore(session: &mut Session, args: RestoreArgs) -> Result<(), CtlError> {
+    if args.abort {
+        let mut agent = session.any_agent().await?;
+        let (client, call) = agent.call(RestoreRequest {
+            target_unix: 0,
+            abort: true,
+        });
+        let reply = client
+            .restore(call)
+            .await
+            .map_err(|status| agent.refused(status))?;
+        println!("{}", reply.into_inner().message);
+        return Ok(());
+    }
+    require_backup_section(session)?;
+    let text = args.time.as_deref().expect("clap requires --time without --abort");
+    let target_unix = parse_target(text, unix_now())?;
+    let shown = render::format_unix(target_unix);
+    crate::commands::confirm(
+        &format!(
+            "Restore cluster {} to {shown}? Every member stops, writes fail until it is back, \
+             and everything written after {shown} is lost.",
+            session.state.cluster
+        ),
+        args.force,
+    )?;
+    let mut agent = session.any_agent().await?;
+    let (client, call) = agent.call(RestoreRequest {
+        target_unix,
+        abort: false,
+    });
+    let reply = client
+        .restore(call)
+        .await
+        .map_err(|status| agent.refused(status))?;
+    eprintln!("{}", reply.into_inner().message);
+    let started = Instant::now();
+    let requested_at = unix_now();
+    let deadline = started + args.wait;
+    let mut last_line = String::new();
+    loop {
+        session.refresh().await?;
+        let state = &session.state;
+        // The restorer records the restore in history before the others
+        // rejoin, and removes the intent once they all stream.
+        let recorded = state.history.last().is_some_and(|entry| {
+            entry.reason.starts_with("restore to ") && entry.time_unix + 1 >= requested_at
+        });
+        if let Some(intent) = &state.restore {
+            let restorer = state.member(&intent.restorer);
+            if let Some(status) =
+                restorer.filter(|status| status.state == jai_proto::MemberState::Refused)
+            {
+                return Err(CtlError::Refused(format!(
+                    "{}: {}",
+                    status.name,
+                    status.reason.as_deref().unwrap_or("refused")
+                )));
+            }
+            let line = format!(
+                "{} ({})",
+                intent.describe(),
+                restorer
+                    .and_then(|status| status.reason.clone())
+                    .unwrap_or_default()
+            );
+            if line != last_line {
+                eprintln!("{line}");
+                last_line = line;
+            }
+        } else if recorded && state.leader_member().is_some() {
+            println!(
+                "cluster restored to {shown} in {} s; leader {} on timeline {}",
+                started.elapsed().as_secs(),
+                state.leader.as_deref().unwrap_or("-"),
+                state
+                    .leader_member()
+                    .and_then(|member| member.timeline)
+                    .map_or_else(|| "?".into(), |timeline| timeline.to_string())
+            );
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CtlError::Refused(format!(
+                "the restore is not finished after {}; it goes on: jaictl status shows it",
+                humantime::format_duration(args.wait)
+            )));
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// `--time`: RFC 3339 (UTC without an offset) or `-DURATION` ago.
+fn parse_target(text: &str, now: u64) -> Result<u64, CtlError> {
+    if let Some(ago) = text.strip_prefix('-') {
+        let ago = humantime::parse_duration(ago)
+            .map_err(|error| CtlError::Usage(format!("--time {text}: {error}")))?;
+        return Ok(now.saturating_sub(ago.as_secs()));
+    }
+    let at = humantime::parse_rfc3339_weak(text).map_err(|error| {
+        CtlError::Usage(format!(
+            "--time {text}: {error} (use 2026-12-03T14:02:00Z or -10m)"
+        ))
+    })?;
+    let unix = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|_| CtlError::Usage(format!("--time {text}: before 1970")))?
+        .as_secs();
+    if unix > now {
+        return Err(CtlError::Usage(format!(
+            "--time {text}: that is in the future"
+        )));
+    }
+    Ok(unix)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_a_time_or_a_time_ago_never_the_future() {
+        let now = 1_796_306_520;
+        assert_eq!(parse_target("2026-12-03T14:02:00Z", now).unwrap(), now);
+        assert_eq!(parse_target("2026-12-03 14:01:00", now).unwrap(), now - 60);
+        assert_eq!(parse_target("-10m", now).unwrap(), now - 600);
+        assert!(matches!(parse_target("2026-12-03T14:03:00Z", now), Err(CtlError::Usage(_))));
+        assert!(matches!(parse_target("yesterday", now), Err(CtlError::Usage(_))));
+    }
 }

@@ -60,6 +60,8 @@ pub enum Command {
     /// Backups with pgBackRest: take one, list them, verify them.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Bring the whole cluster back to a point in time, in place.
+    Restore(RestoreArgs),
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -227,6 +229,24 @@ pub enum BackupCommand {
         #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
     },
+}
+
+/// `jaictl restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The target: RFC 3339 (`2026-12-03T14:02:00Z`; without an offset, UTC)
+    /// or a time ago (`-10m`).
+    #[arg(long, value_name = "TIME", required_unless_present = "abort", allow_hyphen_values = true)]
+    pub time: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub force: bool,
+    /// Remove a pending restore that has not restored yet.
+    #[arg(long, conflicts_with = "time")]
+    pub abort: bool,
+    /// How long to wait for the cluster to be back.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub wait: std::time::Duration,
 }
 
 /// `jaictl backup create --type`.

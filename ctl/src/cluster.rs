@@ -33,6 +33,8 @@ pub struct ClusterState {
     pub history: Vec<HistoryEntry>,
     /// The standbys the leader's commits wait for (synchronous mode).
     pub sync: Option<SyncState>,
+    /// A whole-cluster restore under way (`restore`).
+    pub restore: Option<jai_proto::RestoreIntent>,
     /// The backup job requested or running (`backup/job`).
     pub backup_job: Option<jai_proto::BackupJob>,
     /// How the last backup job ended.
@@ -140,6 +142,7 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
         last_leader: None,
         history: Vec::new(),
         sync: None,
+        restore: None,
         backup_job: None,
         last_backup: None,
         last_verify: None,
@@ -166,6 +169,8 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
             state.sync = parse(key, value, &mut unreadable);
         } else if key == keys.history() {
             state.history = parse(key, value, &mut unreadable).unwrap_or_default();
+        } else if key == keys.restore() {
+            state.restore = parse(key, value, &mut unreadable);
         } else if key == keys.backup_job() {
             state.backup_job = parse(key, value, &mut unreadable);
         } else if key == keys.backup_last() {

@@ -66,6 +66,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             Ok(())
         }
         Command::Backup(command) => crate::backup::run(&mut session, command).await,
+        Command::Restore(args) => crate::backup::restore(&mut session, args).await,
         Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     }
 }
@@ -484,7 +485,7 @@ fn print_warnings(warnings: &[String]) {
 }
 
 /// Asks on the terminal unless `force`; refuses to guess without one.
-fn confirm(question: &str, force: bool) -> Result<(), CtlError> {
+pub(crate) fn confirm(question: &str, force: bool) -> Result<(), CtlError> {
     if force {
         return Ok(());
     }

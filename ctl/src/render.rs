@@ -49,6 +49,9 @@ pub struct StatusView {
     pub paused: bool,
     /// A pending switchover, in words.
     pub pending_switchover: Option<String>,
+    /// A whole-cluster restore under way, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
     /// `off`, `on` or `strict`.
     pub synchronous_mode: String,
     /// The leader's synchronous standbys (the `sync` key).
@@ -80,6 +83,7 @@ pub fn status_view(state: &ClusterState) -> StatusView {
         leader: state.leader.clone(),
         paused: state.config.pause,
         pending_switchover: state.switchover.as_ref().map(|intent| intent.describe()),
+        restore: state.restore.as_ref().map(|intent| intent.describe()),
         synchronous_mode: serde_json::to_value(state.config.synchronous_mode)
             .ok()
             .and_then(|mode| mode.as_str().map(str::to_owned))
@@ -281,6 +285,9 @@ pub fn status_table(view: &StatusView) -> String {
     }
     if let Some(pending) = &view.pending_switchover {
         out.push_str(&format!("Pending switchover: {pending}\n"));
+    }
+    if let Some(restore) = &view.restore {
+        out.push_str(&format!("Restore: {restore}\n"));
     }
     if let Some(backup) = &view.backup {
         out.push_str(&format!("Last backup: {}\n", backup.last_backup));

@@ -71,6 +71,11 @@ impl ClusterKeys {
         format!("{}sync", self.prefix)
     }
 
+    /// `restore`: a pending [`crate::RestoreIntent`].
+    pub fn restore(&self) -> String {
+        format!("{}restore", self.prefix)
+    }
+
     /// `backup/job`: the one [`crate::BackupJob`] requested or running.
     pub fn backup_job(&self) -> String {
         format!("{}backup/job", self.prefix)

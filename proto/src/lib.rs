@@ -35,4 +35,6 @@ pub use haproxy_cfg::{render_haproxy_cfg, BalancedMember, HaproxyCfgOptions};
 pub use keys::ClusterKeys;
 pub use lsn::Lsn;
 pub use member::{MemberRole, MemberState, MemberStatus, PgPaths, StandbyLink, Tags};
-pub use record::{HistoryEntry, LeaderStatus, SwitchoverIntent, SyncState};
+pub use record::{
+    HistoryEntry, LeaderStatus, RestoreIntent, RestorePhase, SwitchoverIntent, SyncState,
+};

@@ -146,3 +146,50 @@ mod tests {
         );
     }
 }
+
+/// The value of `restore`: the whole cluster goes back to a point in time
+/// (`jaictl restore --time T`).
+///
+/// While it exists no member elects, starts or promotes on its own: every
+/// member but `restorer` stops PostgreSQL and gives the leader key up; the
+/// restorer takes the key once every other member reports stopped, restores
+/// the backup repository to `target` and lets PostgreSQL promote itself at
+/// the target on a new timeline; then (phase `rejoining`) the others re-clone
+/// from it, and the restorer removes the intent once they all stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreIntent {
+    /// Unique per request.
+    pub id: String,
+    /// The recovery target as pgBackRest and PostgreSQL take it
+    /// (`2026-12-03 14:02:00+00`).
+    pub target: String,
+    /// The same instant, as Unix seconds (checked against the repository).
+    pub target_unix: u64,
+    /// The member that restores and leads afterwards.
+    pub restorer: String,
+    /// When it was requested (Unix seconds).
+    pub requested_at: u64,
+    /// How far it got.
+    pub phase: RestorePhase,
+}
+
+/// The phases of a [`RestoreIntent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestorePhase {
+    /// Every member stops; the restorer then restores and promotes.
+    Stopping,
+    /// The restorer leads on the restored data; the others re-clone.
+    Rejoining,
+}
+
+impl RestoreIntent {
+    /// The intent in words, for status lines and logs.
+    pub fn describe(&self) -> String {
+        let phase = match self.phase {
+            RestorePhase::Stopping => "stopping every member, then restoring",
+            RestorePhase::Rejoining => "restored; the other members re-clone",
+        };
+        format!("restore to {} on {}: {phase}", self.target, self.restorer)
+    }
+}

@@ -180,6 +180,12 @@ pub enum PgOp {
     FinalPosition,
     /// `CHECKPOINT` on the local server without waiting for it.
     CheckpointInBackground,
+    /// Wipe the stopped data directory and restore the backup repository's
+    /// copy at `target` into it, to recover and promote there.
+    RestoreToTime {
+        /// The recovery target time.
+        target: String,
+    },
 }
 
 /// A member to stream from.
@@ -1267,6 +1273,44 @@ impl Driver {
                     );
                 })),
             },
+            Action::RestoreTo(intent) => self.restore_to(cx, intent, stage, outcome),
+            Action::RecordRestore { intent, entry } => match stage {
+                0 => self.as_leader(|term| Request::AppendHistory {
+                    term,
+                    entry: entry.clone(),
+                }),
+                1 => {
+                    if let Err(error) = txn(outcome) {
+                        self.log(Level::Warn, format!("history not appended: {error}"));
+                    }
+                    self.as_leader(|term| Request::PutAsLeader {
+                        term,
+                        key: Key::Restore,
+                        value: Value::Restore(Box::new(intent.clone())),
+                    })
+                }
+                _ => Done(txn(outcome).and_then(|written| {
+                    if !written {
+                        return Err("the leader key changed: the restore is not recorded".into());
+                    }
+                    self.log(
+                        Level::Warn,
+                        format!("restored to {}: now the primary; the other members re-clone", intent.target),
+                    );
+                    Ok(())
+                })),
+            },
+            Action::ClearRestore => match stage {
+                0 => self.as_leader(|term| Request::DeleteAsLeader {
+                    term,
+                    key: Key::Restore,
+                }),
+                _ => Done(txn(outcome).map(|removed| {
+                    if removed {
+                        self.log(Level::Info, "restore finished: every member streams again");
+                    }
+                })),
+            },
             Action::ClearSync => match stage {
                 0 => self.as_leader(|term| Request::DeleteAsLeader {
                     term,
@@ -1346,6 +1390,50 @@ impl Driver {
                 Wait(Effect::Postgres(PgOp::Start { primary }))
             }
             _ => Done(done(outcome)),
+        }
+    }
+
+    /// The restore: the repository's copy at the target replaces the
+    /// stopped data directory, then it starts as the primary it will be once
+    /// recovered (the watchdog guards it from its first moment).
+    fn restore_to(
+        &mut self,
+        cx: &Context,
+        intent: &jai_proto::RestoreIntent,
+        stage: u8,
+        outcome: Outcome,
+    ) -> Progress {
+        use Progress::{Done, Wait};
+        match stage {
+            0 => {
+                self.log(
+                    Level::Warn,
+                    format!("restoring the backup repository to {}", intent.target),
+                );
+                Wait(Effect::Postgres(PgOp::RestoreToTime {
+                    target: intent.target.clone(),
+                }))
+            }
+            1 => {
+                if let Err(error) = done(outcome) {
+                    return Done(Err(error));
+                }
+                if let Err(error) = self.ensure_lease_allows_writes(cx) {
+                    return Done(Err(error));
+                }
+                Wait(Effect::Postgres(PgOp::Configure {
+                    follow: None,
+                    standby: false,
+                    sync_names: Some(self.sync_names_as_new_primary()),
+                }))
+            }
+            2 => then(outcome, Effect::Postgres(PgOp::Start { primary: true })),
+            _ => Done(done(outcome).map(|()| {
+                self.log(
+                    Level::Info,
+                    format!("restored copy started: recovering to {}", intent.target),
+                );
+            })),
         }
     }
 

@@ -31,6 +31,7 @@ pub mod driver;
 pub mod election;
 pub mod lease;
 pub mod model;
+mod restore;
 pub mod store;
 pub mod sync;
 
@@ -65,6 +66,8 @@ pub struct Core {
     /// and since when: the others leave its target one `ttl` to take the key,
     /// then elect as usual, so a target that cannot take over blocks nobody.
     intent_seen_leaderless: Option<(SwitchoverIntent, Millis)>,
+    /// How far this member got in a whole-cluster restore.
+    restore: restore::RestoreMemory,
 }
 
 impl Core {
@@ -79,6 +82,7 @@ impl Core {
             released_term: None,
             handed_over: None,
             intent_seen_leaderless: None,
+            restore: restore::RestoreMemory::default(),
         }
     }
 
@@ -187,6 +191,16 @@ impl Core {
                 current_state(observation),
                 "no lease in etcd yet: registering before taking part",
             );
+        }
+        if let Some(decision) = self.after_aborted_restore(observation, cluster) {
+            return decision;
+        }
+        if let (Some(intent), Some(Initialize::Done { .. })) =
+            (&cluster.restore, &cluster.initialize)
+        {
+            if let Some(decision) = self.during_restore(observation, cluster, intent) {
+                return decision;
+            }
         }
         match (&cluster.initialize, &observation.pg.data_dir) {
             (_, DataDir::Unusable { reason }) => {
@@ -1221,6 +1235,11 @@ pub fn assert_safe(identity: &Identity, observation: &Observation, decision: &De
                 holds_key
             }
             Action::PublishSystemId(_) => holds_key && bootstrapping,
+            // A restore replaces a stopped data directory, as the key holder only.
+            Action::RestoreTo(_) => {
+                holds_key && lease_ok && observation.pg.process == PgProcess::Stopped
+            }
+            Action::RecordRestore { .. } | Action::ClearRestore => holds_key,
             _ => true,
         };
         assert!(

@@ -1,7 +1,8 @@
 //! What the core sees ([`Observation`]) and what it asks for ([`Decision`]).
 
 use jai_proto::{
-    DynamicConfig, LeaderStatus, Lsn, MemberState, MemberStatus, StandbyLink, SwitchoverIntent,
+    DynamicConfig, LeaderStatus, Lsn, MemberState, MemberStatus, RestoreIntent, StandbyLink,
+    SwitchoverIntent,
     SyncState, Tags,
 };
 use std::time::Duration;
@@ -224,6 +225,8 @@ pub struct ClusterView {
     pub switchover: Option<SwitchoverIntent>,
     /// The `sync` key: the standbys the last leader's commits waited for.
     pub sync: Option<SyncState>,
+    /// A whole-cluster restore under way (`restore` key).
+    pub restore: Option<RestoreIntent>,
 }
 
 impl ClusterView {
@@ -342,6 +345,20 @@ pub enum Action {
     SetSyncNames(SyncNames),
     /// Delete the `sync` key (synchronous mode turned off), as the leader.
     ClearSync,
+    /// Replace the stopped data directory with the backup repository's copy
+    /// at the intent's target, and start it: PostgreSQL recovers to the
+    /// target and promotes itself on a new timeline.
+    RestoreTo(RestoreIntent),
+    /// The restore is done: record it in `history`, then move the intent
+    /// to its `rejoining` phase.
+    RecordRestore {
+        /// The intent, in its new phase.
+        intent: RestoreIntent,
+        /// The history entry.
+        entry: jai_proto::HistoryEntry,
+    },
+    /// Delete the `restore` intent: every member rejoined.
+    ClearRestore,
 }
 
 /// The kind of an [`Action`], without its payload: what a failure is
@@ -368,6 +385,9 @@ pub enum ActionKind {
     WriteSync,
     SetSyncNames,
     ClearSync,
+    RestoreTo,
+    RecordRestore,
+    ClearRestore,
 }
 
 impl Action {
@@ -393,6 +413,9 @@ impl Action {
             Action::WriteSync(_) => ActionKind::WriteSync,
             Action::SetSyncNames(_) => ActionKind::SetSyncNames,
             Action::ClearSync => ActionKind::ClearSync,
+            Action::RestoreTo(_) => ActionKind::RestoreTo,
+            Action::RecordRestore { .. } => ActionKind::RecordRestore,
+            Action::ClearRestore => ActionKind::ClearRestore,
         }
     }
 

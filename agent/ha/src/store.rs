@@ -9,7 +9,8 @@
 
 use super::model::{ClusterView, Initialize, LeaderKey};
 use jai_proto::{
-    DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus, SwitchoverIntent, SyncState,
+    DynamicConfig, HistoryEntry, LeaderStatus, MemberStatus, RestoreIntent, SwitchoverIntent,
+    SyncState,
 };
 
 /// An etcd lease id.
@@ -34,6 +35,8 @@ pub enum Key {
     Switchover,
     /// `sync`
     Sync,
+    /// `restore`
+    Restore,
 }
 
 /// A stored value, decoded.
@@ -53,6 +56,8 @@ pub enum Value {
     Switchover(Box<SwitchoverIntent>),
     /// `sync`.
     Sync(SyncState),
+    /// `restore`.
+    Restore(Box<RestoreIntent>),
 }
 
 /// A key's value and metadata, as etcd returns it.
@@ -201,6 +206,7 @@ impl ClusterView {
         fallback: &DynamicConfig,
     ) -> Self {
         let mut view = ClusterView {
+            restore: None,
             initialize: None,
             leader: None,
             members: Vec::new(),
@@ -237,6 +243,9 @@ impl ClusterView {
                     view.switchover = Some((**intent).clone());
                 }
                 (Key::Sync, Value::Sync(sync)) => view.sync = Some(sync.clone()),
+                (Key::Restore, Value::Restore(intent)) => {
+                    view.restore = Some((**intent).clone());
+                }
                 _ => {}
             }
         }

@@ -34,6 +34,7 @@ fn cluster() -> ClusterView {
         last_leader: None,
         switchover: None,
         sync: None,
+        restore: None,
     }
 }
 
@@ -1504,4 +1505,101 @@ fn a_switchover_target_short_of_the_final_position_does_not_take_the_key() {
         decide("pg2", &observation).actions,
         vec![Action::AcquireLeader]
     );
+}
+
+fn restore_intent(restorer: &str, phase: jai_proto::RestorePhase) -> jai_proto::RestoreIntent {
+    jai_proto::RestoreIntent {
+        id: "r1".into(),
+        target: "2026-12-03 14:02:00+00".into(),
+        target_unix: 1_796_306_520,
+        restorer: restorer.into(),
+        requested_at: 1_796_310_000,
+        phase,
+    }
+}
+
+fn stopped(name: &str) -> MemberStatus {
+    MemberStatus {
+        state: MemberState::Stopped,
+        role: MemberRole::Unknown,
+        ..member(name, MemberRole::Replica, 0)
+    }
+}
+
+#[test]
+fn a_restore_stops_the_old_leader_and_takes_its_key_away() {
+    let mut view = cluster();
+    view.leader = leader("a", true);
+    view.restore = Some(restore_intent("b", jai_proto::RestorePhase::Stopping));
+    view.members = vec![member("a", MemberRole::Primary, 100), member("b", MemberRole::Replica, 100)];
+    let decision = decide(
+        "a",
+        &observe(PgProcess::Running(primary_at(100)), data_dir(true), Some(view)),
+    );
+    assert!(matches!(decision.actions[0], Action::Stop { .. }), "{decision:?}");
+    assert_eq!(decision.actions[1], Action::ReleaseLeader);
+}
+
+#[test]
+fn the_restorer_waits_for_every_member_to_stop_then_takes_the_key_then_restores() {
+    let stopping = jai_proto::RestorePhase::Stopping;
+    let mut view = cluster();
+    view.leader = leader("a", false);
+    view.restore = Some(restore_intent("b", stopping));
+    view.members = vec![member("a", MemberRole::Primary, 100), stopped("b")];
+    let observation = observe(PgProcess::Stopped, data_dir(false), Some(view.clone()));
+    let waiting = decide("b", &observation);
+    assert!(waiting.actions.is_empty(), "{waiting:?}");
+    assert!(waiting.reason.unwrap().contains("waiting for a to stop"));
+
+    view.members = vec![stopped("a"), stopped("b")];
+    view.leader = None;
+    let taking = decide("b", &observe(PgProcess::Stopped, data_dir(false), Some(view.clone())));
+    assert_eq!(taking.actions, vec![Action::AcquireLeader]);
+
+    view.leader = leader("b", true);
+    let mut core = Core::new(identity("b"));
+    let restoring = core.decide(&observe(PgProcess::Stopped, data_dir(false), Some(view.clone())));
+    assert_eq!(
+        restoring.actions,
+        vec![Action::RestoreTo(restore_intent("b", stopping))]
+    );
+    // Recovering to the target with the key: never promoted early.
+    let recovering = core.decide(&observe(
+        PgProcess::Running(replica_at(50)),
+        data_dir(false),
+        Some(view.clone()),
+    ));
+    assert!(recovering.actions.is_empty(), "{recovering:?}");
+    // Promoted by PostgreSQL at the target: recorded, others rejoin.
+    let mut promoted = primary_at(60);
+    promoted.timeline = 3;
+    let recorded = core.decide(&observe(PgProcess::Running(promoted), data_dir(false), Some(view)));
+    let [Action::RecordRestore { intent, entry }] = recorded.actions.as_slice() else {
+        panic!("{recorded:?}")
+    };
+    assert_eq!(intent.phase, jai_proto::RestorePhase::Rejoining);
+    assert_eq!(entry.timeline, 2);
+    assert!(entry.reason.contains("restore to 2026-12-03 14:02"));
+}
+
+#[test]
+fn after_a_restore_the_others_reclone_from_the_restorer() {
+    let mut view = cluster();
+    view.leader = leader("b", false);
+    view.restore = Some(restore_intent("b", jai_proto::RestorePhase::Rejoining));
+    let mut restorer = member("b", MemberRole::Primary, 60);
+    restorer.timeline = Some(3);
+    view.members = vec![restorer, stopped("a")];
+    let mut core = Core::new(identity("a"));
+    let recloning = core.decide(&observe(PgProcess::Stopped, data_dir(true), Some(view.clone())));
+    assert_eq!(recloning.actions, vec![Action::CloneFrom("b".into())]);
+    // Running on the old timeline (never cloned): stop first.
+    let mut fresh = Core::new(identity("a"));
+    let old = fresh.decide(&observe(
+        PgProcess::Running(replica_at(100)),
+        data_dir(false),
+        Some(view),
+    ));
+    assert!(matches!(old.actions[0], Action::Stop { .. }), "{old:?}");
 }

@@ -99,9 +99,24 @@ impl Local {
     /// Closes the current WAL segment on this (primary) server, so the
     /// archiver pushes it now.
     pub async fn switch_wal(&self) -> Result<()> {
-        let (client, connection) = tokio_postgres::Config::new()
-            .host_path(&self.own.socket_dir)
-            .port(self.own.port)
+        let mut config = tokio_postgres::Config::new();
+        config.host_path(&self.own.socket_dir).port(self.own.port);
+        self.switch_wal_on(config).await
+    }
+
+    /// The same on the primary at `host:port` (a restore's request, which
+    /// any agent may receive).
+    pub async fn switch_wal_at(&self, address: &str) -> Result<()> {
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("{address} is not host:port"))?;
+        let mut config = tokio_postgres::Config::new();
+        config.host(host).port(port.parse()?);
+        self.switch_wal_on(config).await
+    }
+
+    async fn switch_wal_on(&self, mut config: tokio_postgres::Config) -> Result<()> {
+        let (client, connection) = config
             .user(&self.superuser)
             .password(&self.password)
             .dbname("postgres")
@@ -354,6 +369,7 @@ impl Worker {
             let facts = schedule::RepoFacts {
                 last_full: info.last_full_stop(),
                 last_any: info.latest().map(|backup| backup.timestamp.stop),
+                newest_timeline: info.latest().and_then(|backup| backup.timeline()),
             };
             self.repo = Some((Instant::now(), facts, label_now));
         }
@@ -361,6 +377,7 @@ impl Worker {
             now: now(),
             settings,
             leader: &self.local.name,
+            timeline: view.member(&self.local.name).and_then(|me| me.timeline),
             members: &view.members,
             job: keys.job.as_ref().map(|(job, _)| job),
             repo: self.repo.as_ref().map(|(_, facts, _)| *facts),

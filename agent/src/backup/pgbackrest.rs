@@ -90,19 +90,10 @@ impl PgBackRest {
 
     /// `pgbackrest verify`: every file of the repository against its checksum.
     pub async fn verify(&self, within: Duration) -> Result<()> {
-        let printed = self.run(&["verify", "--log-level-console=info"], within).await?;
-        // 2.45 exits 0 and reports bad files only in its log lines.
-        let problems: Vec<&str> = printed
-            .lines()
-            .filter(|line| {
-                line.contains("invalid") || line.contains("missing") || line.contains("ERROR")
-            })
-            .filter(|line| !line.contains("invalid: 0") && !line.contains("missing: 0"))
-            .collect();
-        if let Some(problem) = problems.first() {
-            bail!("pgbackrest verify found a problem: {}", problem.trim());
-        }
-        Ok(())
+        let printed = self
+            .run(&["verify", "--log-level-console=info"], within)
+            .await?;
+        verify_verdict(&printed)
     }
 
     /// Restores the backup `set` (or the latest) into the empty `data_dir`,
@@ -120,6 +111,86 @@ impl PgBackRest {
         args.extend(set.as_deref());
         args.extend(extra);
         self.run(&args, within).await.map(drop)
+    }
+}
+
+/// One message of pgBackRest's console log: its level (`INFO`, `WARN`,
+/// `ERROR`, …) and its text, continuation lines joined with `\n`.
+fn log_messages(text: &str) -> Vec<(&str, String)> {
+    let mut messages: Vec<(&str, String)> = Vec::new();
+    for line in text.lines() {
+        // `2026-12-03 20:31:00.011 P01   INFO: invalid checksum '…'`
+        let header = line.split_once(": ").and_then(|(head, rest)| {
+            let mut words = head.split_whitespace();
+            let (_date, _time, process, level) =
+                (words.next()?, words.next()?, words.next()?, words.next()?);
+            (words.next().is_none()
+                && process.starts_with('P')
+                && level.chars().all(|c| c.is_ascii_uppercase()))
+            .then_some((level, rest))
+        });
+        match (header, messages.last_mut()) {
+            (Some((level, rest)), _) => messages.push((level, rest.trim().to_owned())),
+            // A message of several lines (the summary, a retried error).
+            (None, Some((_, message))) if !line.trim().is_empty() => {
+                message.push('\n');
+                message.push_str(line.trim());
+            }
+            _ => {}
+        }
+    }
+    messages
+}
+
+/// Reads what `pgbackrest verify --log-level-console=info` printed.
+///
+/// pgBackRest 2.45 exits 0 whatever it finds: it logs each bad file at
+/// `INFO` (`invalid checksum '<label>/pg_data/…'`, `invalid size …`,
+/// `invalid result …`, `file missing …`), unusable info files at `WARN`,
+/// and ends with a summary whose status is `error`. Newer versions log the
+/// same files at `ERROR`/`WARN` and exit non-zero ([`PgBackRest::run`]
+/// reports that). Only pgBackRest's messages are read, never the `command
+/// begin` line, which echoes the options (a repository path or stanza may
+/// contain any word).
+fn verify_verdict(printed: &str) -> Result<()> {
+    const BAD_FILE: [&str; 4] = [
+        "invalid checksum ",
+        "invalid size ",
+        "invalid result ",
+        "file missing ",
+    ];
+    let messages = log_messages(printed);
+    let mut problems: Vec<String> = messages
+        .iter()
+        .filter(|(level, message)| {
+            matches!(*level, "WARN" | "ERROR")
+                || BAD_FILE.iter().any(|start| message.starts_with(start))
+        })
+        .map(|(_, message)| message.lines().next().unwrap_or_default().to_owned())
+        .collect();
+    let summary_says_error = messages.iter().any(|(_, message)| {
+        message.starts_with("stanza: ")
+            && message
+                .lines()
+                .any(|line| line == "status: error" || line.contains(", status: invalid"))
+    });
+    if problems.is_empty() && summary_says_error {
+        let summary = messages
+            .iter()
+            .find(|(_, message)| message.starts_with("stanza: "))
+            .map(|(_, message)| message.replace('\n', "; "))
+            .unwrap_or_default();
+        problems.push(summary);
+    }
+    match problems.as_slice() {
+        [] => Ok(()),
+        [only] => bail!("pgbackrest verify found a problem: {only}"),
+        [first, rest @ ..] => bail!(
+            "pgbackrest verify found {} problems: {first} (and {} more: {})",
+            problems.len(),
+            rest.len(),
+            rest.join("; ")
+        ),
     }
 }
 
@@ -234,7 +305,25 @@ pub struct ArchiveInfo {
     pub max: Option<String>,
 }
 
+impl BackupInfo {
+    /// The timeline the backup started on (from its first WAL segment's name).
+    pub fn timeline(&self) -> Option<u32> {
+        let first = self.archive.start.as_deref()?;
+        u32::from_str_radix(first.get(..8)?, 16).ok()
+    }
+}
+
 impl StanzaInfo {
+    /// The newest backup taken on `timeline`: a copy that can follow a
+    /// leader on that timeline. A backup of an earlier timeline may hold WAL
+    /// past the fork, and a standby restored from it could never follow.
+    pub fn latest_on(&self, timeline: u32) -> Option<&BackupInfo> {
+        self.backup
+            .iter()
+            .filter(|backup| backup.timeline() == Some(timeline))
+            .max_by_key(|backup| backup.timestamp.stop)
+    }
+
     /// The newest backup.
     pub fn latest(&self) -> Option<&BackupInfo> {
         self.backup.iter().max_by_key(|backup| backup.timestamp.stop)
@@ -299,6 +388,95 @@ mod tests {
         assert_eq!(info.oldest_start(), Some(1796328901));
         assert_eq!(info.newest_wal(), Some("000000020000000000000009"));
         assert_eq!(info.backup[0].info.repository.delta, 4000000);
+        assert_eq!(info.backup[1].timeline(), Some(2));
+        assert_eq!(info.latest_on(1).unwrap().label, "20261203-201501F");
+        assert!(info.latest_on(3).is_none());
+    }
+
+    /// What pgBackRest 2.45 printed in the lab after one byte range of a
+    /// backup file was overwritten (it exited 0).
+    const VERIFY_ONE_BAD_FILE: &str = "\
+2026-12-03 20:30:59.923 P00   INFO: verify command begin 2.45: --config=/tmp/jai-manual/nodes/pg1/state/pgbackrest.conf --exec-id=20268-768749e0 --log-level-console=info --log-level-file=info --log-path=/tmp/jai-manual/nodes/pg1/state/pgbackrest/log --process-max=1 --repo1-path=/tmp/jai-manual/backup/repo --stanza=jai
+2026-12-03 20:31:00.011 P01   INFO: invalid checksum '20261203-203020F/pg_data/base/16386/1255.zst'
+2026-12-03 20:31:00.177 P00   INFO: stanza: jai
+                                    status: error
+                                      backup: 20261203-203020F, status: invalid, total files checked: 1263, total valid files: 1262
+                                        checksum invalid: 1
+2026-12-03 20:31:00.177 P00   INFO: verify command end: completed successfully (256ms)
+";
+
+    /// The same with a corrupted WAL file and a deleted backup file too.
+    const VERIFY_THREE_BAD_FILES: &str = "\
+2026-12-03 20:31:13.587 P00   INFO: verify command begin 2.45: --config=/tmp/jai-manual/nodes/pg1/state/pgbackrest.conf --exec-id=20309-8713e378 --log-level-console=info --log-level-file=info --log-path=/tmp/jai-manual/nodes/pg1/state/pgbackrest/log --process-max=1 --repo1-path=/tmp/jai-manual/backup/repo --stanza=jai
+2026-12-03 20:31:28.649 P01   INFO: invalid result 15-1/0000000100000000/000000010000000000000003-e0835b0b6b79d5ecdb541d4582769302cbaff006.zst: [29] raised from local-1 protocol: zst error: [-20] Data corruption detected
+                                    [FormatError] on retry after 0ms
+                                    [FormatError] on retry after 15000ms
+2026-12-03 20:31:28.679 P01   INFO: file missing '20261203-203020F/pg_data/base/1/2838.zst'
+2026-12-03 20:31:28.690 P01   INFO: invalid checksum '20261203-203020F/pg_data/base/16386/1255.zst'
+2026-12-03 20:31:28.885 P00   INFO: stanza: jai
+                                    status: error
+                                      archiveId: 15-1, total WAL checked: 4, total valid WAL: 3
+                                        other: 1
+                                      backup: 20261203-203020F, status: invalid, total files checked: 1263, total valid files: 1261
+                                        missing: 1, checksum invalid: 1
+2026-12-03 20:31:28.885 P00   INFO: verify command end: completed successfully (15299ms)
+";
+
+    /// A good repository: 2.45 prints only the begin and end lines.
+    const VERIFY_GOOD: &str = "\
+2026-12-03 20:30:53.544 P00   INFO: verify command begin 2.45: --config=/srv/missing-invalid/pgbackrest.conf --exec-id=20247-84f6b52f --log-level-console=info --log-level-file=info --log-path=/srv/ERROR/log --process-max=1 --repo1-path=/srv/missing-invalid/repo --stanza=jai
+2026-12-03 20:30:53.813 P00   INFO: verify command end: completed successfully (271ms)
+";
+
+    #[test]
+    fn verify_names_the_corrupted_backup_file() {
+        let error = verify_verdict(VERIFY_ONE_BAD_FILE).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "pgbackrest verify found a problem: invalid checksum '20261203-203020F/pg_data/base/16386/1255.zst'"
+        );
+    }
+
+    #[test]
+    fn verify_counts_every_bad_file_and_names_the_first() {
+        let error = verify_verdict(VERIFY_THREE_BAD_FILES)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("pgbackrest verify found 3 problems: invalid result 15-1/0000000100000000/000000010000000000000003-"),
+            "{error}"
+        );
+        assert!(
+            error.contains("file missing '20261203-203020F/pg_data/base/1/2838.zst'"),
+            "{error}"
+        );
+        assert!(
+            error.contains("invalid checksum '20261203-203020F/pg_data/base/16386/1255.zst'"),
+            "{error}"
+        );
+        assert!(!error.contains("P01"), "no log prefixes: {error}");
+    }
+
+    #[test]
+    fn verify_passes_a_good_repository_whatever_its_paths_are_called() {
+        // The begin line echoes the options: words in paths are not findings.
+        verify_verdict(VERIFY_GOOD).unwrap();
+    }
+
+    #[test]
+    fn verify_fails_on_warnings_and_on_an_error_summary_alone() {
+        let warned =
+            "2026-12-03 20:32:43.056 P00   WARN: backup.info.copy does not match backup.info\n";
+        assert!(verify_verdict(warned)
+            .unwrap_err()
+            .to_string()
+            .ends_with("backup.info.copy does not match backup.info"));
+        let summary_only = "2026-12-03 20:31:00.177 P00   INFO: stanza: jai\n    status: error\n      backup: 20261203-203020F, status: invalid, total files checked: 3, total valid files: 2\n";
+        let error = verify_verdict(summary_only).unwrap_err().to_string();
+        assert!(
+            error.contains("status: error; backup: 20261203-203020F, status: invalid"),
+            "{error}"
+        );
     }
 
     #[test]

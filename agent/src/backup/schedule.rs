@@ -25,6 +25,8 @@ pub struct RepoFacts {
     pub last_full: Option<u64>,
     /// When the newest backup of any type ended.
     pub last_any: Option<u64>,
+    /// The timeline of the newest backup.
+    pub newest_timeline: Option<u32>,
 }
 
 /// Everything the leader decides from.
@@ -35,6 +37,8 @@ pub struct Inputs<'a> {
     pub settings: &'a BackupSettings,
     /// The leader's own name.
     pub leader: &'a str,
+    /// The leader's timeline, once known.
+    pub timeline: Option<u32>,
     /// Every member's published status.
     pub members: &'a [MemberStatus],
     /// `backup/job`.
@@ -122,6 +126,13 @@ fn due(inputs: &Inputs) -> Option<JobKind> {
         if older_than(repo.last_any, settings.incr_every) {
             return Some(JobKind::Incr);
         }
+        // After a failover or a restore: new replicas restore only from a
+        // backup of the leader's timeline, so one is taken at once.
+        if let (Some(newest), Some(current)) = (repo.newest_timeline, inputs.timeline) {
+            if newest < current {
+                return Some(JobKind::Incr);
+            }
+        }
     }
     let verified_at = inputs.last_verify.map(|result| result.finished_at);
     (repo.last_any.is_some()
@@ -200,6 +211,7 @@ mod tests {
             now: 1_000_000,
             settings,
             leader: "pg1",
+            timeline: Some(1),
             members,
             job,
             repo,
@@ -236,6 +248,7 @@ mod tests {
         state.repo = Some(RepoFacts {
             last_full: Some(state.now - 10),
             last_any: Some(state.now - 10),
+            newest_timeline: Some(1),
         });
         assert!(matches!(decide(&state),
             Decision::Write(job) if job.kind == JobKind::Verify && job.member.as_deref() == Some("pg2")));
@@ -254,6 +267,7 @@ mod tests {
             Some(RepoFacts {
                 last_full: Some(now - 3600),
                 last_any: Some(now - 25 * 3600),
+                newest_timeline: Some(1),
             }),
         );
         let verified = JobResult {
@@ -273,8 +287,14 @@ mod tests {
         state.repo = Some(RepoFacts {
             last_full: Some(now - 3600),
             last_any: Some(now - 3600),
+            newest_timeline: Some(1),
         });
         assert_eq!(decide(&state), Decision::Nothing);
+        state.timeline = Some(2);
+        assert!(
+            matches!(decide(&state), Decision::Write(job) if job.kind == JobKind::Incr),
+            "a new timeline gets its backup at once"
+        );
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct ServerSettings<'a> {
     pub sync_standby_names: String,
     /// WAL archive settings, when the cluster config has a `backup` section.
     pub archive: Option<ArchiveSettings>,
+    /// `recovery_target_time` of a restore to a point in time (promote
+    /// there); only for the start that follows the restore.
+    pub recovery_target_time: Option<String>,
 }
 
 /// How PostgreSQL archives and fetches WAL (pgBackRest).
@@ -90,6 +93,10 @@ pub fn postgresql_conf(settings: &ServerSettings) -> String {
     ];
     for (name, value) in owned {
         let _ = writeln!(text, "{name} = {}", quote(&value));
+    }
+    if let Some(target) = &settings.recovery_target_time {
+        let _ = writeln!(text, "recovery_target_time = {}", quote(target));
+        let _ = writeln!(text, "recovery_target_action = 'promote'");
     }
     if let Some(archive) = &settings.archive {
         let _ = writeln!(text, "archive_mode = 'on'");
@@ -168,6 +175,7 @@ mod tests {
                 restore_command: "pgbackrest archive-get %f \"%p\"".into(),
                 archive_timeout: std::time::Duration::from_secs(60),
             }),
+            recovery_target_time: None,
         });
         assert!(text.contains("archive_mode = 'on'"));
         assert!(text.contains("archive_timeout = '60s'"));

@@ -112,6 +112,9 @@ pub struct Postgres {
     /// How this member calls pgBackRest (archive commands, clones from the
     /// repository).
     backup: crate::backup::Local,
+    /// The target of a restore to a point in time, rendered into the next
+    /// configuration only (the start right after the restore).
+    recovery_target_time: Option<String>,
 }
 
 /// Marker file: a clone or initdb into the data directory is under way; if the
@@ -142,6 +145,7 @@ impl Postgres {
             sync_names: SyncNames::Off,
             exited,
             backup: crate::backup::Local::from_config(config)?,
+            recovery_target_time: None,
         })
     }
 
@@ -459,9 +463,17 @@ impl Postgres {
     /// repository when the cluster has one with a backup in it (the leader
     /// then only streams what came after), else with `pg_basebackup` from
     /// the leader at `host:port`.
-    pub async fn clone_from(&mut self, address: &str, backup: Option<&BackupSettings>) -> Result<()> {
-        if let Some(settings) = backup.filter(|settings| settings.clone_from_backup) {
-            match self.restore_from_repository(settings).await {
+    pub async fn clone_from(
+        &mut self,
+        address: &str,
+        leader_timeline: Option<u32>,
+        backup: Option<&BackupSettings>,
+    ) -> Result<()> {
+        if let (Some(settings), Some(timeline)) = (
+            backup.filter(|settings| settings.clone_from_backup),
+            leader_timeline,
+        ) {
+            match self.restore_from_repository(settings, timeline).await {
                 Ok(label) => {
                     tracing::info!(
                         backup = %label,
@@ -477,17 +489,21 @@ impl Postgres {
         self.basebackup_from(address).await
     }
 
-    /// Restores the latest backup as a standby (`pgbackrest restore
-    /// --type=standby`); returns its label.
-    async fn restore_from_repository(&mut self, settings: &BackupSettings) -> Result<String> {
+    /// Restores the latest backup of the leader's timeline as a standby
+    /// (`pgbackrest restore --type=standby`); returns its label.
+    async fn restore_from_repository(
+        &mut self,
+        settings: &BackupSettings,
+        timeline: u32,
+    ) -> Result<String> {
         self.backup.write_conf(settings, None)?;
         let pgbackrest = self.backup.pgbackrest(settings);
         let latest = pgbackrest
             .info()
             .await?
-            .latest()
+            .latest_on(timeline)
             .map(|backup| backup.label.clone())
-            .ok_or_else(|| anyhow!("the repository holds no backup yet"))?;
+            .ok_or_else(|| anyhow!("the repository holds no backup of timeline {timeline} yet"))?;
         self.begin_incomplete()?;
         pgbackrest
             .restore(
@@ -500,6 +516,31 @@ impl Postgres {
         self.drop_restore_settings()?;
         self.end_incomplete()?;
         Ok(latest)
+    }
+
+    /// Replaces the stopped data directory with the repository's copy at
+    /// `target` (`pgbackrest restore --type=time`): the next start recovers
+    /// there and promotes on a new timeline.
+    pub async fn restore_to_time(&mut self, settings: &BackupSettings, target: &str) -> Result<()> {
+        anyhow::ensure!(!self.is_running(), "PostgreSQL still runs");
+        self.backup.write_conf(settings, None)?;
+        let pgbackrest = self.backup.pgbackrest(settings);
+        self.begin_incomplete()?;
+        let target_option = format!("--target={target}");
+        pgbackrest
+            .restore(
+                &self.data_dir,
+                None,
+                &["--type=time", &target_option, "--target-action=promote"],
+                Duration::from_secs(24 * 3600),
+            )
+            .await?;
+        self.drop_restore_settings()?;
+        let _ = std::fs::remove_file(self.data_dir.join("standby.signal"));
+        self.end_incomplete()?;
+        self.recovery_target_time = Some(target.to_owned());
+        tracing::warn!(target, "data directory restored from the backup repository; recovery to the target follows");
+        Ok(())
     }
 
     /// pgBackRest writes its own `restore_command` into
@@ -736,6 +777,7 @@ impl Postgres {
             primary_slot: follow.map(|_| crate::ha::slot_name(&self.member)),
             parameters: &dynamic.postgresql.parameters,
             sync_standby_names: self.sync_names.render(),
+            recovery_target_time: self.recovery_target_time.take(),
             archive: dynamic.backup.as_ref().map(|settings| {
                 let invocation = self.backup.pgbackrest(settings).invocation;
                 files::ArchiveSettings {

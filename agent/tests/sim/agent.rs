@@ -460,6 +460,10 @@ impl Agent {
             PgOp::ConfirmSyncNames(_) => {
                 now(Err("synchronous replication is not simulated".into()))
             }
+            // The simulated operator never asks for a restore (no backup
+            // repository in the model): the restore is tested by the core's
+            // unit tests and the lab's integration test.
+            PgOp::RestoreToTime { .. } => now(Err("the backup repository is not simulated".into())),
             PgOp::Start { primary } => {
                 if primary && !env.pgs[member].has_postmaster() {
                     env.check_may_run_primary(member, &self.name, self.lease_id, true);
