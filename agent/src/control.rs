@@ -13,10 +13,10 @@ use crate::dcs::Dcs;
 use crate::ha::{self, ClusterView, Initialize, LeaderKey, PgRole, RunningPostgres};
 use jai_grpc::control_server::{Control, ControlServer};
 use jai_grpc::{
-    BackupJobReply, BackupRequest, CancelSwitchoverRequest, ConfigReply, ListBackupsReply,
-    ListBackupsRequest, RestoreRequest, FailoverRequest, GetConfigRequest, HistoryReply,
-    HistoryRequest, Member, OperationReply, PatchConfigRequest, ReinitializeRequest, ReloadRequest,
-    RestartRequest, SetPauseRequest, StatusReply, StatusRequest, SwitchoverRequest,
+    BackupJobReply, BackupRequest, CancelSwitchoverRequest, ConfigReply, FailoverRequest,
+    GetConfigRequest, HistoryReply, HistoryRequest, ListBackupsReply, ListBackupsRequest, Member,
+    OperationReply, PatchConfigRequest, ReinitializeRequest, ReloadRequest, RestartRequest,
+    RestoreRequest, SetPauseRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
 use jai_proto::{DynamicConfig, MemberRole, MemberStatus, SwitchoverIntent};
 use std::time::{Duration, Instant, SystemTime};

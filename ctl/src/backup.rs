@@ -79,7 +79,11 @@ async fn wait_for_result(
         if let Some(job) = state.backup_job.as_ref().filter(|job| job.id == id) {
             let now = format!(
                 "{} on {}",
-                if job.started_at.is_some() { "running" } else { "assigned" },
+                if job.started_at.is_some() {
+                    "running"
+                } else {
+                    "assigned"
+                },
                 job.member.as_deref().unwrap_or("-")
             );
             if job.member.is_some() && announced.as_deref() != Some(now.as_str()) {
@@ -213,8 +217,9 @@ async fn list(session: &mut Session, format: Format) -> Result<(), CtlError> {
         .await
         .map_err(|status| agent.refused(status))?
         .into_inner();
-    let info: Info = serde_json::from_str(&reply.info_json)
-        .map_err(|error| CtlError::Refused(format!("{}: unreadable backup list: {error}", agent.name)))?;
+    let info: Info = serde_json::from_str(&reply.info_json).map_err(|error| {
+        CtlError::Refused(format!("{}: unreadable backup list: {error}", agent.name))
+    })?;
     let verified_label = session
         .state
         .last_verify
@@ -255,7 +260,10 @@ async fn list(session: &mut Session, format: Format) -> Result<(), CtlError> {
         .load_style(UTF8_BORDERS_ONLY)
         .set_content_arrangement(ContentArrangement::Disabled)
         .set_header(
-            ["Label", "Type", "Start", "Stop", "Size", "In repo", "WAL", "Verified"].map(Cell::new),
+            [
+                "Label", "Type", "Start", "Stop", "Size", "In repo", "WAL", "Verified",
+            ]
+            .map(Cell::new),
         );
     for row in &list.backups {
         table.add_row([
@@ -297,7 +305,10 @@ pub async fn restore(session: &mut Session, args: RestoreArgs) -> Result<(), Ctl
         return Ok(());
     }
     require_backup_section(session)?;
-    let text = args.time.as_deref().expect("clap requires --time without --abort");
+    let text = args
+        .time
+        .as_deref()
+        .expect("clap requires --time without --abort");
     let target_unix = parse_target(text, unix_now())?;
     let shown = render::format_unix(target_unix);
     crate::commands::confirm(
@@ -414,7 +425,13 @@ mod tests {
         assert_eq!(parse_target("2026-12-03T14:02:00Z", now).unwrap(), now);
         assert_eq!(parse_target("2026-12-03 14:01:00", now).unwrap(), now - 60);
         assert_eq!(parse_target("-10m", now).unwrap(), now - 600);
-        assert!(matches!(parse_target("2026-12-03T14:03:00Z", now), Err(CtlError::Usage(_))));
-        assert!(matches!(parse_target("yesterday", now), Err(CtlError::Usage(_))));
+        assert!(matches!(
+            parse_target("2026-12-03T14:03:00Z", now),
+            Err(CtlError::Usage(_))
+        ));
+        assert!(matches!(
+            parse_target("yesterday", now),
+            Err(CtlError::Usage(_))
+        ));
     }
 }

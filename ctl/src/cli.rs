@@ -236,7 +236,12 @@ pub enum BackupCommand {
 pub struct RestoreArgs {
     /// The target: RFC 3339 (`2026-12-03T14:02:00Z`; without an offset, UTC)
     /// or a time ago (`-10m`).
-    #[arg(long, value_name = "TIME", required_unless_present = "abort", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "TIME",
+        required_unless_present = "abort",
+        allow_hyphen_values = true
+    )]
     pub time: Option<String>,
     /// Do not ask for confirmation.
     #[arg(long)]

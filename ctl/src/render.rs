@@ -113,7 +113,11 @@ pub fn status_view(state: &ClusterState) -> StatusView {
                     "{} job {} {} on {}",
                     job.kind,
                     job.id,
-                    if job.started_at.is_some() { "running" } else { "waiting" },
+                    if job.started_at.is_some() {
+                        "running"
+                    } else {
+                        "waiting"
+                    },
                     job.member.as_deref().unwrap_or("(unassigned)")
                 )
             }),

@@ -104,11 +104,7 @@ impl BackupSettings {
             if value < min {
                 return Err((
                     field,
-                    format!(
-                        "{} is below the minimum of {}",
-                        show(value),
-                        show(min)
-                    ),
+                    format!("{} is below the minimum of {}", show(value), show(min)),
                 ));
             }
         }

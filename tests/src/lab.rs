@@ -312,7 +312,14 @@ pub struct Lab {
 
 /// The directories a lab writes under DIR, and the only ones `up` removes.
 const LAB_SUBDIRS: &[&str] = &[
-    "secrets", "etcd", "nodes", "haproxy", "logs", "app", "backup", "backup/repo",
+    "secrets",
+    "etcd",
+    "nodes",
+    "haproxy",
+    "logs",
+    "app",
+    "backup",
+    "backup/repo",
 ];
 
 const SUPERUSER: &str = "postgres";

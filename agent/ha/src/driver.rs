@@ -1111,10 +1111,7 @@ impl Driver {
             Action::CloneFrom(leader) => match stage {
                 0 => match self.address_of(leader) {
                     Some(from) => {
-                        self.log(
-                            Level::Info,
-                            format!("cloning from {leader} ({from})"),
-                        );
+                        self.log(Level::Info, format!("cloning from {leader} ({from})"));
                         Wait(Effect::Postgres(PgOp::Clone { from }))
                     }
                     None => Done(Err(format!("leader {leader} has no registered address"))),
@@ -1295,7 +1292,10 @@ impl Driver {
                     }
                     self.log(
                         Level::Warn,
-                        format!("restored to {}: now the primary; the other members re-clone", intent.target),
+                        format!(
+                            "restored to {}: now the primary; the other members re-clone",
+                            intent.target
+                        ),
                     );
                     Ok(())
                 })),

@@ -2,8 +2,7 @@
 
 use jai_proto::{
     DynamicConfig, LeaderStatus, Lsn, MemberState, MemberStatus, RestoreIntent, StandbyLink,
-    SwitchoverIntent,
-    SyncState, Tags,
+    SwitchoverIntent, SyncState, Tags,
 };
 use std::time::Duration;
 

@@ -107,7 +107,9 @@ impl Core {
             RestorePhase::Stopping => Some(match (pg_up, holds_key) {
                 (true, true) => Decision::act(
                     MemberState::Stopped,
-                    format!("restore to {target}: stopping PostgreSQL and giving the leader key up"),
+                    format!(
+                        "restore to {target}: stopping PostgreSQL and giving the leader key up"
+                    ),
                     vec![stop(), Action::ReleaseLeader],
                 ),
                 (true, false) => Decision::act(
@@ -226,7 +228,9 @@ impl Core {
             .members
             .iter()
             .filter(|status| status.name != self.identity.name)
-            .filter(|status| status.state != MemberState::Stopped || status.role == MemberRole::Primary)
+            .filter(|status| {
+                status.state != MemberState::Stopped || status.role == MemberRole::Primary
+            })
             .map(|status| status.name.as_str())
             .collect();
         if !still_up.is_empty() {
@@ -242,7 +246,10 @@ impl Core {
             Some(leader) if !leader.mine => {
                 return Some(Decision::wait(
                     MemberState::Stopped,
-                    format!("restore to {target}: waiting for {} to give the leader key up", leader.name),
+                    format!(
+                        "restore to {target}: waiting for {} to give the leader key up",
+                        leader.name
+                    ),
                 ))
             }
             None => {

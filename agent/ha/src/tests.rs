@@ -1531,12 +1531,22 @@ fn a_restore_stops_the_old_leader_and_takes_its_key_away() {
     let mut view = cluster();
     view.leader = leader("a", true);
     view.restore = Some(restore_intent("b", jai_proto::RestorePhase::Stopping));
-    view.members = vec![member("a", MemberRole::Primary, 100), member("b", MemberRole::Replica, 100)];
+    view.members = vec![
+        member("a", MemberRole::Primary, 100),
+        member("b", MemberRole::Replica, 100),
+    ];
     let decision = decide(
         "a",
-        &observe(PgProcess::Running(primary_at(100)), data_dir(true), Some(view)),
+        &observe(
+            PgProcess::Running(primary_at(100)),
+            data_dir(true),
+            Some(view),
+        ),
     );
-    assert!(matches!(decision.actions[0], Action::Stop { .. }), "{decision:?}");
+    assert!(
+        matches!(decision.actions[0], Action::Stop { .. }),
+        "{decision:?}"
+    );
     assert_eq!(decision.actions[1], Action::ReleaseLeader);
 }
 
@@ -1554,12 +1564,19 @@ fn the_restorer_waits_for_every_member_to_stop_then_takes_the_key_then_restores(
 
     view.members = vec![stopped("a"), stopped("b")];
     view.leader = None;
-    let taking = decide("b", &observe(PgProcess::Stopped, data_dir(false), Some(view.clone())));
+    let taking = decide(
+        "b",
+        &observe(PgProcess::Stopped, data_dir(false), Some(view.clone())),
+    );
     assert_eq!(taking.actions, vec![Action::AcquireLeader]);
 
     view.leader = leader("b", true);
     let mut core = Core::new(identity("b"));
-    let restoring = core.decide(&observe(PgProcess::Stopped, data_dir(false), Some(view.clone())));
+    let restoring = core.decide(&observe(
+        PgProcess::Stopped,
+        data_dir(false),
+        Some(view.clone()),
+    ));
     assert_eq!(
         restoring.actions,
         vec![Action::RestoreTo(restore_intent("b", stopping))]
@@ -1574,7 +1591,11 @@ fn the_restorer_waits_for_every_member_to_stop_then_takes_the_key_then_restores(
     // Promoted by PostgreSQL at the target: recorded, others rejoin.
     let mut promoted = primary_at(60);
     promoted.timeline = 3;
-    let recorded = core.decide(&observe(PgProcess::Running(promoted), data_dir(false), Some(view)));
+    let recorded = core.decide(&observe(
+        PgProcess::Running(promoted),
+        data_dir(false),
+        Some(view),
+    ));
     let [Action::RecordRestore { intent, entry }] = recorded.actions.as_slice() else {
         panic!("{recorded:?}")
     };
@@ -1592,7 +1613,11 @@ fn after_a_restore_the_others_reclone_from_the_restorer() {
     restorer.timeline = Some(3);
     view.members = vec![restorer, stopped("a")];
     let mut core = Core::new(identity("a"));
-    let recloning = core.decide(&observe(PgProcess::Stopped, data_dir(true), Some(view.clone())));
+    let recloning = core.decide(&observe(
+        PgProcess::Stopped,
+        data_dir(true),
+        Some(view.clone()),
+    ));
     assert_eq!(recloning.actions, vec![Action::CloneFrom("b".into())]);
     // Running on the old timeline (never cloned): stop first.
     let mut fresh = Core::new(identity("a"));

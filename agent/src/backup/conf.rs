@@ -101,7 +101,10 @@ pub fn render(inputs: &ConfInputs) -> String {
     let dir = inputs.state_dir.join("pgbackrest");
     let mut text = String::from("# Written by jai-agent from the cluster config's `backup` section: edits here are lost.\n[global]\n");
     let global = [
-        ("repo1-path", settings.repo_path.to_string_lossy().into_owned()),
+        (
+            "repo1-path",
+            settings.repo_path.to_string_lossy().into_owned(),
+        ),
         ("repo1-retention-full", settings.retention_full.to_string()),
         ("process-max", settings.process_max.to_string()),
         ("compress-type", "zst".into()),
@@ -200,7 +203,9 @@ mod tests {
             invocation.archive_command(),
             "/usr/bin/pgbackrest --config='/var/lib/my jai/pgbackrest.conf' --stanza=main archive-push \"%p\""
         );
-        assert!(invocation.restore_command().ends_with("archive-get %f \"%p\""));
+        assert!(invocation
+            .restore_command()
+            .ends_with("archive-get %f \"%p\""));
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
     }
 }

@@ -49,8 +49,16 @@ pub fn newest_archived_wal_age(archive_dir: &Path) -> Option<f64> {
     let mut newest = None;
     // <archive>/<version-id>/<timeline+high 32 bits>/<segment>-<sha1>.<ext>
     for version in std::fs::read_dir(archive_dir).ok()?.flatten() {
-        for bucket in std::fs::read_dir(version.path()).into_iter().flatten().flatten() {
-            for file in std::fs::read_dir(bucket.path()).into_iter().flatten().flatten() {
+        for bucket in std::fs::read_dir(version.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for file in std::fs::read_dir(bucket.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 if file.file_name().len() < 24 {
                     continue;
                 }
@@ -167,7 +175,10 @@ fn start(
     let settings: [(&str, String); 13] = [
         ("port", port.to_string()),
         ("listen_addresses", String::new()),
-        ("unix_socket_directories", socket.to_string_lossy().into_owned()),
+        (
+            "unix_socket_directories",
+            socket.to_string_lossy().into_owned(),
+        ),
         ("cluster_name", "jai-restore-drill".into()),
         ("archive_mode", "off".into()),
         ("restore_command", restore_command),
@@ -195,7 +206,9 @@ fn start(
     if let Some(run_as) = env.run_as {
         run_as.apply(&mut command);
     }
-    command.spawn().context("starting PostgreSQL on the restored copy")
+    command
+        .spawn()
+        .context("starting PostgreSQL on the restored copy")
 }
 
 /// Waits for recovery to end, then counts every user table's rows.
@@ -208,13 +221,17 @@ async fn examine(
 ) -> Result<(f64, BTreeMap<String, u64>)> {
     let client = loop {
         if let Some(status) = server.try_wait()? {
-            let log = std::fs::read_to_string(env.scratch.join("postgresql.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(env.scratch.join("postgresql.log")).unwrap_or_default();
             let why = log
                 .lines()
                 .rev()
                 .find(|line| line.contains("FATAL") || line.contains("PANIC"))
                 .unwrap_or("(nothing in its log)");
-            bail!("PostgreSQL on the restored copy exited ({status}) before it recovered: {}", why.trim());
+            bail!(
+                "PostgreSQL on the restored copy exited ({status}) before it recovered: {}",
+                why.trim()
+            );
         }
         if let Ok(client) = connect(env, socket, port, "postgres").await {
             let recovering: bool = client
@@ -330,7 +347,8 @@ fn recovery_end(log: &str) -> (Option<String>, Option<String>) {
             Some(rest.trim().to_owned())
         })
     };
-    let end_lsn = after("redo done at ").and_then(|rest| rest.split_whitespace().next().map(str::to_owned));
+    let end_lsn =
+        after("redo done at ").and_then(|rest| rest.split_whitespace().next().map(str::to_owned));
     let end_time = after("last completed transaction was at log time ");
     (end_lsn, end_time)
 }

@@ -136,7 +136,11 @@ impl Local {
     /// Writes `pgbackrest.conf` (atomically, readable by PostgreSQL's
     /// account only) when its text changed; `primary` is the leader's
     /// server when this member is a standby on its host.
-    pub fn write_conf(&self, settings: &BackupSettings, primary: Option<conf::Server>) -> Result<bool> {
+    pub fn write_conf(
+        &self,
+        settings: &BackupSettings,
+        primary: Option<conf::Server>,
+    ) -> Result<bool> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let text = conf::render(&conf::ConfInputs {
@@ -282,7 +286,13 @@ impl Worker {
         let running = self.running.take().expect("checked above");
         let result = match running.task.await {
             Ok(result) => result,
-            Err(error) => failure(&running.id, JobKind::Full, &self.local.name, now(), &format!("the job's task failed: {error}")),
+            Err(error) => failure(
+                &running.id,
+                JobKind::Full,
+                &self.local.name,
+                now(),
+                &format!("the job's task failed: {error}"),
+            ),
         };
         log_result(&result);
         store::finish(&self.dcs, &result, running.revision).await?;
@@ -292,19 +302,32 @@ impl Worker {
 
     /// Starts the job assigned to this member; a job marked started by an
     /// earlier run of this agent is recorded as interrupted.
-    async fn run_mine(&mut self, settings: &BackupSettings, keys: &store::BackupKeys) -> Result<()> {
+    async fn run_mine(
+        &mut self,
+        settings: &BackupSettings,
+        keys: &store::BackupKeys,
+    ) -> Result<()> {
         let Some((job, revision)) = &keys.job else {
             return Ok(());
         };
         if job.member.as_deref() != Some(self.local.name.as_str()) {
             return Ok(());
         }
-        if self.running.as_ref().is_some_and(|running| running.id == job.id) {
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|running| running.id == job.id)
+        {
             return Ok(());
         }
         if let Some(started) = job.started_at {
-            let result = failure(&job.id, job.kind, &self.local.name, started,
-                "interrupted: jai-agent restarted while it ran");
+            let result = failure(
+                &job.id,
+                job.kind,
+                &self.local.name,
+                started,
+                "interrupted: jai-agent restarted while it ran",
+            );
             log_result(&result);
             return store::finish(&self.dcs, &result, *revision).await;
         }
@@ -316,11 +339,7 @@ impl Worker {
             return Ok(());
         };
         tracing::info!(id = %job.id, kind = %job.kind, origin = ?job.origin, "backup job started");
-        let task = tokio::spawn(execute(
-            self.local.clone(),
-            settings.clone(),
-            started,
-        ));
+        let task = tokio::spawn(execute(self.local.clone(), settings.clone(), started));
         self.running = Some(Running {
             id: job.id.clone(),
             revision: new_revision,
@@ -330,36 +349,108 @@ impl Worker {
     }
 
     /// The leader's part: the stanza exists, and the schedule is kept.
-    async fn lead(&mut self, settings: &BackupSettings, view: &ClusterView, keys: &store::BackupKeys) -> Result<()> {
+    async fn lead(
+        &mut self,
+        settings: &BackupSettings,
+        view: &ClusterView,
+        keys: &store::BackupKeys,
+    ) -> Result<()> {
         let Some(system_id) = view
             .member(&self.local.name)
             .and_then(|me| me.system_id.clone())
         else {
             return Ok(());
         };
-        let wanted = (settings.stanza.clone(), system_id);
-        if self.stanza.as_ref() != Some(&wanted) {
-            if self.stanza_failed.is_some_and(|at| at.elapsed() < STANZA_RETRY) {
-                return Ok(());
-            }
-            match self.local.pgbackrest(settings).stanza_create().await {
-                Ok(()) => {
-                    tracing::info!(stanza = %settings.stanza, "pgBackRest stanza ready; WAL archiving can proceed");
-                    // PostgreSQL's archiver sleeps a minute after failed
-                    // pushes; a new segment wakes it now.
-                    if let Err(error) = self.local.switch_wal().await {
-                        tracing::warn!("backup: pg_switch_wal after creating the stanza: {error:#}");
-                    }
-                    self.stanza = Some(wanted);
-                    self.stanza_failed = None;
+        // A new stanza or a new repository needs its own stanza-create.
+        let wanted = (
+            format!("{} in {}", settings.stanza, settings.repo_path.display()),
+            system_id,
+        );
+        if self.stanza.as_ref() != Some(&wanted)
+            && self
+                .stanza_failed
+                .is_none_or(|at| at.elapsed() >= STANZA_RETRY)
+        {
+            self.ensure_stanza(settings, wanted).await;
+        }
+        // Without a usable stanza nothing new is scheduled, but jobs already
+        // asked for are still assigned (their runner reports why they fail).
+        let stanza_ready = self.stanza.is_some() && self.stanza_failed.is_none();
+        if stanza_ready {
+            self.refresh_repo_facts(settings, keys).await?;
+        }
+        let repo = self
+            .repo
+            .as_ref()
+            .filter(|_| stanza_ready)
+            .map(|(_, facts, _)| *facts);
+        let decision = schedule::decide(&schedule::Inputs {
+            now: now(),
+            settings,
+            leader: &self.local.name,
+            timeline: view.member(&self.local.name).and_then(|me| me.timeline),
+            members: &view.members,
+            job: keys.job.as_ref().map(|(job, _)| job),
+            repo,
+            last_backup: keys.last_backup.as_ref(),
+            last_verify: keys.last_verify.as_ref(),
+        });
+        match decision {
+            schedule::Decision::Nothing => {}
+            schedule::Decision::Write(job) => {
+                let revision = keys.job.as_ref().map_or(0, |(_, revision)| *revision);
+                if store::put_job_if(&self.dcs, &job, revision)
+                    .await?
+                    .is_some()
+                {
+                    tracing::info!(id = %job.id, kind = %job.kind, member = ?job.member, "backup job assigned");
                 }
-                Err(error) => {
-                    self.stanza_failed = Some(Instant::now());
-                    self.warn_once(format!("backup: the stanza is not usable, nothing is archived or backed up: {error:#}"));
-                    return Ok(());
+            }
+            schedule::Decision::Abandon(reason) => {
+                if let Some((job, revision)) = &keys.job {
+                    let result = failure(
+                        &job.id,
+                        job.kind,
+                        job.member.as_deref().unwrap_or("-"),
+                        job.started_at.unwrap_or(job.requested_at),
+                        &format!("abandoned: {reason}"),
+                    );
+                    log_result(&result);
+                    store::finish(&self.dcs, &result, *revision).await?;
                 }
             }
         }
+        Ok(())
+    }
+    /// `stanza-create` for this stanza, repository and system (idempotent).
+    async fn ensure_stanza(&mut self, settings: &BackupSettings, wanted: (String, String)) {
+        match self.local.pgbackrest(settings).stanza_create().await {
+            Ok(()) => {
+                tracing::info!(stanza = %settings.stanza, "pgBackRest stanza ready; WAL archiving can proceed");
+                // PostgreSQL's archiver sleeps a minute after failed pushes;
+                // a new segment wakes it now.
+                if let Err(error) = self.local.switch_wal().await {
+                    tracing::warn!("backup: pg_switch_wal after creating the stanza: {error:#}");
+                }
+                self.stanza = Some(wanted);
+                self.stanza_failed = None;
+            }
+            Err(error) => {
+                self.stanza = None;
+                self.stanza_failed = Some(Instant::now());
+                self.warn_once(format!(
+                    "backup: the stanza is not usable, nothing is archived or backed up: {error:#}"
+                ));
+            }
+        }
+    }
+
+    /// Re-reads the repository every [`REPO_READ_EVERY`] and after each job.
+    async fn refresh_repo_facts(
+        &mut self,
+        settings: &BackupSettings,
+        keys: &store::BackupKeys,
+    ) -> Result<()> {
         let label_now = keys.last_backup.as_ref().map(|result| result.id.clone());
         let stale = self.repo.as_ref().is_none_or(|(read_at, _, label)| {
             read_at.elapsed() >= REPO_READ_EVERY || *label != label_now
@@ -372,34 +463,6 @@ impl Worker {
                 newest_timeline: info.latest().and_then(|backup| backup.timeline()),
             };
             self.repo = Some((Instant::now(), facts, label_now));
-        }
-        let decision = schedule::decide(&schedule::Inputs {
-            now: now(),
-            settings,
-            leader: &self.local.name,
-            timeline: view.member(&self.local.name).and_then(|me| me.timeline),
-            members: &view.members,
-            job: keys.job.as_ref().map(|(job, _)| job),
-            repo: self.repo.as_ref().map(|(_, facts, _)| *facts),
-            last_backup: keys.last_backup.as_ref(),
-            last_verify: keys.last_verify.as_ref(),
-        });
-        match decision {
-            schedule::Decision::Nothing => {}
-            schedule::Decision::Write(job) => {
-                let revision = keys.job.as_ref().map_or(0, |(_, revision)| *revision);
-                if store::put_job_if(&self.dcs, &job, revision).await?.is_some() {
-                    tracing::info!(id = %job.id, kind = %job.kind, member = ?job.member, "backup job assigned");
-                }
-            }
-            schedule::Decision::Abandon(reason) => {
-                if let Some((job, revision)) = &keys.job {
-                    let result = failure(&job.id, job.kind, job.member.as_deref().unwrap_or("-"),
-                        job.started_at.unwrap_or(job.requested_at), &format!("abandoned: {reason}"));
-                    log_result(&result);
-                    store::finish(&self.dcs, &result, *revision).await?;
-                }
-            }
         }
         Ok(())
     }
@@ -454,7 +517,13 @@ async fn execute(local: Local, settings: BackupSettings, job: BackupJob) -> JobR
     }
     .await;
     outcome.unwrap_or_else(|error| {
-        failure(&job.id, job.kind, &local.name, started, &format!("{error:#}"))
+        failure(
+            &job.id,
+            job.kind,
+            &local.name,
+            started,
+            &format!("{error:#}"),
+        )
     })
 }
 

@@ -251,6 +251,36 @@ pub struct BackupInfo {
     /// pgBackRest found page checksum errors while copying.
     #[serde(default)]
     pub error: Option<bool>,
+    /// Where its WAL starts and stops.
+    #[serde(default)]
+    pub lsn: LsnRange,
+}
+
+/// A backup's WAL positions.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct LsnRange {
+    /// Start.
+    #[serde(default)]
+    pub start: Option<jai_proto::Lsn>,
+    /// Stop.
+    #[serde(default)]
+    pub stop: Option<jai_proto::Lsn>,
+}
+
+/// A timeline's ancestry, as its `.history` file lists it: each earlier
+/// timeline and the position where the next one forked off it.
+pub type TimelineHistory = Vec<(u32, jai_proto::Lsn)>;
+
+/// Parses a `.history` file (`1\t0/6002078\treason` per line).
+pub fn parse_history(text: &str) -> TimelineHistory {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let timeline = fields.next()?.parse().ok()?;
+            let fork = fields.next()?.parse().ok()?;
+            Some((timeline, fork))
+        })
+        .collect()
 }
 
 /// Unix seconds.
@@ -314,19 +344,47 @@ impl BackupInfo {
 }
 
 impl StanzaInfo {
-    /// The newest backup taken on `timeline`: a copy that can follow a
-    /// leader on that timeline. A backup of an earlier timeline may hold WAL
-    /// past the fork, and a standby restored from it could never follow.
-    pub fn latest_on(&self, timeline: u32) -> Option<&BackupInfo> {
+    /// The newest backup a standby of a leader on `timeline` can start
+    /// from: one of that timeline, or of an ancestor when it stopped before
+    /// the fork (`history`: the leader timeline's `.history` in the archive).
+    /// A backup past the fork holds WAL the leader never had, and a standby
+    /// restored from it could never follow; without the history file in the
+    /// archive nothing earlier qualifies.
+    pub fn latest_for(&self, timeline: u32, history: &TimelineHistory) -> Option<&BackupInfo> {
         self.backup
             .iter()
-            .filter(|backup| backup.timeline() == Some(timeline))
+            .filter(|backup| match backup.timeline() {
+                Some(own) if own == timeline => true,
+                Some(own) => history.iter().any(|(ancestor, fork)| {
+                    *ancestor == own && backup.lsn.stop.is_some_and(|stop| stop <= *fork)
+                }),
+                None => false,
+            })
             .max_by_key(|backup| backup.timestamp.stop)
+    }
+
+    /// The `.history` file of `timeline` in the archive at `archive_dir`
+    /// (`<repo>/archive/<stanza>`), if it was archived yet.
+    pub fn history_of(&self, archive_dir: &Path, timeline: u32) -> TimelineHistory {
+        self.archive
+            .iter()
+            .find_map(|archive| {
+                std::fs::read_to_string(
+                    archive_dir
+                        .join(&archive.id)
+                        .join(format!("{timeline:08X}.history")),
+                )
+                .ok()
+            })
+            .map(|text| parse_history(&text))
+            .unwrap_or_default()
     }
 
     /// The newest backup.
     pub fn latest(&self) -> Option<&BackupInfo> {
-        self.backup.iter().max_by_key(|backup| backup.timestamp.stop)
+        self.backup
+            .iter()
+            .max_by_key(|backup| backup.timestamp.stop)
     }
 
     /// When the newest full backup ended.
@@ -340,7 +398,10 @@ impl StanzaInfo {
 
     /// When the oldest backup started: no restore can reach earlier.
     pub fn oldest_start(&self) -> Option<u64> {
-        self.backup.iter().map(|backup| backup.timestamp.start).min()
+        self.backup
+            .iter()
+            .map(|backup| backup.timestamp.start)
+            .min()
     }
 
     /// The newest archived WAL segment.
@@ -389,8 +450,21 @@ mod tests {
         assert_eq!(info.newest_wal(), Some("000000020000000000000009"));
         assert_eq!(info.backup[0].info.repository.delta, 4000000);
         assert_eq!(info.backup[1].timeline(), Some(2));
-        assert_eq!(info.latest_on(1).unwrap().label, "20261203-201501F");
-        assert!(info.latest_on(3).is_none());
+        assert_eq!(
+            info.latest_for(2, &vec![]).unwrap().label,
+            "20261203-201501F_20261203-202000I"
+        );
+        assert!(
+            info.latest_for(3, &vec![]).is_none(),
+            "no history archived yet"
+        );
+        let forked_after = parse_history("1\t0/3000100\tno recovery target specified\n");
+        assert_eq!(
+            info.latest_for(3, &forked_after).unwrap().label,
+            "20261203-201501F"
+        );
+        let forked_before = parse_history("1\t0/3000050\tbefore the backup ended\n");
+        assert!(info.latest_for(3, &forked_before).is_none());
     }
 
     /// What pgBackRest 2.45 printed in the lab after one byte range of a

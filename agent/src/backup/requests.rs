@@ -42,8 +42,14 @@ pub async fn request(dcs: &Dcs, kind: JobKind, now: u64) -> Result<BackupJob, St
             "backup job {} ({}) is {} on {}; wait for it (jaictl backup list)",
             job.id,
             job.kind,
-            if job.started_at.is_some() { "running" } else { "waiting" },
-            job.member.as_deref().unwrap_or("a member the leader has not chosen yet"),
+            if job.started_at.is_some() {
+                "running"
+            } else {
+                "waiting"
+            },
+            job.member
+                .as_deref()
+                .unwrap_or("a member the leader has not chosen yet"),
         )));
     }
     let job = BackupJob {
@@ -112,8 +118,9 @@ pub async fn restore(
             pg_time(now)
         )));
     }
-    let info: super::pgbackrest::StanzaInfo = serde_json::from_str(&list(local, settings).await?)
-        .map_err(|error| Status::internal(error.to_string()))?;
+    let info: super::pgbackrest::StanzaInfo =
+        serde_json::from_str(&list(local, settings).await?)
+            .map_err(|error| Status::internal(error.to_string()))?;
     let Some(earliest) = info.backup.iter().map(|backup| backup.timestamp.stop).min() else {
         return Err(Status::failed_precondition(
             "the repository holds no backup: nothing to restore from (jaictl backup create --type full)",

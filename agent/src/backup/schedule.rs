@@ -6,8 +6,7 @@
 //! left off: everything it needs is in etcd and in the repository.
 
 use jai_proto::{
-    BackupJob, BackupSettings, JobKind, JobOrigin, JobResult, MemberRole, MemberState,
-    MemberStatus,
+    BackupJob, BackupSettings, JobKind, JobOrigin, JobResult, MemberRole, MemberState, MemberStatus,
 };
 
 /// A job the assigned member has not started after this long is given to another.
@@ -228,12 +227,21 @@ mod tests {
             member("pg2", MemberRole::Replica, "10.0.0.1", 5),
             member("pg3", MemberRole::Replica, "10.0.0.1", 9),
         ];
-        let decision = decide(&inputs(&settings, &members, None, Some(RepoFacts::default())));
+        let decision = decide(&inputs(
+            &settings,
+            &members,
+            None,
+            Some(RepoFacts::default()),
+        ));
         let Decision::Write(job) = decision else {
             panic!("{decision:?}")
         };
         assert_eq!(job.kind, JobKind::Full);
-        assert_eq!(job.member.as_deref(), Some("pg3"), "the most caught-up replica");
+        assert_eq!(
+            job.member.as_deref(),
+            Some("pg3"),
+            "the most caught-up replica"
+        );
     }
 
     #[test]
@@ -244,7 +252,9 @@ mod tests {
             member("pg2", MemberRole::Replica, "10.0.0.2", 5),
         ];
         let mut state = inputs(&settings, &members, None, Some(RepoFacts::default()));
-        assert!(matches!(decide(&state), Decision::Write(job) if job.member.as_deref() == Some("pg1")));
+        assert!(
+            matches!(decide(&state), Decision::Write(job) if job.member.as_deref() == Some("pg1"))
+        );
         state.repo = Some(RepoFacts {
             last_full: Some(state.now - 10),
             last_any: Some(state.now - 10),
@@ -258,7 +268,10 @@ mod tests {
     fn the_schedule_waits_until_the_repository_is_read_and_backups_are_due() {
         let settings = BackupSettings::default();
         let members = [member("pg1", MemberRole::Primary, "h", 0)];
-        assert_eq!(decide(&inputs(&settings, &members, None, None)), Decision::Nothing);
+        assert_eq!(
+            decide(&inputs(&settings, &members, None, None)),
+            Decision::Nothing
+        );
         let now = 1_000_000;
         let mut state = inputs(
             &settings,
@@ -336,7 +349,9 @@ mod tests {
             started_at: None,
         };
         let decision = decide(&inputs(&settings, &members, Some(&request), None));
-        assert!(matches!(&decision, Decision::Write(job) if job.member.as_deref() == Some("pg2") && job.id == "op"));
+        assert!(
+            matches!(&decision, Decision::Write(job) if job.member.as_deref() == Some("pg2") && job.id == "op")
+        );
         let running = BackupJob {
             member: Some("pg9".into()),
             started_at: Some(999_000),

@@ -55,9 +55,10 @@ pub async fn put_job_if(dcs: &Dcs, job: &BackupJob, revision: i64) -> Result<Opt
     } else {
         Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
     };
-    let txn = Txn::new()
-        .when([guard])
-        .and_then([TxnOp::put(key, serde_json::to_string(job)?, None)]);
+    let txn =
+        Txn::new()
+            .when([guard])
+            .and_then([TxnOp::put(key, serde_json::to_string(job)?, None)]);
     let mut client = dcs.client();
     let response = dcs.bounded("write backup job", client.txn(txn)).await?;
     Ok(response

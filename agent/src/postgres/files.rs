@@ -100,8 +100,16 @@ pub fn postgresql_conf(settings: &ServerSettings) -> String {
     }
     if let Some(archive) = &settings.archive {
         let _ = writeln!(text, "archive_mode = 'on'");
-        let _ = writeln!(text, "archive_command = {}", quote(&archive.archive_command));
-        let _ = writeln!(text, "restore_command = {}", quote(&archive.restore_command));
+        let _ = writeln!(
+            text,
+            "archive_command = {}",
+            quote(&archive.archive_command)
+        );
+        let _ = writeln!(
+            text,
+            "restore_command = {}",
+            quote(&archive.restore_command)
+        );
         let _ = writeln!(
             text,
             "archive_timeout = '{}s'",

@@ -498,12 +498,15 @@ impl Postgres {
     ) -> Result<String> {
         self.backup.write_conf(settings, None)?;
         let pgbackrest = self.backup.pgbackrest(settings);
-        let latest = pgbackrest
-            .info()
-            .await?
-            .latest_on(timeline)
+        let info = pgbackrest.info().await?;
+        let archive = settings.repo_path.join("archive").join(&settings.stanza);
+        let history = info.history_of(&archive, timeline);
+        let latest = info
+            .latest_for(timeline, &history)
             .map(|backup| backup.label.clone())
-            .ok_or_else(|| anyhow!("the repository holds no backup of timeline {timeline} yet"))?;
+            .ok_or_else(|| {
+                anyhow!("the repository holds no backup the leader's timeline {timeline} can follow yet")
+            })?;
         self.begin_incomplete()?;
         pgbackrest
             .restore(
@@ -539,7 +542,10 @@ impl Postgres {
         let _ = std::fs::remove_file(self.data_dir.join("standby.signal"));
         self.end_incomplete()?;
         self.recovery_target_time = Some(target.to_owned());
-        tracing::warn!(target, "data directory restored from the backup repository; recovery to the target follows");
+        tracing::warn!(
+            target,
+            "data directory restored from the backup repository; recovery to the target follows"
+        );
         Ok(())
     }
 

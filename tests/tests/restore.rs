@@ -1,0 +1,169 @@
+//! The whole cluster back to a point in time, in place (`jaictl restore`),
+//! on a real lab: PostgreSQL, etcd, HAProxy and pgBackRest.
+
+mod common;
+
+use anyhow::{Context, Result};
+use common::{has_row, insert, jaictl_status, lab_dir, WITHIN};
+use jai_lab::{wait, Lab};
+use std::time::{Duration, SystemTime};
+
+/// What one `jaictl` run printed and how it exited.
+struct Run {
+    code: i32,
+    out: String,
+}
+
+fn jaictl(lab: &Lab, args: &[&str]) -> Result<Run> {
+    let output = tokio::task::block_in_place(|| lab.jaictl(args)?.output().context("jaictl"))?;
+    Ok(Run {
+        code: output.status.code().unwrap_or(-1),
+        out: format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// Waits until the wall clock has passed Unix second `second`.
+async fn wait_past(second: u64) -> Result<()> {
+    wait::until(
+        &format!("the clock past {second}"),
+        Duration::from_secs(5),
+        || async { Ok((unix_now() > second).then_some(())) },
+    )
+    .await
+}
+
+/// `jaictl backup create --type full`, asked again while the leader's own
+/// scheduled job (the first backup, its drill) still runs.
+async fn full_backup(lab: &Lab) -> Result<()> {
+    wait::until(
+        "a full backup of my own",
+        Duration::from_secs(180),
+        || async {
+            let run = jaictl(lab, &["backup", "create", "--type", "full"])?;
+            match run.code {
+                0 => Ok(Some(())),
+                1 if run.out.contains("wait for it") => Ok(None),
+                _ => anyhow::bail!("jaictl backup create: exit {}: {}", run.code, run.out),
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_goes_back_to_a_point_in_time_with_the_same_endpoints() -> Result<()> {
+    let dir = lab_dir()?;
+    let lab = Lab::up(common::spec(&dir, 3, 1)).await?;
+    lab.wait_healthy(WITHIN).await?;
+    insert(&lab, "before the backup").await?;
+    full_backup(&lab).await?;
+    insert(&lab, "before T").await?;
+    // T: a whole second after the last row before it, a whole second before
+    // the first row after it (recovery targets are compared per commit).
+    let target = unix_now() + 1;
+    wait_past(target).await?;
+    let target_text =
+        humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(target))
+            .to_string();
+    insert(&lab, "after T").await?;
+    let old_timeline = jaictl_status(&lab)?["members"][0]["timeline"]
+        .as_u64()
+        .context("a timeline")?;
+
+    // Bad input changes nothing.
+    let future = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600))
+        .to_string();
+    let run = jaictl(&lab, &["restore", "--time", &future, "--force"])?;
+    assert_eq!(run.code, 2, "a time in the future: {}", run.out);
+    assert!(run.out.contains("in the future"), "{}", run.out);
+    let run = jaictl(
+        &lab,
+        &["restore", "--time", "2001-01-01T00:00:00Z", "--force"],
+    )?;
+    assert_eq!(run.code, 1, "before the oldest backup: {}", run.out);
+    assert!(
+        run.out.contains("before the end of the oldest backup"),
+        "{}",
+        run.out
+    );
+    assert!(
+        jaictl_status(&lab)?.get("restore").is_none(),
+        "nothing recorded"
+    );
+
+    let run = jaictl(
+        &lab,
+        &["restore", "--time", &target_text, "--force", "--wait", "5m"],
+    )?;
+    assert_eq!(run.code, 0, "jaictl restore: {}", run.out);
+    assert!(run.out.contains("cluster restored to"), "{}", run.out);
+
+    // The same endpoints: the write port answers on the restored data.
+    let write = lab.desc.haproxy.write.clone();
+    wait::until("the write port on the restored leader", WITHIN, || async {
+        Ok(has_row(&lab, &write, "before T")
+            .await
+            .ok()
+            .filter(|found| *found))
+    })
+    .await?;
+    assert!(has_row(&lab, &write, "before the backup").await?);
+    assert!(
+        !has_row(&lab, &write, "after T").await?,
+        "a row after T survived"
+    );
+    insert(&lab, "after the restore").await?;
+
+    // Every member streams on the new timeline; history says why.
+    let status = wait::until("every member on the new timeline", WITHIN, || async {
+        let status = jaictl_status(&lab)?;
+        let members = status["members"].as_array().cloned().unwrap_or_default();
+        let leader = status["leader"].as_str().unwrap_or_default().to_owned();
+        let moved = members.len() == 3
+            && members.iter().all(|row| {
+                row["timeline"].as_u64().is_some_and(|tl| tl > old_timeline)
+                    && (row["member"] == leader.as_str() || row["state"] == "streaming")
+            });
+        Ok((moved && status.get("restore").is_none()).then_some(status))
+    })
+    .await?;
+    let leader = status["leader"].as_str().context("a leader")?.to_owned();
+    let history = jaictl(&lab, &["history", "-o", "json"])?;
+    let entries: serde_json::Value = serde_json::from_str(&history.out)?;
+    let last = entries
+        .as_array()
+        .and_then(|all| all.last())
+        .context("history")?;
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("restore to "),
+        "{last}"
+    );
+    assert_eq!(last["new_leader"], leader.as_str());
+    for node in lab.running_nodes() {
+        let note = "after the restore";
+        wait::until(&format!("{note:?} on {}", node.name), WITHIN, || async {
+            Ok(has_row(&lab, &node.pg, note).await?.then_some(()))
+        })
+        .await?;
+        assert!(
+            !has_row(&lab, &node.pg, "after T").await?,
+            "{} kept a row after T",
+            node.name
+        );
+    }
+    Ok(())
+}
