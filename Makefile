@@ -56,6 +56,15 @@ bench-status: build
 	@if [ -f $(BENCH_DIR)/lab.json ]; then $(LAB) down --dir $(BENCH_DIR) >/dev/null; fi
 	$(BENCH) status --runs $(STATUS_RUNS) --dir $(BENCH_DIR) $(BENCH_FLAGS)
 
+## Backups on a 2-node lab (docs/benchmarks.md, "Backups"): full and incremental
+## backup times, repository size, restore drill time and RPO, on the lab's small
+## database and after pgbench -i -s SCALE (70: ~1 GB). About 10 minutes, ~4 GB of disk.
+BENCH_BACKUP_DIR ?= /tmp/jai-bench-backup
+SCALE ?= 70
+.PHONY: bench-backup
+bench-backup: build
+	BENCH_BACKUP_DIR=$(BENCH_BACKUP_DIR) SCALE=$(SCALE) BIN_DIR=$(TARGET_DIR)/debug scripts/bench-backup.sh
+
 ## Deterministic simulation of the agent's core and round driver: SEEDS histories (docs/architecture.md).
 SEEDS ?= 10000
 .PHONY: sim sim-bugs

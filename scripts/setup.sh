@@ -15,6 +15,8 @@ declare -A check=(
     [postgresql-client-15]='command -v psql'
     [etcd-server]='command -v etcd'
     [haproxy]='command -v haproxy'
+    # Backups: WAL archive, scheduled backups, restore drills (docs/backups.md).
+    [pgbackrest]='command -v pgbackrest'
     [protobuf-compiler]='command -v protoc'
     # etcd-client's build compiles protos that import the well-known types.
     [libprotobuf-dev]='[ -f /usr/include/google/protobuf/descriptor.proto ]'
@@ -85,6 +87,15 @@ haproxy_major=${haproxy_version%%.*}
 haproxy_minor=${haproxy_version#*.}
 if [ -z "$haproxy_version" ] || [ "$haproxy_major" -lt 2 ] || { [ "$haproxy_major" -eq 2 ] && [ "$haproxy_minor" -lt 6 ]; }; then
     fail "HAProxy ${haproxy_version:-of unknown version} found at $(command -v haproxy); the agent needs HAProxy >= 2.6 (runtime 'add server')"
+fi
+
+# The agents render pgBackRest 2.x's options (repo1-*, pg1-*, compress-type=zst)
+# and read its JSON and its `verify` lines as 2.45 prints them (Debian 12's).
+pgbackrest_version=$(pgbackrest version 2>/dev/null | sed -n 's/^pgBackRest \([0-9]*\.[0-9]*\).*/\1/p' | head -1)
+pgbackrest_major=${pgbackrest_version%%.*}
+pgbackrest_minor=${pgbackrest_version#*.}
+if [ -z "$pgbackrest_version" ] || [ "$pgbackrest_major" -ne 2 ] || [ "$pgbackrest_minor" -lt 45 ]; then
+    fail "pgBackRest ${pgbackrest_version:-of unknown version} found at $(command -v pgbackrest); the agents need pgBackRest 2.x, at least 2.45 (Debian 12's pgbackrest)"
 fi
 
 pg_version=$(/usr/lib/postgresql/15/bin/postgres --version 2>/dev/null | sed -n 's/^postgres (PostgreSQL) \([0-9]*\).*/\1/p')

@@ -1220,6 +1220,8 @@ impl Lab {
              \x20 reads  (HAProxy -> replicas): PGPASSFILE={dir}/pgpass psql -h {write_host} -p {read_port} -U {user} {db}\n\
              \x20 cluster state:                {jaictl} -c {dir}/jaictl.yaml status\n\
              \x20 planned switchover:           {jaictl} -c {dir}/jaictl.yaml switchover --force\n\
+             \x20 backups (docs/backups.md):    {jaictl} -c {dir}/jaictl.yaml backup list  (also: backup create --type full, backup verify)\n\
+             \x20 back to a point in time:      {jaictl} -c {dir}/jaictl.yaml restore --time -2m\n\
              \x20 one agent's view:             curl -s {primary_api}/status\n\
              \x20 health checks HAProxy uses:   curl -si {primary_api}/primary ; curl -si {primary_api}/replica\n\
              \x20 fail a node, revive it:       {lab} stop-node pg1 --dir {dir} --signal KILL ; {lab} start-node pg1 --dir {dir}\n\
