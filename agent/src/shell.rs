@@ -309,6 +309,17 @@ impl Agent {
 
     async fn observe_postgres(&mut self) -> (PgProcess, DataDir) {
         let (process, running_identity) = self.pg.observe().await;
+        if let PgProcess::Running(pg) = &process {
+            if self
+                .pg
+                .end_catch_up_if_streaming(pg.role == PgRole::Replica && pg.streaming)
+            {
+                tracing::info!("caught up from the archive and streams: no more restore_command");
+                if let Err(error) = self.reload_settings() {
+                    tracing::warn!("reloading without restore_command: {error:#}");
+                }
+            }
+        }
         let data_dir = match running_identity {
             Some((system_id, was_primary)) => DataDir::Initialized {
                 system_id,

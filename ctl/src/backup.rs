@@ -392,21 +392,42 @@ fn parse_target(text: &str, now: u64) -> Result<u64, CtlError> {
             .map_err(|error| CtlError::Usage(format!("--time {text}: {error}")))?;
         return Ok(now.saturating_sub(ago.as_secs()));
     }
-    let at = humantime::parse_rfc3339_weak(text).map_err(|error| {
+    let (local, offset) = split_offset(text);
+    let at = humantime::parse_rfc3339_weak(local).map_err(|error| {
         CtlError::Usage(format!(
-            "--time {text}: {error} (use 2026-12-03T14:02:00Z or -10m)"
+            "--time {text}: {error} (use 2026-12-03T14:02:00Z, 2026-12-03T15:02:00+01:00 or -10m)"
         ))
     })?;
     let unix = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_err(|_| CtlError::Usage(format!("--time {text}: before 1970")))?
-        .as_secs();
+        .as_secs() as i64
+        - offset;
+    let unix =
+        u64::try_from(unix).map_err(|_| CtlError::Usage(format!("--time {text}: before 1970")))?;
     if unix > now {
         return Err(CtlError::Usage(format!(
             "--time {text}: that is in the future"
         )));
     }
     Ok(unix)
+}
+
+/// A trailing `+HH:MM` / `-HH:MM` offset split off (in seconds east of UTC).
+fn split_offset(text: &str) -> (&str, i64) {
+    let bytes = text.as_bytes();
+    if bytes.len() > 6 && bytes[bytes.len() - 3] == b':' {
+        let (rest, tail) = text.split_at(text.len() - 6);
+        let sign = match tail.as_bytes()[0] {
+            b'+' => 1,
+            b'-' => -1,
+            _ => return (text, 0),
+        };
+        if let (Ok(hours), Ok(minutes)) = (tail[1..3].parse::<i64>(), tail[4..6].parse::<i64>()) {
+            return (rest, sign * (hours * 3600 + minutes * 60));
+        }
+    }
+    (text, 0)
 }
 
 fn unix_now() -> u64 {
@@ -425,6 +446,8 @@ mod tests {
         assert_eq!(parse_target("2026-12-03T14:02:00Z", now).unwrap(), now);
         assert_eq!(parse_target("2026-12-03 14:01:00", now).unwrap(), now - 60);
         assert_eq!(parse_target("-10m", now).unwrap(), now - 600);
+        assert_eq!(parse_target("2026-12-03T15:02:00+01:00", now).unwrap(), now);
+        assert_eq!(parse_target("2026-12-03T09:02:00-05:00", now).unwrap(), now);
         assert!(matches!(
             parse_target("2026-12-03T14:03:00Z", now),
             Err(CtlError::Usage(_))

@@ -41,6 +41,8 @@ pub struct ClusterState {
     pub last_backup: Option<jai_proto::JobResult>,
     /// How the last restore drill ended.
     pub last_verify: Option<jai_proto::JobResult>,
+    /// The leader's WAL archiver.
+    pub archive: Option<jai_proto::ArchiveStatus>,
     /// Keys that could not be read, and why: the rest is still shown.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<Unreadable>,
@@ -146,6 +148,7 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
         backup_job: None,
         last_backup: None,
         last_verify: None,
+        archive: None,
         unreadable: Vec::new(),
     };
     // One unreadable key must not hide the rest of the cluster.
@@ -175,6 +178,8 @@ pub async fn read(client: &mut Client, config: &CtlConfig) -> Result<ClusterStat
             state.backup_job = parse(key, value, &mut unreadable);
         } else if key == keys.backup_last() {
             state.last_backup = parse(key, value, &mut unreadable);
+        } else if key == keys.backup_archive() {
+            state.archive = parse(key, value, &mut unreadable);
         } else if key == keys.backup_last_verify() {
             state.last_verify = parse(key, value, &mut unreadable);
         } else if keys.member_name_of(key).is_some() {

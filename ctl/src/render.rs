@@ -73,6 +73,8 @@ pub struct BackupLines {
     /// The job running now, in words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub running: Option<String>,
+    /// The WAL archive, in words.
+    pub archive: String,
 }
 
 /// Builds the status rows from the cluster state.
@@ -108,6 +110,31 @@ pub fn status_view(state: &ClusterState) -> StatusView {
                 .last_verify
                 .as_ref()
                 .map_or_else(|| "never".to_owned(), describe_result),
+            archive: state.archive.as_ref().map_or_else(
+                || "not reported yet".to_owned(),
+                |archive| {
+                    let wal = |wal: &Option<String>, at: Option<u64>| {
+                        format!(
+                            "{} at {}",
+                            wal.as_deref().unwrap_or("?"),
+                            at.map_or_else(|| "?".into(), format_unix)
+                        )
+                    };
+                    if archive.failing {
+                        format!(
+                            "FAILING on {}: last push failed {}; last archived {} (docs/runbook.md)",
+                            archive.member,
+                            wal(&archive.last_failed_wal, archive.last_failed_at),
+                            wal(&archive.last_archived_wal, archive.last_archived_at)
+                        )
+                    } else {
+                        format!(
+                            "ok, last archived {}",
+                            wal(&archive.last_archived_wal, archive.last_archived_at)
+                        )
+                    }
+                },
+            ),
             running: state.backup_job.as_ref().map(|job| {
                 format!(
                     "{} job {} {} on {}",
@@ -296,6 +323,7 @@ pub fn status_table(view: &StatusView) -> String {
     if let Some(backup) = &view.backup {
         out.push_str(&format!("Last backup: {}\n", backup.last_backup));
         out.push_str(&format!("Last verify: {}\n", backup.last_verify));
+        out.push_str(&format!("WAL archive: {}\n", backup.archive));
         if let Some(running) = &backup.running {
             out.push_str(&format!("Backup job: {running}\n"));
         }

@@ -240,6 +240,29 @@ pub struct JobResult {
     pub drill: Option<DrillReport>,
 }
 
+/// The primary's WAL archiver, as `pg_stat_archiver` says (`backup/archive`,
+/// written by the leader when it changes): a failing archive is a growing
+/// RPO and a filling `pg_wal`, and must show before a backup fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveStatus {
+    /// The member whose archiver this is (the leader).
+    pub member: String,
+    /// The last push failed after the last success.
+    pub failing: bool,
+    /// The newest WAL file archived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived_wal: Option<String>,
+    /// When (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived_at: Option<u64>,
+    /// The last WAL file whose push failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failed_wal: Option<String>,
+    /// When (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failed_at: Option<u64>,
+}
+
 /// What a restore drill found in the restored copy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrillReport {

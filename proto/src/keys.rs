@@ -86,6 +86,11 @@ impl ClusterKeys {
         format!("{}backup/last", self.prefix)
     }
 
+    /// `backup/archive`: the leader's [`crate::ArchiveStatus`].
+    pub fn backup_archive(&self) -> String {
+        format!("{}backup/archive", self.prefix)
+    }
+
     /// `backup/last_verify`: the [`crate::JobResult`] of the last restore drill.
     pub fn backup_last_verify(&self) -> String {
         format!("{}backup/last_verify", self.prefix)

@@ -29,7 +29,9 @@ pub mod member;
 pub mod patch;
 pub mod record;
 
-pub use backup::{BackupJob, BackupSettings, DrillReport, JobKind, JobOrigin, JobResult};
+pub use backup::{
+    ArchiveStatus, BackupJob, BackupSettings, DrillReport, JobKind, JobOrigin, JobResult,
+};
 pub use dynamic::{ConfigError, DynamicConfig, SynchronousMode};
 pub use haproxy_cfg::{render_haproxy_cfg, BalancedMember, HaproxyCfgOptions};
 pub use keys::ClusterKeys;

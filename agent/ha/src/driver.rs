@@ -229,7 +229,7 @@ pub enum Command {
     ApplyConfig {
         /// The new config.
         config: Box<DynamicConfig>,
-        /// `postgresql.parameters` changed.
+        /// `postgresql.parameters` or the `backup` section changed.
         reload_postgres: bool,
     },
     /// The fencing watchdog guards the running postmaster iff `primary`.
@@ -818,7 +818,10 @@ impl Driver {
             let state = if config.pause { "on" } else { "off" };
             self.log(Level::Warn, format!("maintenance mode {state}"));
         }
-        let reload_postgres = config.postgresql != self.dynamic.postgresql;
+        // The `backup` section renders archive_command, restore_command and
+        // archive_timeout: a change there is a change of PostgreSQL's settings.
+        let reload_postgres =
+            config.postgresql != self.dynamic.postgresql || config.backup != self.dynamic.backup;
         self.log(
             Level::Info,
             format!(

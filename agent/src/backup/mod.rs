@@ -128,6 +128,38 @@ impl Local {
         Ok(())
     }
 
+    /// `pg_stat_archiver` of this (primary) server.
+    pub async fn archiver_status(&self) -> Result<jai_proto::ArchiveStatus> {
+        let (client, connection) = tokio_postgres::Config::new()
+            .host_path(&self.own.socket_dir)
+            .port(self.own.port)
+            .user(&self.superuser)
+            .password(&self.password)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT last_archived_wal, extract(epoch FROM last_archived_time)::bigint, \
+                        last_failed_wal, extract(epoch FROM last_failed_time)::bigint \
+                 FROM pg_stat_archiver",
+                &[],
+            )
+            .await?;
+        let archived_at: Option<i64> = row.get(1);
+        let failed_at: Option<i64> = row.get(3);
+        Ok(jai_proto::ArchiveStatus {
+            member: self.name.clone(),
+            failing: failed_at.is_some_and(|failed| archived_at.is_none_or(|ok| failed > ok)),
+            last_archived_wal: row.get(0),
+            last_archived_at: archived_at.map(|at| at as u64),
+            last_failed_wal: row.get(2),
+            last_failed_at: failed_at.map(|at| at as u64),
+        })
+    }
+
     /// This member's `pgbackrest.conf`.
     pub fn conf_path(&self) -> PathBuf {
         self.state_dir.join(conf::CONF_FILE)
@@ -195,6 +227,8 @@ pub struct Worker {
     stanza: Option<(String, String)>,
     stanza_failed: Option<Instant>,
     last_warning: Option<String>,
+    /// The archiver status last written to etcd.
+    archive: Option<jai_proto::ArchiveStatus>,
 }
 
 impl Worker {
@@ -209,6 +243,7 @@ impl Worker {
             stanza: None,
             stanza_failed: None,
             last_warning: None,
+            archive: None,
         }
     }
 
@@ -379,6 +414,7 @@ impl Worker {
         if stanza_ready {
             self.refresh_repo_facts(settings, keys).await?;
         }
+        self.watch_archiver().await;
         let repo = self
             .repo
             .as_ref()
@@ -442,6 +478,47 @@ impl Worker {
                     "backup: the stanza is not usable, nothing is archived or backed up: {error:#}"
                 ));
             }
+        }
+    }
+
+    /// The leader's archiver: logged when it starts or stops failing, and
+    /// published under `backup/archive` when it changed.
+    async fn watch_archiver(&mut self) {
+        let status = match self.local.archiver_status().await {
+            Ok(status) => status,
+            Err(error) => {
+                tracing::debug!("backup: pg_stat_archiver: {error:#}");
+                return;
+            }
+        };
+        if self.archive.as_ref() == Some(&status) {
+            return;
+        }
+        let was_failing = self.archive.as_ref().is_some_and(|old| old.failing);
+        match (was_failing, status.failing) {
+            (false, true) => tracing::error!(
+                wal = status.last_failed_wal.as_deref().unwrap_or("?"),
+                "WAL archiving is failing: the archive falls behind and pg_wal grows \
+                 (postgresql.log has pgBackRest's error; docs/runbook.md, \"The archive is failing\")"
+            ),
+            (true, false) => tracing::info!(
+                wal = status.last_archived_wal.as_deref().unwrap_or("?"),
+                "WAL archiving works again"
+            ),
+            _ => {}
+        }
+        let key = self.dcs.keys().backup_archive();
+        let mut client = self.dcs.client();
+        let Ok(value) = serde_json::to_string(&status) else {
+            return;
+        };
+        if self
+            .dcs
+            .bounded("write archive status", client.put(key, value, None))
+            .await
+            .is_ok()
+        {
+            self.archive = Some(status);
         }
     }
 

@@ -35,9 +35,13 @@ pub struct ServerSettings<'a> {
 pub struct ArchiveSettings {
     /// `archive_command`; only a primary runs it (`archive_mode = on`).
     pub archive_command: String,
-    /// `restore_command`: a standby that fell behind its upstream's WAL
-    /// catches up from the archive.
-    pub restore_command: String,
+    /// `restore_command`, only where reading the archive is safe: a standby
+    /// restored from the repository catching up to its upstream, and a
+    /// restore to a point in time. Never on a streaming standby: when its
+    /// upstream dies it would fall back to the archive, where the old
+    /// primary's last complete segment may hold WAL past the new leader's
+    /// fork, and replay it.
+    pub restore_command: Option<String>,
     /// `archive_timeout`.
     pub archive_timeout: std::time::Duration,
 }
@@ -105,11 +109,9 @@ pub fn postgresql_conf(settings: &ServerSettings) -> String {
             "archive_command = {}",
             quote(&archive.archive_command)
         );
-        let _ = writeln!(
-            text,
-            "restore_command = {}",
-            quote(&archive.restore_command)
-        );
+        if let Some(command) = &archive.restore_command {
+            let _ = writeln!(text, "restore_command = {}", quote(command));
+        }
         let _ = writeln!(
             text,
             "archive_timeout = '{}s'",
@@ -180,7 +182,7 @@ mod tests {
             sync_standby_names: "FIRST 1 (\"pg2\")".into(),
             archive: Some(ArchiveSettings {
                 archive_command: "pgbackrest archive-push %p".into(),
-                restore_command: "pgbackrest archive-get %f \"%p\"".into(),
+                restore_command: Some("pgbackrest archive-get %f \"%p\"".into()),
                 archive_timeout: std::time::Duration::from_secs(60),
             }),
             recovery_target_time: None,

@@ -121,6 +121,10 @@ pub struct Postgres {
 /// agent dies meanwhile, the half-written directory is wiped and redone.
 const INCOMPLETE_MARKER: &str = "data_dir.incomplete";
 
+/// Marker file: this standby was restored from the backup repository and
+/// reads the WAL archive until it streams.
+const CATCH_UP_MARKER: &str = "catch-up-from-archive";
+
 impl Postgres {
     /// Prepares supervision from the configuration; starts nothing.
     pub fn new(config: &AgentConfig, exited: Arc<Notify>) -> Result<Self> {
@@ -517,6 +521,8 @@ impl Postgres {
             )
             .await?;
         self.drop_restore_settings()?;
+        std::fs::write(self.state_dir.join(CATCH_UP_MARKER), b"")
+            .context("writing the catch-up marker")?;
         self.end_incomplete()?;
         Ok(latest)
     }
@@ -549,6 +555,21 @@ impl Postgres {
         Ok(())
     }
 
+    /// A standby restored from the repository reads the archive until it
+    /// streams (a marker in the state directory, so an agent restart keeps it).
+    fn catching_up_from_archive(&self) -> bool {
+        self.state_dir.join(CATCH_UP_MARKER).exists()
+    }
+
+    /// The standby streams: it stops reading the archive (see
+    /// [`files::ArchiveSettings::restore_command`]); `true` when it was
+    /// reading it, so the caller rewrites the settings and reloads.
+    pub fn end_catch_up_if_streaming(&self, streaming: bool) -> bool {
+        streaming
+            && self.catching_up_from_archive()
+            && std::fs::remove_file(self.state_dir.join(CATCH_UP_MARKER)).is_ok()
+    }
+
     /// pgBackRest writes its own `restore_command` into
     /// `postgresql.auto.conf`, which would override the agent's (it names
     /// no config file); the agent's `postgresql.conf` sets it instead.
@@ -571,6 +592,7 @@ impl Postgres {
     /// Clones the data directory from `host:port` with `pg_basebackup`.
     async fn basebackup_from(&mut self, address: &str) -> Result<()> {
         tracing::info!("cloning from {address} with pg_basebackup");
+        let _ = std::fs::remove_file(self.state_dir.join(CATCH_UP_MARKER));
         let (host, port) = address
             .rsplit_once(':')
             .ok_or_else(|| anyhow!("leader address {address:?} is not host:port"))?;
@@ -783,15 +805,17 @@ impl Postgres {
             primary_slot: follow.map(|_| crate::ha::slot_name(&self.member)),
             parameters: &dynamic.postgresql.parameters,
             sync_standby_names: self.sync_names.render(),
-            recovery_target_time: self.recovery_target_time.take(),
             archive: dynamic.backup.as_ref().map(|settings| {
                 let invocation = self.backup.pgbackrest(settings).invocation;
+                let reads_archive =
+                    self.recovery_target_time.is_some() || self.catching_up_from_archive();
                 files::ArchiveSettings {
                     archive_command: invocation.archive_command(),
-                    restore_command: invocation.restore_command(),
+                    restore_command: reads_archive.then(|| invocation.restore_command()),
                     archive_timeout: settings.archive_timeout,
                 }
             }),
+            recovery_target_time: self.recovery_target_time.take(),
         };
         let conf = files::postgresql_conf(&settings);
         self.write_private_file(&self.data_dir.join("postgresql.conf"), &conf)?;
