@@ -602,3 +602,119 @@ async fn bad_backup_requests_are_refused_with_a_clear_message() -> Result<()> {
     );
     Ok(())
 }
+
+/// The PID of the `pgbackrest … backup` process of `node`, if one runs.
+fn pgbackrest_backup_pid(lab: &Lab, node: &str) -> Result<Option<i32>> {
+    let config = lab.node(node)?.state_dir().join("pgbackrest.conf");
+    let config = format!("--config={}", config.display());
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let words: Vec<String> = cmdline
+            .split(|byte| *byte == 0)
+            .map(|word| String::from_utf8_lossy(word).into_owned())
+            .collect();
+        let is_backup = words
+            .first()
+            .is_some_and(|program| program.ends_with("pgbackrest"))
+            && words.iter().any(|word| word == &config)
+            && words.iter().any(|word| word == "backup");
+        if is_backup {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_in_the_middle_of_a_backup_records_nothing_half_done_and_the_next_one_runs(
+) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let dir = lab_dir()?;
+    let mut lab = Lab::up(common::spec(&dir, 2, 1)).await?;
+    let leader = lab.wait_healthy(WITHIN).await?;
+    wait_first_backup_and_drill(&lab).await?;
+    let labels = |lab: &Lab| -> Result<Vec<String>> {
+        let list: serde_json::Value =
+            serde_json::from_str(&jaictl_ok(lab, &["backup", "list", "-o", "json"])?.stdout)?;
+        Ok(list["backups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|backup| backup["label"].as_str().map(str::to_owned))
+            .collect())
+    };
+    let before = labels(&lab)?;
+
+    // Start a backup and hold its pgBackRest still, so the failover lands
+    // in its middle whatever the machine's speed.
+    let mut request = lab.jaictl(&["backup", "create", "--type", "full", "--wait", JAICTL_WAIT])?;
+    let request = request
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let (runner, pid) = wait::until("pgbackrest backup running", BACKUP_WITHIN, || async {
+        for node in lab.node_names() {
+            if let Some(pid) = pgbackrest_backup_pid(&lab, &node)? {
+                return Ok(Some((node, pid)));
+            }
+        }
+        Ok(None)
+    })
+    .await?;
+    kill(Pid::from_raw(pid), Signal::SIGSTOP)?;
+    lab.stop_node(&leader, StopSignal::Kill)?;
+    let survivor = lab
+        .node_names()
+        .into_iter()
+        .find(|name| name != &leader)
+        .context("a second node")?;
+    wait::until("the survivor leads", WITHIN, || async {
+        let status = jaictl_status(&lab)?;
+        Ok(common::running_leader(&status).filter(|name| name == &survivor))
+    })
+    .await?;
+    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+
+    // The interrupted job ends as failed (its runner's error, or abandoned
+    // by the new leader when the runner died with the old one).
+    let output = tokio::task::block_in_place(|| request.wait_with_output())?;
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "backup on {runner}: {printed}"
+    );
+    assert!(printed.contains("failed"), "{printed}");
+    let after = labels(&lab)?;
+    assert!(
+        before.iter().all(|label| after.contains(label)),
+        "{before:?} -> {after:?}"
+    );
+
+    // The next one runs, on the new leader, and what the repository lists
+    // restores: nothing half-done was recorded.
+    let next = backup_request(
+        &lab,
+        &["backup", "create", "--type", "full", "--wait", JAICTL_WAIT],
+    )
+    .await?;
+    assert_eq!(next.code, 0, "{next}");
+    assert!(next.stdout.contains(&format!("on {survivor}")), "{next}");
+    let verify = backup_request(&lab, &["backup", "verify", "--wait", JAICTL_WAIT]).await?;
+    assert_eq!(verify.code, 0, "{verify}");
+    Ok(())
+}

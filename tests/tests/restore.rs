@@ -4,8 +4,8 @@
 mod common;
 
 use anyhow::{Context, Result};
-use common::{has_row, insert, jaictl_status, lab_dir, WITHIN};
-use jai_lab::{wait, Lab};
+use common::{has_row, insert, jaictl_status, lab_dir, running_leader, WITHIN};
+use jai_lab::{wait, Lab, StopSignal};
 use std::time::{Duration, SystemTime};
 
 /// What one `jaictl` run printed and how it exited.
@@ -64,10 +64,24 @@ async fn full_backup(lab: &Lab) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_goes_back_to_a_point_in_time_with_the_same_endpoints() -> Result<()> {
     let dir = lab_dir()?;
-    let lab = Lab::up(common::spec(&dir, 3, 1)).await?;
+    let mut lab = Lab::up(common::spec(&dir, 3, 1)).await?;
     lab.wait_healthy(WITHIN).await?;
     insert(&lab, "before the backup").await?;
     full_backup(&lab).await?;
+    // A SIGKILL failover between the backup and T: the restore follows the
+    // archive from the backup's timeline onto the new leader's.
+    let first = running_leader(&jaictl_status(&lab)?).context("a leader")?;
+    let timeline_before_failover = jaictl_status(&lab)?["members"][0]["timeline"]
+        .as_u64()
+        .context("a timeline")?;
+    lab.stop_node(&first, StopSignal::Kill)?;
+    wait::until("a new leader", WITHIN, || async {
+        Ok(running_leader(&jaictl_status(&lab)?).filter(|name| name != &first))
+    })
+    .await?;
+    insert(&lab, "after the failover").await?;
+    lab.start_node(&first)?;
+    lab.wait_healthy(WITHIN).await?;
     insert(&lab, "before T").await?;
     // T: a whole second after the last row before it, a whole second before
     // the first row after it (recovery targets are compared per commit).
@@ -80,6 +94,10 @@ async fn the_cluster_goes_back_to_a_point_in_time_with_the_same_endpoints() -> R
     let old_timeline = jaictl_status(&lab)?["members"][0]["timeline"]
         .as_u64()
         .context("a timeline")?;
+    assert!(
+        old_timeline > timeline_before_failover,
+        "the failover moved the timeline"
+    );
 
     // Bad input changes nothing.
     let future = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600))
@@ -119,6 +137,7 @@ async fn the_cluster_goes_back_to_a_point_in_time_with_the_same_endpoints() -> R
     })
     .await?;
     assert!(has_row(&lab, &write, "before the backup").await?);
+    assert!(has_row(&lab, &write, "after the failover").await?);
     assert!(
         !has_row(&lab, &write, "after T").await?,
         "a row after T survived"

@@ -271,6 +271,12 @@ pub struct LsnRange {
 /// timeline and the position where the next one forked off it.
 pub type TimelineHistory = Vec<(u32, jai_proto::Lsn)>;
 
+/// The name of the 16 MiB WAL segment holding `lsn` on `timeline`.
+pub fn segment_name(timeline: u32, lsn: jai_proto::Lsn) -> String {
+    let segment = lsn.0 / (16 * 1024 * 1024);
+    format!("{timeline:08X}{:08X}{:08X}", segment / 256, segment % 256)
+}
+
 /// Parses a `.history` file (`1\t0/6002078\treason` per line).
 pub fn parse_history(text: &str) -> TimelineHistory {
     text.lines()
@@ -346,21 +352,65 @@ impl BackupInfo {
 impl StanzaInfo {
     /// The newest backup a standby of a leader on `timeline` can start
     /// from: one of that timeline, or of an ancestor when it stopped before
-    /// the fork (`history`: the leader timeline's `.history` in the archive).
-    /// A backup past the fork holds WAL the leader never had, and a standby
-    /// restored from it could never follow; without the history file in the
-    /// archive nothing earlier qualifies.
-    pub fn latest_for(&self, timeline: u32, history: &TimelineHistory) -> Option<&BackupInfo> {
+    /// the fork (`history`: the leader timeline's `.history` in the archive)
+    /// and every later timeline's first segment is archived (`archived`,
+    /// asked with a segment's file name).
+    ///
+    /// A backup past the fork holds WAL the leader never had. And while a
+    /// timeline's first segment is missing from the archive, recovery takes
+    /// the same segment of the timeline before, which the old primary may
+    /// have completed with WAL past the fork: the standby would replay it
+    /// and never follow. Without the history file nothing earlier qualifies.
+    pub fn latest_for(
+        &self,
+        timeline: u32,
+        history: &TimelineHistory,
+        archived: impl Fn(&str) -> bool,
+    ) -> Option<&BackupInfo> {
+        // Each fork, with the timeline that starts there.
+        let forks: Vec<(u32, jai_proto::Lsn, u32)> = history
+            .iter()
+            .enumerate()
+            .map(|(index, (parent, fork))| {
+                let child = history.get(index + 1).map_or(timeline, |next| next.0);
+                (*parent, *fork, child)
+            })
+            .collect();
         self.backup
             .iter()
             .filter(|backup| match backup.timeline() {
                 Some(own) if own == timeline => true,
-                Some(own) => history.iter().any(|(ancestor, fork)| {
-                    *ancestor == own && backup.lsn.stop.is_some_and(|stop| stop <= *fork)
-                }),
+                Some(own) => {
+                    let before_fork = forks.iter().any(|(parent, fork, _)| {
+                        *parent == own && backup.lsn.stop.is_some_and(|stop| stop <= *fork)
+                    });
+                    before_fork
+                        && forks
+                            .iter()
+                            .filter(|(parent, _, _)| *parent >= own)
+                            .all(|(_, fork, child)| archived(&segment_name(*child, *fork)))
+                }
                 None => false,
             })
             .max_by_key(|backup| backup.timestamp.stop)
+    }
+
+    /// Whether the WAL segment `name` is in the archive at `archive_dir`.
+    pub fn has_segment(&self, archive_dir: &Path, name: &str) -> bool {
+        self.archive.iter().any(|archive| {
+            let bucket = archive_dir
+                .join(&archive.id)
+                .join(&name[..16.min(name.len())]);
+            std::fs::read_dir(bucket)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|file| {
+                    file.file_name().to_str().is_some_and(|file| {
+                        file.starts_with(name) && file.as_bytes().get(24) == Some(&b'-')
+                    })
+                })
+        })
     }
 
     /// The `.history` file of `timeline` in the archive at `archive_dir`
@@ -450,21 +500,31 @@ mod tests {
         assert_eq!(info.newest_wal(), Some("000000020000000000000009"));
         assert_eq!(info.backup[0].info.repository.delta, 4000000);
         assert_eq!(info.backup[1].timeline(), Some(2));
+        let all = |_: &str| true;
         assert_eq!(
-            info.latest_for(2, &vec![]).unwrap().label,
+            info.latest_for(2, &vec![], all).unwrap().label,
             "20261203-201501F_20261203-202000I"
         );
         assert!(
-            info.latest_for(3, &vec![]).is_none(),
+            info.latest_for(3, &vec![], all).is_none(),
             "no history archived yet"
         );
         let forked_after = parse_history("1\t0/3000100\tno recovery target specified\n");
         assert_eq!(
-            info.latest_for(3, &forked_after).unwrap().label,
+            info.latest_for(3, &forked_after, all).unwrap().label,
             "20261203-201501F"
         );
+        assert!(
+            info.latest_for(3, &forked_after, |name| name != "000000030000000000000003")
+                .is_none(),
+            "the new timeline's first segment is not archived yet"
+        );
         let forked_before = parse_history("1\t0/3000050\tbefore the backup ended\n");
-        assert!(info.latest_for(3, &forked_before).is_none());
+        assert!(info.latest_for(3, &forked_before, all).is_none());
+        assert_eq!(
+            segment_name(2, "1/A9000028".parse().unwrap()),
+            "0000000200000001000000A9"
+        );
     }
 
     /// What pgBackRest 2.45 printed in the lab after one byte range of a

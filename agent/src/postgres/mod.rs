@@ -506,7 +506,7 @@ impl Postgres {
         let archive = settings.repo_path.join("archive").join(&settings.stanza);
         let history = info.history_of(&archive, timeline);
         let latest = info
-            .latest_for(timeline, &history)
+            .latest_for(timeline, &history, |segment| info.has_segment(&archive, segment))
             .map(|backup| backup.label.clone())
             .ok_or_else(|| {
                 anyhow!("the repository holds no backup the leader's timeline {timeline} can follow yet")
