@@ -115,7 +115,18 @@ impl Local {
         self.switch_wal_on(config).await
     }
 
-    async fn switch_wal_on(&self, mut config: tokio_postgres::Config) -> Result<()> {
+    async fn switch_wal_on(&self, config: tokio_postgres::Config) -> Result<()> {
+        let client = self.connect_as_superuser(config).await?;
+        client.batch_execute("SELECT pg_switch_wal()").await?;
+        Ok(())
+    }
+
+    /// A superuser session on the server `config` points at (its
+    /// connection task runs until the client is dropped).
+    async fn connect_as_superuser(
+        &self,
+        mut config: tokio_postgres::Config,
+    ) -> Result<tokio_postgres::Client> {
         let (client, connection) = config
             .user(&self.superuser)
             .password(&self.password)
@@ -124,22 +135,14 @@ impl Local {
             .connect(tokio_postgres::NoTls)
             .await?;
         tokio::spawn(connection);
-        client.batch_execute("SELECT pg_switch_wal()").await?;
-        Ok(())
+        Ok(client)
     }
 
     /// `pg_stat_archiver` of this (primary) server.
     pub async fn archiver_status(&self) -> Result<jai_proto::ArchiveStatus> {
-        let (client, connection) = tokio_postgres::Config::new()
-            .host_path(&self.own.socket_dir)
-            .port(self.own.port)
-            .user(&self.superuser)
-            .password(&self.password)
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(5))
-            .connect(tokio_postgres::NoTls)
-            .await?;
-        tokio::spawn(connection);
+        let mut config = tokio_postgres::Config::new();
+        config.host_path(&self.own.socket_dir).port(self.own.port);
+        let client = self.connect_as_superuser(config).await?;
         let row = client
             .query_one(
                 "SELECT last_archived_wal, extract(epoch FROM last_archived_time)::bigint, \
