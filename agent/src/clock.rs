@@ -39,3 +39,11 @@ impl Default for Clock {
         Self::new()
     }
 }
+
+/// Wall-clock seconds since the Unix epoch: for records people read and
+/// schedules (backups, switchovers at a time), never for lease arithmetic.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}

@@ -9,6 +9,7 @@
 //! Mutating calls need the control token (`authorization: Bearer <token>`),
 //! compared in constant time; reads are open, like the health API.
 
+use crate::clock::unix_now;
 use crate::dcs::Dcs;
 use crate::ha::{self, ClusterView, Initialize, LeaderKey, PgRole, RunningPostgres};
 use jai_grpc::control_server::{Control, ControlServer};
@@ -19,7 +20,7 @@ use jai_grpc::{
     RestoreRequest, SetPauseRequest, StatusReply, StatusRequest, SwitchoverRequest,
 };
 use jai_proto::{DynamicConfig, MemberRole, MemberStatus, SwitchoverIntent};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -703,13 +704,6 @@ fn member_reply(view: &ClusterView, member: &MemberStatus) -> Member {
         nofailover: member.tags.nofailover,
         noloadbalance: member.tags.noloadbalance,
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 fn to_pretty_json(config: &DynamicConfig) -> String {

@@ -2,7 +2,7 @@
 //! its result in etcd, and list what the repository holds.
 
 use crate::cli::{BackupCommand, Format, RestoreArgs};
-use crate::commands::Session;
+use crate::commands::{unix_now, Session};
 use crate::error::CtlError;
 use crate::render;
 use comfy_table::presets::UTF8_BORDERS_ONLY;
@@ -428,12 +428,6 @@ fn split_offset(text: &str) -> (&str, i64) {
         }
     }
     (text, 0)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
 }
 
 #[cfg(test)]

@@ -564,7 +564,8 @@ fn edit_in_editor(config: &jai_proto::DynamicConfig) -> Result<serde_json::Value
         .map_err(|error| CtlError::Usage(format!("edited config: {error}")))
 }
 
-fn unix_now() -> u64 {
+/// Wall-clock seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

@@ -23,6 +23,7 @@ pub mod requests;
 pub mod schedule;
 pub mod store;
 
+use crate::clock::unix_now;
 use crate::config::AgentConfig;
 use crate::dcs::Dcs;
 use crate::ha::ClusterView;
@@ -31,7 +32,7 @@ use anyhow::Result;
 use jai_proto::{BackupJob, BackupSettings, DynamicConfig, JobKind, JobResult, MemberRole};
 use pgbackrest::PgBackRest;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -328,7 +329,7 @@ impl Worker {
                 &running.id,
                 JobKind::Full,
                 &self.local.name,
-                now(),
+                unix_now(),
                 &format!("the job's task failed: {error}"),
             ),
         };
@@ -370,7 +371,7 @@ impl Worker {
             return store::finish(&self.dcs, &result, *revision).await;
         }
         let started = BackupJob {
-            started_at: Some(now()),
+            started_at: Some(unix_now()),
             ..job.clone()
         };
         let Some(new_revision) = store::put_job_if(&self.dcs, &started, *revision).await? else {
@@ -424,7 +425,7 @@ impl Worker {
             .filter(|_| stanza_ready)
             .map(|(_, facts, _)| *facts);
         let decision = schedule::decide(&schedule::Inputs {
-            now: now(),
+            now: unix_now(),
             settings,
             leader: &self.local.name,
             timeline: view.member(&self.local.name).and_then(|me| me.timeline),
@@ -550,7 +551,7 @@ impl Worker {
 
 /// Runs one job to its result.
 async fn execute(local: Local, settings: BackupSettings, job: BackupJob) -> JobResult {
-    let started = job.started_at.unwrap_or_else(now);
+    let started = job.started_at.unwrap_or_else(unix_now);
     let pgbackrest = local.pgbackrest(&settings);
     let outcome: Result<JobResult> = async {
         anyhow::ensure!(
@@ -592,7 +593,7 @@ async fn execute(local: Local, settings: BackupSettings, job: BackupJob) -> JobR
                 result.drill = Some(report);
             }
         }
-        result.finished_at = now();
+        result.finished_at = unix_now();
         Ok(result)
     }
     .await;
@@ -613,7 +614,7 @@ fn failure(id: &str, kind: JobKind, member: &str, started_at: u64, problem: &str
         kind,
         member: member.to_owned(),
         started_at,
-        finished_at: now(),
+        finished_at: unix_now(),
         ok: false,
         problem: Some(problem.to_owned()),
         label: None,
@@ -630,10 +631,4 @@ fn log_result(result: &JobResult) {
         tracing::error!(id = %result.id, kind = %result.kind, seconds = took,
             "backup job failed: {}", result.problem.as_deref().unwrap_or("unknown"));
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
 }

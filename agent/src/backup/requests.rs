@@ -2,6 +2,7 @@
 //! checked here, then recorded in etcd for the leader to assign.
 
 use super::{store, Local};
+use crate::clock::unix_now;
 use crate::dcs::Dcs;
 use crate::ha::ClusterView;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
@@ -255,12 +256,6 @@ pub fn pg_time(unix: u64) -> String {
         .to_string()
         .replace('T', " ")
         .replace('Z', "+00")
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
 }
 
 #[cfg(test)]
