@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{anyhow, Context, Result};
-use common::{jaictl_status, lab_dir, WITHIN};
+use common::{jaictl, jaictl_ok, jaictl_status, lab_dir, Run, WITHIN};
 use jai_lab::{wait, Lab, StopSignal};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -18,46 +18,6 @@ use std::time::{Duration, Instant};
 const BACKUP_WITHIN: Duration = Duration::from_secs(240);
 /// What `jaictl backup …` is told to wait at most (its default is 2 h).
 const JAICTL_WAIT: &str = "4m";
-
-/// What one `jaictl` run printed and how it exited.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// stdout and stderr together, for messages that may be on either.
-    fn printed(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-}
-
-impl std::fmt::Display for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-fn jaictl(lab: &Lab, args: &[&str]) -> Result<Run> {
-    let output = tokio::task::block_in_place(|| lab.jaictl(args)?.output().context("jaictl"))?;
-    Ok(Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    })
-}
-
-/// Runs `jaictl` and requires exit 0.
-fn jaictl_ok(lab: &Lab, args: &[&str]) -> Result<Run> {
-    let run = jaictl(lab, args)?;
-    anyhow::ensure!(run.code == 0, "jaictl {args:?} failed: {run}");
-    Ok(run)
-}
 
 /// Runs `jaictl backup create|verify …`; again while another job holds
 /// the cluster's one job slot (`… is running on pg1; wait for it`): the

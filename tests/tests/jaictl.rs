@@ -5,42 +5,11 @@
 mod common;
 
 use anyhow::{Context, Result};
-use common::{jaictl_status as status_json, lab_dir, others_stream, running_leader, WITHIN};
+use common::{
+    jaictl, jaictl_ok, jaictl_status as status_json, lab_dir, others_stream, running_leader, WITHIN,
+};
 use jai_lab::{wait, Lab, StopSignal};
 use std::time::{Duration, Instant};
-
-/// What one `jaictl` run printed and how it exited.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-fn jaictl(lab: &Lab, args: &[&str]) -> Result<Run> {
-    let output = tokio::task::block_in_place(|| lab.jaictl(args)?.output().context("jaictl"))?;
-    Ok(Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    })
-}
-
-/// Runs `jaictl` and requires exit 0.
-fn jaictl_ok(lab: &Lab, args: &[&str]) -> Result<Run> {
-    let run = jaictl(lab, args)?;
-    anyhow::ensure!(run.code == 0, "jaictl {args:?} failed: {run}");
-    Ok(run)
-}
 
 /// Waits until `want` (or, with `None`, any member but `not`) leads a
 /// cluster where every other member streams again.

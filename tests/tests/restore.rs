@@ -4,27 +4,9 @@
 mod common;
 
 use anyhow::{Context, Result};
-use common::{has_row, insert, jaictl_status, lab_dir, running_leader, WITHIN};
+use common::{has_row, insert, jaictl, jaictl_status, lab_dir, running_leader, WITHIN};
 use jai_lab::{wait, Lab, StopSignal};
 use std::time::{Duration, SystemTime};
-
-/// What one `jaictl` run printed and how it exited.
-struct Run {
-    code: i32,
-    out: String,
-}
-
-fn jaictl(lab: &Lab, args: &[&str]) -> Result<Run> {
-    let output = tokio::task::block_in_place(|| lab.jaictl(args)?.output().context("jaictl"))?;
-    Ok(Run {
-        code: output.status.code().unwrap_or(-1),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    })
-}
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -53,8 +35,8 @@ async fn full_backup(lab: &Lab) -> Result<()> {
             let run = jaictl(lab, &["backup", "create", "--type", "full"])?;
             match run.code {
                 0 => Ok(Some(())),
-                1 if run.out.contains("wait for it") => Ok(None),
-                _ => anyhow::bail!("jaictl backup create: exit {}: {}", run.code, run.out),
+                1 if run.printed().contains("wait for it") => Ok(None),
+                _ => anyhow::bail!("jaictl backup create: exit {}: {}", run.code, run.printed()),
             }
         },
     )
@@ -103,17 +85,18 @@ async fn the_cluster_goes_back_to_a_point_in_time_with_the_same_endpoints() -> R
     let future = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600))
         .to_string();
     let run = jaictl(&lab, &["restore", "--time", &future, "--force"])?;
-    assert_eq!(run.code, 2, "a time in the future: {}", run.out);
-    assert!(run.out.contains("in the future"), "{}", run.out);
+    assert_eq!(run.code, 2, "a time in the future: {}", run.printed());
+    assert!(run.printed().contains("in the future"), "{}", run.printed());
     let run = jaictl(
         &lab,
         &["restore", "--time", "2001-01-01T00:00:00Z", "--force"],
     )?;
-    assert_eq!(run.code, 1, "before the oldest backup: {}", run.out);
+    assert_eq!(run.code, 1, "before the oldest backup: {}", run.printed());
     assert!(
-        run.out.contains("before the end of the oldest backup"),
+        run.printed()
+            .contains("before the end of the oldest backup"),
         "{}",
-        run.out
+        run.printed()
     );
     assert!(
         jaictl_status(&lab)?.get("restore").is_none(),
@@ -124,8 +107,12 @@ async fn the_cluster_goes_back_to_a_point_in_time_with_the_same_endpoints() -> R
         &lab,
         &["restore", "--time", &target_text, "--force", "--wait", "5m"],
     )?;
-    assert_eq!(run.code, 0, "jaictl restore: {}", run.out);
-    assert!(run.out.contains("cluster restored to"), "{}", run.out);
+    assert_eq!(run.code, 0, "jaictl restore: {}", run.printed());
+    assert!(
+        run.printed().contains("cluster restored to"),
+        "{}",
+        run.printed()
+    );
 
     // The same endpoints: the write port answers on the restored data.
     let write = lab.desc.haproxy.write.clone();
@@ -159,7 +146,7 @@ async fn the_cluster_goes_back_to_a_point_in_time_with_the_same_endpoints() -> R
     .await?;
     let leader = status["leader"].as_str().context("a leader")?.to_owned();
     let history = jaictl(&lab, &["history", "-o", "json"])?;
-    let entries: serde_json::Value = serde_json::from_str(&history.out)?;
+    let entries: serde_json::Value = serde_json::from_str(&history.stdout)?;
     let last = entries
         .as_array()
         .and_then(|all| all.last())

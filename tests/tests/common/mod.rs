@@ -133,3 +133,43 @@ pub fn json_log_messages(path: &std::path::Path) -> Result<Vec<String>> {
     anyhow::ensure!(!messages.is_empty(), "{} is empty", path.display());
     Ok(messages)
 }
+
+/// What one `jaictl` run printed and how it exited.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout and stderr together, for messages that may be on either.
+    pub fn printed(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+pub fn jaictl(lab: &Lab, args: &[&str]) -> Result<Run> {
+    let output = tokio::task::block_in_place(|| lab.jaictl(args)?.output().context("jaictl"))?;
+    Ok(Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Runs `jaictl` and requires exit 0.
+pub fn jaictl_ok(lab: &Lab, args: &[&str]) -> Result<Run> {
+    let run = jaictl(lab, args)?;
+    anyhow::ensure!(run.code == 0, "jaictl {args:?} failed: {run}");
+    Ok(run)
+}
